@@ -1,0 +1,41 @@
+"""Connecting to Ray: a local instance by default, the job's cluster under `ray job submit`.
+
+Only this module decides how Ray is started, so tests, the CLI and benchmarks agree.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def connect(cluster_cfg) -> None:
+    """ray.init once per process: join `cluster.address` or RAY_ADDRESS if set, else start
+    a local instance bound to 127.0.0.1 with the driver's import path."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cluster_cfg.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        return
+    # Workers must import what the driver imports (a user's task module included).
+    path = [os.getcwd()] + [p for p in sys.path if p and os.path.isdir(p) and "site-packages" not in p]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    kwargs = {}
+    if cluster_cfg.get("num_cpus") is not None:
+        kwargs["num_cpus"] = int(cluster_cfg.num_cpus)
+    if cluster_cfg.get("num_gpus") is not None:
+        kwargs["num_gpus"] = int(cluster_cfg.num_gpus)
+    log.info("starting a local Ray instance")
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+             _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
+                                       "RAY_USAGE_STATS_ENABLED": "0"}},
+             **kwargs)

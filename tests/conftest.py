@@ -1,0 +1,38 @@
+"""Shared fixtures: a local Ray instance for the session, and configs composed the way the
+CLI composes them, pointed at a temporary experiment root and MLflow store."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def compose(overrides: list[str], tmp_path) -> "DictConfig":  # noqa: F821
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    base = [f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+        cfg = hcompose("config", overrides=base + list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, 127.0.0.1) shared by the tests that need one."""
+    import ray
+    from omegaconf import OmegaConf
+
+    from orchestrator import raycluster
+    os.chdir(REPO)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    raycluster.connect(OmegaConf.create({"address": None, "num_cpus": 2, "num_gpus": None}))
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,294 @@
+"""Shared machinery of the attribution baselines: a functional view of one checkpoint,
+per-example gradients of the model output (margin) or the training loss (torch.func:
+functional_call + vmap + grad), seeded random projections, penultimate-layer features,
+and the parameter selection (all parameters, or the final linear layer only).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from workers.margins import MARGIN_KINDS, margin
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# Settings every method accepts.
+COMMON_DEFAULTS = {"device": None, "batch_size": 128, "seed": 0}
+
+
+# --------------------------------------------------------------------------- params
+
+def resolve_params(method: str, params: dict | None, defaults: dict) -> dict:
+    """`defaults` (plus COMMON_DEFAULTS) overridden by `params`; unknown keys are a user
+    mistake and raise one line naming the key and the accepted ones."""
+    merged = {**COMMON_DEFAULTS, **defaults}
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(merged))
+    if unknown:
+        raise ValueError(
+            f"attribution method {method!r}: unknown param(s) {unknown}; accepted: {sorted(merged)}")
+    merged.update(params)
+    if merged["device"] is None:
+        merged["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return merged
+
+
+def resolve_dtype(name: str, method: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"attribution method {method!r}: params.dtype={name!r} is not one of "
+                         f"{sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """tqdm bar that stays quiet when stderr is not a terminal."""
+    return tqdm(iterable, desc=desc, total=total, disable=None, leave=False)
+
+
+# --------------------------------------------------------------------------- outputs
+
+def output_values(logits: Tensor, labels: Tensor, what: str, margin_kind: str) -> Tensor:
+    """Per-example scalar [B] of `logits` [B, C].
+
+    what="margin": the model output f of workers.margins.margin. That function computes in
+    float32; for float64 models the same formula is evaluated here in float64 (so exact
+    influence on float64 logistic regressions is not limited by float32 rounding).
+    what="loss": the per-example training loss, cross-entropy.
+    """
+    if what == "loss":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if what != "margin":
+        raise ValueError(f"output {what!r} is not 'margin' or 'loss'")
+    if logits.dtype != torch.float64:
+        return margin(logits, labels, margin_kind)
+    if margin_kind not in MARGIN_KINDS:
+        raise ValueError(f"margin kind {margin_kind!r} is not one of {MARGIN_KINDS}")
+    labels = labels.long().unsqueeze(-1)
+    correct = logits.gather(-1, labels).squeeze(-1)
+    others = logits.scatter(-1, labels, float("-inf"))
+    if margin_kind == "logsumexp":
+        rest = torch.logsumexp(others, dim=-1)
+    else:
+        rest = others.max(dim=-1).values
+    return correct - rest
+
+
+# --------------------------------------------------------------------------- model view
+
+def last_linear(module: nn.Module) -> tuple[str, nn.Linear]:
+    """The final nn.Linear of `module` in registration order (its "last layer")."""
+    found = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError("params.layer='last' (and representer points) need an nn.Linear "
+                         "final layer; the model has none")
+    return found[-1]
+
+
+def select_names(module: nn.Module, layer) -> list[str]:
+    """Names of the parameters θ that gradients are taken with respect to.
+
+    layer: "all" (every parameter), "last" (weight and bias of the final nn.Linear), or a
+    list of parameter names / module-name prefixes.
+    """
+    names = [n for n, p in module.named_parameters()]
+    if layer in (None, "all"):
+        return names
+    if layer == "last":
+        prefix, lin = last_linear(module)
+        return [f"{prefix}.{n}" if prefix else n for n, _ in lin.named_parameters()]
+    if isinstance(layer, (list, tuple)):
+        chosen = [n for n in names if any(n == s or n.startswith(s + ".") for s in layer)]
+        if not chosen:
+            raise ValueError(f"params.layer={layer!r} matches no parameter; names: {names}")
+        return chosen
+    raise ValueError(f"params.layer={layer!r} is not 'all', 'last' or a list of names")
+
+
+@dataclass
+class FunctionalModel:
+    """One checkpoint as a pure function of the selected parameters θ.
+
+    `params`/`buffers` hold every tensor of the checkpoint on `device` (in the
+    checkpoint's floating dtype); `names` are the selected parameters. The module runs in
+    eval mode, so BatchNorm uses its stored running statistics and dropout is off.
+    """
+
+    module: nn.Module
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    names: list[str]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [self.params[n].shape for n in self.names]
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.params[n].numel() for n in self.names)
+
+    def theta(self) -> dict[str, Tensor]:
+        return {n: self.params[n] for n in self.names}
+
+    def theta_flat(self) -> Tensor:
+        return torch.cat([self.params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        sizes = [math.prod(s) for s in self.shapes]
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(sizes), self.shapes)}
+
+    def flatten_batched(self, tensors: dict[str, Tensor]) -> Tensor:
+        """{name: [B, *shape]} -> [B, P] in the order of `names`."""
+        return torch.cat([tensors[n].reshape(tensors[n].shape[0], -1) for n in self.names], 1)
+
+    def logits(self, theta: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.module, ({**self.params, **theta}, self.buffers), (x,))
+
+    def prep(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return x.to(self.device, self.dtype), y.to(self.device).long()
+
+
+def load_checkpoint(model_fn: Callable[[], nn.Module], state: dict, layer, device) -> FunctionalModel:
+    """Functional view of `model_fn()` with every parameter and buffer taken from `state`."""
+    module = model_fn().to(device).eval()
+    pnames = [n for n, _ in module.named_parameters()]
+    missing = [n for n in pnames if n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks parameters {missing[:5]} of the model_fn() architecture")
+    params = {n: state[n].detach().to(device) for n in pnames}
+    dtype = next(iter(params.values())).dtype
+    params = {n: t.to(dtype) if t.is_floating_point() else t for n, t in params.items()}
+    buffers = {}
+    for n, b in module.named_buffers():
+        b = state.get(n, b).detach().to(device)
+        buffers[n] = b.to(dtype) if b.is_floating_point() else b
+    return FunctionalModel(module, params, buffers, select_names(module, layer),
+                           torch.device(device), dtype)
+
+
+# --------------------------------------------------------------------------- gradients
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def per_example_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str,
+                      margin_kind: str, batch_size: int, desc: str = "grads") -> Iterator[tuple[slice, Tensor]]:
+    """Yields (rows, G) with G [B, P] = ∇_θ out(z_i; θ) for the rows of (x, y).
+
+    out is the margin (what="margin") or the cross-entropy training loss (what="loss").
+    """
+    def single(theta, xi, yi):
+        logits = fm.logits(theta, xi.unsqueeze(0))
+        return output_values(logits, yi.unsqueeze(0), what, margin_kind).squeeze(0)
+
+    g = vmap(grad(single), in_dims=(None, 0, 0))
+    theta = fm.theta()
+    n = len(x)
+    for rows in progress(batches(n, batch_size), desc, total=math.ceil(n / batch_size)):
+        xb, yb = fm.prep(x[rows], y[rows])
+        yield rows, fm.flatten_batched(g(theta, xb, yb)).detach()
+
+
+def stacked_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str, margin_kind: str,
+                  batch_size: int, project: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """All per-example gradients [n, P] (or projected, [n, k]) on fm.device."""
+    parts = [project(G) if project else G
+             for _, G in per_example_grads(fm, x, y, what, margin_kind, batch_size)]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def forward_all(fm: FunctionalModel, x: Tensor, batch_size: int,
+                features: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Logits [n, C] and, if asked, the input of the final nn.Linear [n, d]."""
+    captured = []
+    handle = None
+    if features:
+        _, lin = last_linear(fm.module)
+        handle = lin.register_forward_hook(lambda m, inp, out: captured.append(inp[0].reshape(inp[0].shape[0], -1)))
+    try:
+        logits = [fm.logits(fm.theta(), x[r].to(fm.device, fm.dtype)) for r in batches(len(x), batch_size)]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.cat(logits), (torch.cat(captured) if features else None)
+
+
+# --------------------------------------------------------------------------- projection
+
+class Projector:
+    """x ↦ x R / √k with R ∈ R^{P×k} i.i.d. N(0, 1) ("gaussian") or ±1 ("rademacher").
+
+    The 1/√k scale makes inner products unbiased (E[RRᵀ]/k = I), so projected TracIn
+    dot products estimate the exact ones; TRAK's score with λ = 0 does not depend on it.
+    R is generated in row blocks, block b from a generator seeded with (seed, b), in
+    float32 on `device`: the same seed on the same device gives the same R. The whole R is
+    kept when it fits in `cache_bytes`, else blocks are regenerated for every batch.
+    """
+
+    def __init__(self, num_params: int, dim: int, kind: str, seed: int, device,
+                 cache_bytes: int = 1 << 30, block_entries: int = 1 << 24):
+        if kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"params.proj_type={kind!r} is not 'gaussian' or 'rademacher'")
+        if dim < 1:
+            raise ValueError(f"params.proj_dim={dim} must be a positive integer (or None)")
+        self.P, self.k, self.kind, self.seed = num_params, dim, kind, seed
+        self.device = torch.device(device)
+        self.rows = max(1, min(num_params, block_entries // dim))
+        self.cache = None
+        if num_params * dim * 4 <= cache_bytes:
+            self.cache = torch.cat([self._block(b) for b in range(self.num_blocks)])
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.P / self.rows)
+
+    def _block(self, b: int) -> Tensor:
+        r0, r1 = b * self.rows, min(self.P, (b + 1) * self.rows)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(self.seed) * 1_000_003 + b)
+        if self.kind == "gaussian":
+            R = torch.randn(r1 - r0, self.k, generator=gen, device=self.device)
+        else:
+            R = torch.randint(0, 2, (r1 - r0, self.k), generator=gen, device=self.device).float() * 2 - 1
+        return R / math.sqrt(self.k)
+
+    def matrix(self) -> Tensor:
+        """R / √k as one [P, k] tensor (for tests and cross-checks)."""
+        return self.cache if self.cache is not None else torch.cat(
+            [self._block(b) for b in range(self.num_blocks)])
+
+    def __call__(self, G: Tensor) -> Tensor:
+        if self.cache is not None:
+            return G @ self.cache.to(G.dtype)
+        out = torch.zeros(G.shape[0], self.k, dtype=G.dtype, device=G.device)
+        for b in range(self.num_blocks):
+            r0, r1 = b * self.rows, min(self.P, (b + 1) * self.rows)
+            out += G[:, r0:r1] @ self._block(b).to(G.dtype)
+        return out
+
+
+def make_projector(p: dict, num_params: int, seed: int) -> Projector | None:
+    """params.proj_dim None -> no projection (exact gradients)."""
+    if p.get("proj_dim") is None:
+        return None
+    return Projector(num_params, int(p["proj_dim"]), p["proj_type"], seed, p["device"])
+
+
+def to_numpy_scores(scores: Tensor) -> np.ndarray:
+    return scores.detach().to("cpu", torch.float32).numpy()

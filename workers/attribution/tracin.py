@@ -1,0 +1,40 @@
+"""TracIn-CP (Pruthi et al., NeurIPS 2020): gradient dot products summed over checkpoints.
+
+One SGD step of size η on z_i moves θ by −η∇L(z_i), changing f(z_t) by ≈ −η ∇f(z_t)·∇L(z_i).
+With the package's sign convention (score > 0: including i raises the target's margin)
+
+    score[i, t] = −Σ_c η_c ∇_θ f(z_t; θ_c) · ∇_θ L(z_i; θ_c),   f = margin, L = cross-entropy,
+
+η_c = params.lrs[c] (1 for every checkpoint if not given). Since ∇f ≈ −∇L for the target's
+own label, this is TracIn's "proponent > 0" sign. params.proj_dim projects both gradients
+with the same seeded matrix per checkpoint (an unbiased estimate of the dot product).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .common import (load_checkpoint, make_projector, per_example_grads, resolve_params,
+                     stacked_grads, to_numpy_scores)
+
+DEFAULTS = {"layer": "all", "lrs": None, "proj_dim": None, "proj_type": "gaussian"}
+
+
+def tracin_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+                  margin_kind="logsumexp") -> np.ndarray:
+    """TracIn-CP scores float32 [n_train, n_targets]."""
+    p = resolve_params("tracin", params, DEFAULTS)
+    lrs = p["lrs"] if p["lrs"] is not None else [1.0] * len(checkpoints)
+    if len(lrs) != len(checkpoints):
+        raise ValueError(f"tracin: params.lrs has {len(lrs)} entries for {len(checkpoints)} checkpoints")
+    total = None
+    for c, (state, lr) in enumerate(zip(checkpoints, lrs)):
+        fm = load_checkpoint(model_fn, state, p["layer"], p["device"])
+        proj = make_projector(p, fm.num_params, seed=int(p["seed"]) * 10_007 + c)
+        Gt = stacked_grads(fm, x_target, y_target, "margin", margin_kind, p["batch_size"], proj)
+        if total is None:
+            total = torch.zeros(len(x_train), len(Gt), dtype=Gt.dtype, device=fm.device)
+        for rows, G in per_example_grads(fm, x_train, y_train, "loss", margin_kind,
+                                         p["batch_size"], "train grads"):
+            total[rows] -= float(lr) * ((proj(G) if proj is not None else G) @ Gt.T)
+    return to_numpy_scores(total)

@@ -1,0 +1,105 @@
+"""Tasks: what is trained and measured (dataset + model + recipe + margin).
+
+The orchestrator never imports a dataset or network; it builds a task from config
+(`_target_`). A user's own task only needs the methods of `Task` below. The shipped one,
+`ImageClassificationTask`, covers Fashion-MNIST, digits and CIFAR-10 with an MLP or ResNet-9.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the pipeline asks of a task.
+
+    n: training set size (masks are bool [k, n]); n_targets: number of target examples T.
+    check(): cheap validation on the driver before any Ray work; raise ValueError with one
+      line naming the setting and the fix.
+    setup(train_cfg): once per persistent worker (load data onto the device, build the trainer).
+    train(masks, seeds, return_weights): train k models; return an object with attributes
+      margins float32 [k, T], train_acc, target_acc, loss (float32 [k]) and, if asked,
+      state_dicts (list of k state dicts).
+    """
+
+    n: int
+    n_targets: int
+
+    def check(self) -> None: ...
+
+    def setup(self, train_cfg: dict) -> None: ...
+
+    def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False): ...
+
+
+class ImageClassificationTask:
+    """Image classification on a subset of a published dataset, margins on test targets."""
+
+    def __init__(self, name: str, data: dict, n_train: int, n_targets: int, model: dict,
+                 margin: str = "logsumexp", target_split: str = "test", subset_seed: int = 0):
+        self.name = name
+        self.data_cfg = dict(data)
+        self.n = int(n_train)
+        self.n_targets = int(n_targets)
+        self.model_cfg = dict(model)
+        self.margin = margin
+        self.target_split = target_split
+        self.subset_seed = int(subset_seed)
+        self._arrays = None
+        self._trainer = None
+
+    # -------------------------------------------------------------- data
+    def check(self) -> None:
+        from workers import data as D
+        from workers.margins import MARGIN_KINDS
+        if self.margin not in MARGIN_KINDS:
+            raise ValueError(f"task.margin={self.margin!r} is not one of {MARGIN_KINDS}; pick one")
+        if self.n < 2:
+            raise ValueError(f"task.n_train={self.n} must be at least 2")
+        if self.n_targets < 1:
+            raise ValueError(f"task.n_targets={self.n_targets} must be at least 1")
+        D.check_available(self.data_cfg["name"], self.data_cfg.get("root"))
+        self.arrays()  # sizes are checked by select()
+
+    def arrays(self):
+        """(x_train uint8 [n,C,H,W], y_train, x_target, y_target, num_classes), cached."""
+        if self._arrays is None:
+            from workers import data as D
+            ds = D.load_dataset(self.data_cfg["name"], self.data_cfg.get("root"))
+            x_tr, y_tr, x_tg, y_tg = D.select(ds, self.n, self.n_targets, seed=self.subset_seed,
+                                              target_split=self.target_split)
+            self._arrays = (x_tr, y_tr, x_tg, y_tg, ds.num_classes)
+        return self._arrays
+
+    # -------------------------------------------------------------- training
+    def setup(self, train_cfg: dict) -> None:
+        from workers.train import TrainConfig, Trainer
+        names = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in train_cfg.items() if k in names}, margin=self.margin)
+        x_tr, y_tr, x_tg, y_tg, num_classes = self.arrays()
+        self._trainer = Trainer(dict(self.model_cfg), cfg, x_tr, y_tr, x_tg, y_tg)
+
+    def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False):
+        if self._trainer is None:
+            raise RuntimeError("task.setup(train_cfg) must be called before task.train()")
+        return self._trainer.train(masks, seeds, return_weights=return_weights)
+
+    # -------------------------------------------------------------- baselines
+    def attribution_inputs(self):
+        """(model_fn, x_train, y_train, x_target, y_target) as float32 normalized tensors."""
+        import torch
+        from workers.models import build_model
+        from workers.train import channel_stats, normalize
+        x_tr, y_tr, x_tg, y_tg, num_classes = self.arrays()
+        mean, std = channel_stats(x_tr)  # exactly the trainer's input normalization
+        def norm(x):
+            return normalize(x, mean, std)
+        in_shape = tuple(x_tr.shape[1:])
+        cfg = dict(self.model_cfg)
+        def model_fn():
+            return build_model(cfg, in_shape, num_classes)
+        return (model_fn, norm(x_tr), torch.from_numpy(y_tr.astype(np.int64)),
+                norm(x_tg), torch.from_numpy(y_tg.astype(np.int64)))
