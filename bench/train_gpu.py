@@ -92,14 +92,63 @@ def measure(name, model_cfg, cfg, data, k, masks, fwd_flops, log):
     return row
 
 
+CATEGORIES = [
+    ("conv/matmul", ("conv", "xmma", "sm90", "sm80", "cutlass", "implicit", "gemm", "wgrad", "dgrad", "cudnn")),
+    ("batchnorm", ("batch_norm", "bn_", "batchnorm")),
+    ("pooling", ("pool",)),
+    ("index/gather (data)", ("index", "gather", "scatter")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton")),
+]
+
+
+def profile(model_cfg, cfg, data, k, masks, log):
+    """Kernel-time breakdown of one 1-epoch unit (after a warm-up unit)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    x, y, xt, yt = data
+    tr = Trainer(model_cfg, cfg, x, y, xt, yt)
+    tr.cfg.epochs = 1
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    tr.train(masks[:k], np.arange(k))
+    sync()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        tr.train(masks[:k], np.arange(k) + 7)
+        sync()
+        wall = time.perf_counter() - t
+    per_kernel = {}
+    for ev in prof.key_averages():
+        dt = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if dt > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.key] = per_kernel.get(ev.key, 0) + dt
+    busy = max(sum(per_kernel.values()) / 1e6, 1e-9)
+    cats = {}
+    for name, dt in per_kernel.items():
+        low = name.lower()
+        cat = next((c for c, keys in CATEGORIES if any(kw in low for kw in keys)), "other")
+        cats[cat] = cats.get(cat, 0) + dt / 1e6
+    log(f"# profile k={k} compile={cfg.compile}: wall {wall:.3f} s, GPU kernel time {busy:.3f} s")
+    for c, v in sorted(cats.items(), key=lambda kv: -kv[1]):
+        log(f"#   {c:<22}{v:8.3f} s {100 * v / busy:5.1f}%")
+    for name, dt in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+        log(f"#     {dt / 1e6:7.3f} s  {name[:110]}")
+    del tr
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
-    ap.add_argument("--ks", default="1,8,32", help="models per step for the batched engine")
-    ap.add_argument("--compile-ks", default="8", help="k values also run with torch.compile ('' = none)")
-    ap.add_argument("--nchw-ks", default="8", help="k values also run without channels_last ('' = none)")
+    ap.add_argument("--configs", default="single,b1,b8,b32,g1,g8,c8",
+                    help="comma list: single | b<k> batched | g<k> batched + CUDA graph | c<k> batched + "
+                         "torch.compile | cg<k> compile + graph | n<k> batched without channels_last")
+    ap.add_argument("--check-graph", action="store_true",
+                    help="first compare margins of a short unit with and without the CUDA graph")
     ap.add_argument("--budget", type=float, default=420.0, help="stop starting configurations after this many s")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", default="", help="k values to profile instead of timing, 'c8' = k=8 compiled")
     args = ap.parse_args()
     t_start = time.perf_counter()
     logf = open(os.path.join(args.out, "train_gpu_log.jsonl"), "a")
@@ -124,21 +173,39 @@ def main():
     model_cfg = {"name": "resnet9", "width": width}
     fwd = forward_flops(build_model(model_cfg, (3, hw, hw), 10), (3, hw, hw))
     log(f"# forward GFLOP per image {fwd / 1e9:.4f}; lower bound per model {BOUND_S:.2f} s (full-size recipe)")
-    ks = [int(v) for v in args.ks.split(",") if v]
-    compile_ks = [int(v) for v in args.compile_ks.split(",") if v]
+    import re
+    specs = [v for v in args.configs.split(",") if v]
+    kmax = max([1] + [int(re.sub(r"\D", "", v)) for v in specs + args.profile.split(",") if re.sub(r"\D", "", v)])
     rng = np.random.default_rng(0)
-    kmax = max(ks + compile_ks + [1])
     masks = np.zeros((kmax, n), bool)
     for j in range(kmax):
         masks[j, rng.permutation(n)[: n // 2]] = True
 
-    plan = [("single", TrainConfig(**cfg, engine="single"), 1)]
-    plan += [(f"batched k={k}", TrainConfig(**cfg, engine="batched", models_per_step=k), k) for k in ks]
-    plan += [(f"batched k={k} NCHW", TrainConfig(**{**cfg, "channels_last": False}, engine="batched",
-                                                 models_per_step=k), k)
-             for k in [int(v) for v in args.nchw_ks.split(",") if v]]
-    plan += [(f"batched k={k} compile", TrainConfig(**cfg, engine="batched", models_per_step=k, compile=True), k)
-             for k in compile_ks]
+    if args.profile:
+        for v in [v for v in args.profile.split(",") if v]:  # "8" eager, "c8" compiled
+            k = int(v.lstrip("c"))
+            tc = TrainConfig(**cfg, engine="batched", models_per_step=k, compile=v.startswith("c"))
+            profile(model_cfg, tc, data, k, masks, log)
+        return
+
+    if args.check_graph and torch.cuda.is_available():
+        short = {**cfg, "epochs": 1}
+        r = [Trainer(model_cfg, TrainConfig(**short, models_per_step=1, cuda_graph=g), *data).train(masks[:1], np.arange(1))
+             for g in (False, True)]
+        log(f"# CUDA graph check (k=1, 1 epoch, bf16): max |margin diff| {np.abs(r[0].margins - r[1].margins).max():.4g}, "
+            f"margin scale {np.abs(r[0].margins).mean():.3g}, target acc {r[0].target_acc} vs {r[1].target_acc}")
+
+    plan = []
+    for v in specs:
+        if v == "single":
+            plan.append(("single", TrainConfig(**cfg, engine="single"), 1))
+            continue
+        kind, k = re.match(r"([a-z]+)(\d+)", v).groups()
+        k = int(k)
+        flags = {"b": {}, "g": {"cuda_graph": True}, "c": {"compile": True},
+                 "cg": {"compile": True, "cuda_graph": True}, "n": {"channels_last": False}}[kind]
+        label = {"b": "", "g": " graph", "c": " compile", "cg": " compile+graph", "n": " NCHW"}[kind]
+        plan.append((f"batched k={k}{label}", TrainConfig(**{**cfg, **flags}, engine="batched", models_per_step=k), k))
     rows = []
     for name, tc, k in plan:
         if time.perf_counter() - t_start > args.budget:

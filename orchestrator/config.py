@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("all", "masks", "train", "fit", "evaluate")
+STAGES = ("all", "masks", "train", "fit", "baselines", "evaluate")
 # Settings that change what a trained model is (and so what the ledger holds). Scheduling
 # and speed settings (workers, engine, models_per_step, device, compile, ...) do not.
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "lr_peak_epoch", "momentum", "nesterov",
@@ -88,6 +88,16 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
                 "train.max_in_flight", "fit.targets_per_task", "fit.n_lambdas"):
         if _number(cfg, key, int) < 1:
             raise ConfigError(f"{key} must be a positive integer")
+    methods = list(cfg.baselines.get("methods") or [])
+    if methods:
+        from workers.attribution import METHODS
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"baselines.methods: {unknown[0]!r} is not one of {sorted(METHODS)}")
+        if _number(cfg, "baselines.checkpoints", int) < 1:
+            raise ConfigError("baselines.checkpoints must be at least 1 when baselines.methods is not empty")
+        if _number(cfg, "baselines.checkpoints", int) > _number(cfg, "masks.n_train", int):
+            raise ConfigError("baselines.checkpoints must not exceed masks.n_train")
     if _number(cfg, "train.lr") <= 0:
         raise ConfigError("train.lr must be positive")
 

@@ -74,48 +74,187 @@ def score_method(X: np.ndarray, Y: np.ndarray, weights: np.ndarray, intercept, n
     return out, per_target
 
 
-def plot_lds(results: dict, per_target: dict, path: str) -> None:
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_lds(results: dict, per_target: dict, path: str) -> None:
+    """Bar chart of LDS per method (95% CI) and the histogram of per-target LDS."""
+    plt = _plt()
     names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     means = [results[k]["mean"] for k in names]
     err = np.array([[results[k]["mean"] - results[k]["ci95"][0], results[k]["ci95"][1] - results[k]["mean"]]
                     for k in names]).T
     axes[0].bar(names, means, yerr=err, capsize=4, color="tab:blue")
     axes[0].set_ylabel("LDS (mean over targets, 95% CI)")
     axes[0].set_title("Linear Datamodeling Score")
+    axes[0].tick_params(axis="x", rotation=30)
     for k in names:
         v = per_target[k]
-        axes[1].hist(v[np.isfinite(v)], bins=30, alpha=0.6, label=k)
+        axes[1].hist(v[np.isfinite(v)], bins=30, alpha=0.5, label=k)
     axes[1].set_xlabel("LDS per target")
-    axes[1].legend()
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def run(plan, tracker, datamodels_dir: str) -> dict:
+def plot_lds_vs_compute(results: dict, curve: dict, path: str) -> None:
+    """LDS against compute seconds, log x (the TRAK paper's Figure 1 format)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        if r.get("seconds"):
+            ax.errorbar([r["seconds"]], [r["mean"]],
+                        yerr=[[r["mean"] - r["ci95"][0]], [r["ci95"][1] - r["mean"]]], fmt="o", capsize=3, label=name)
+    if curve:
+        ms = sorted(curve)
+        ax.plot([curve[m]["seconds"] for m in ms], [curve[m]["mean"] for m in ms], "-", color="gray", alpha=0.6,
+                label="datamodels (prefixes)")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute (seconds, this machine)")
+    ax.set_ylabel("LDS")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lds_vs_models(curve: dict, path: str) -> None:
+    plt = _plt()
+    ms = sorted(curve)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mean = [curve[m]["mean"] for m in ms]
+    lo = [curve[m]["ci95"][0] for m in ms]
+    hi = [curve[m]["ci95"][1] for m in ms]
+    ax.plot(ms, mean, "o-")
+    ax.fill_between(ms, lo, hi, alpha=0.3)
+    ax.set_xscale("log")
+    ax.set_xlabel("train models used to fit the datamodels")
+    ax.set_ylabel("LDS")
+    ax.set_title("Datamodels: LDS against number of models")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_top_examples(weights: dict, images, target_images, targets, path: str, top: int = 5) -> None:
+    """For a few targets: the target image, then per method the `top` most positive and most
+    negative training images by score."""
+    if images is None:
+        return
+    plt = _plt()
+    methods = list(weights)
+    rows = len(targets) * len(methods)
+    fig, axes = plt.subplots(rows, 1 + 2 * top, figsize=(1.3 * (1 + 2 * top), 1.4 * rows), squeeze=False)
+
+    def show(ax, img):
+        img = np.asarray(img)
+        if img.shape[0] in (1, 3):
+            img = img.transpose(1, 2, 0)
+        ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 or img.ndim == 2 else None)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    r = 0
+    for t in targets:
+        for name in methods:
+            w = weights[name][t]
+            order = np.argsort(w)
+            show(axes[r, 0], target_images[t])
+            axes[r, 0].set_ylabel(f"t{t}\n{name}", fontsize=7)
+            for j, i in enumerate(order[::-1][:top]):
+                show(axes[r, 1 + j], images[i])
+                axes[r, 1 + j].set_title(f"+{w[i]:.2g}", fontsize=6)
+            for j, i in enumerate(order[:top]):
+                show(axes[r, 1 + top + j], images[i])
+                axes[r, 1 + top + j].set_title(f"{w[i]:.2g}", fontsize=6)
+            r += 1
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, compute: dict | None = None) -> dict:
+    """LDS of the datamodels, of each datamodels prefix and of every baseline's scores."""
+    from orchestrator.baselines_stage import read_scores, scores_dir
     from orchestrator.fit_stage import load_datamodels
     cfg = plan.cfg
+    compute = compute or {}
     X, Y, counts = eval_set(Ledger(plan.ledger_path), plan.n, plan.n_targets)
     if len(X) < 3:
         raise LedgerError(f"only {len(X)} eval masks in the ledger; LDS needs more (masks.n_eval)")
     W, b, _ = load_datamodels(datamodels_dir, plan.n_targets)
     n_boot, seed = int(cfg.eval.bootstrap), int(cfg.eval.bootstrap_seed)
-    results, per_target = {}, {}
+    results, per_target, weights = {}, {}, {"datamodels": W}
     results["datamodels"], per_target["datamodels"] = score_method(X, Y, W, b, n_boot, seed)
-    plot = os.path.join(plan.exp_dir, "lds.png")
-    plot_lds(results, per_target, plot)
-    np.save(os.path.join(plan.exp_dir, "lds_per_target.npy"), per_target["datamodels"])
+    results["datamodels"]["seconds"] = compute.get("datamodels")
+
+    curve = {}
+    for m, d in sorted((prefix_dirs or {}).items()):
+        try:
+            Wm, bm, _ = load_datamodels(d, plan.n_targets)
+        except FileNotFoundError:
+            continue
+        curve[int(m)], _ = score_method(X, Y, Wm, bm, n_boot, seed)
+        from orchestrator.fit_stage import fit_seconds
+        curve[int(m)]["seconds"] = compute.get("per_model", 0.0) * int(m) + fit_seconds(d)
+    if curve and compute.get("models"):
+        curve[int(compute["models"])] = dict(results["datamodels"])
+
+    sdir = scores_dir(plan.exp_dir)
+    if os.path.isdir(sdir):
+        for f in sorted(os.listdir(sdir)):
+            if not f.endswith(".parquet") or f.startswith("."):
+                continue
+            S, meta = read_scores(os.path.join(sdir, f))
+            if S.shape != (plan.n, plan.n_targets):
+                log.warning("evaluate: %s has shape %s, expected (%d, %d); skipped", f, S.shape, plan.n, plan.n_targets)
+                continue
+            name = meta["method"]
+            if name in results:  # two parameter settings of one method: name them apart
+                name = f.rsplit(".", 1)[0]
+            results[name], per_target[name] = score_method(X, Y, S.T, None, n_boot, seed)
+            results[name].update(seconds=meta.get("seconds"), params=meta.get("params"),
+                                 checkpoints=meta.get("checkpoints"))
+            weights[name] = S.T
+
+    plots = {"lds": os.path.join(plan.exp_dir, "lds.png"),
+             "lds_vs_compute": os.path.join(plan.exp_dir, "lds_vs_compute.png")}
+    plot_lds(results, per_target, plots["lds"])
+    plot_lds_vs_compute(results, curve, plots["lds_vs_compute"])
+    if len(curve) > 1:
+        plots["lds_vs_models"] = os.path.join(plan.exp_dir, "lds_vs_models.png")
+        plot_lds_vs_models(curve, plots["lds_vs_models"])
+    try:
+        x_tr, _, x_tg, _, _ = plan.task.arrays()
+    except (AttributeError, TypeError, ValueError):
+        x_tr = x_tg = None
+    if x_tr is not None and int(cfg.eval.get("show_targets") or 0) > 0:
+        k = min(int(cfg.eval.show_targets), plan.n_targets)
+        plots["top_examples"] = os.path.join(plan.exp_dir, "top_examples.png")
+        plot_top_examples(weights, x_tr, x_tg, list(range(k)), plots["top_examples"])
+    np.savez(os.path.join(plan.exp_dir, "lds_per_target.npz"), **per_target)
+
+    method_metrics = {}
     for name, r in results.items():
-        tracker.log_metrics({f"lds_{name}": r["mean"], f"lds_{name}_ci_lo": r["ci95"][0],
-                             f"lds_{name}_ci_hi": r["ci95"][1]})
+        metrics = {"lds": r["mean"], "lds_ci_lo": r["ci95"][0], "lds_ci_hi": r["ci95"][1]}
+        if r.get("seconds") is not None:
+            metrics["compute_seconds"] = r["seconds"]
         if "mse" in r:
-            tracker.log_metrics({f"mse_{name}": r["mse"]})
-    tracker.log_artifact(plot)
-    return {"lds": results, "eval_masks": int(len(X)), "replicas_mean": float(counts.mean()), "plot": plot}
+            metrics["mse"] = r["mse"]
+        method_metrics[name] = metrics
+        tracker.log_metrics({f"lds_{name}": r["mean"]})
+    for m, r in sorted(curve.items()):
+        tracker.log_metrics({"lds_datamodels_curve": r["mean"]}, step=m)
+    for path in plots.values():
+        tracker.log_artifact(path)
+    return {"lds": results, "lds_curve": {str(m): r for m, r in curve.items()}, "method_metrics": method_metrics,
+            "eval_masks": int(len(X)), "replicas_mean": float(counts.mean()), "plots": plots}
 
 
 def write_summary(path: str, summary: dict) -> None:

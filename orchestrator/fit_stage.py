@@ -31,7 +31,7 @@ def lasso_config(fit_cfg: dict):
 
 def store_dir(exp_dir: str, m: int, fit_cfg: dict) -> str:
     keep = {k: v for k, v in fit_cfg.items()
-            if k not in ("targets_per_task", "cpus_per_task", "gpus_per_task", "device",
+            if k not in ("targets_per_task", "cpus_per_task", "gpus_per_task", "device", "prefixes",
                          "targets_per_block", "rows_per_block", "memory_budget_bytes")}
     h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return os.path.join(exp_dir, "datamodels", f"m{m}-{fit_cfg['backend']}-{h}")
@@ -60,10 +60,22 @@ def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_i
         pass
     t0 = time.perf_counter()
     res = fit_lasso(packed, Y, lasso_config(fit_cfg), n=n)
+    table = datamodel_table(target_ids, res)
+    table = table.replace_schema_metadata({"seconds": str(time.perf_counter() - t0)})
     fs, path, local = filesystem(out_path)
-    atomic_write(datamodel_table(target_ids, res), fs, path, local)
+    atomic_write(table, fs, path, local)
     return {"targets": len(target_ids), "seconds": time.perf_counter() - t0,
             "val_mse": float(np.mean(res.val_mse)), "nnz": float(np.mean(res.nnz))}
+
+
+def fit_seconds(path: str) -> float:
+    """Worker-seconds spent fitting the datamodels in a store dir (sum over its chunks)."""
+    total = 0.0
+    for f in os.listdir(path) if os.path.isdir(path) else []:
+        if f.endswith(".parquet") and not f.startswith("."):
+            meta = pq.read_schema(os.path.join(path, f)).metadata or {}
+            total += float(meta.get(b"seconds", b"0"))
+    return total
 
 
 def load_datamodels(path: str, n_targets: int):
@@ -83,10 +95,16 @@ def load_datamodels(path: str, n_targets: int):
     return W, table["intercept"].to_numpy(), table
 
 
+def prefix_sizes(fit_cfg: dict, m: int) -> list[int]:
+    """Sizes of the train-model prefixes fit for the LDS-versus-models curve."""
+    return sorted({max(10, int(round(f * m))) for f in (fit_cfg.get("prefixes") or []) if 0 < f < 1} - {m})
+
+
 def run(plan, tracker) -> dict:
+    """Fit datamodels on all train models, and on the prefixes `fit.prefixes` (fractions of
+    the train models, by model id) for the LDS-versus-models curve."""
     import ray
     from omegaconf import OmegaConf
-    from tqdm import tqdm
 
     cfg = plan.cfg
     fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
@@ -94,6 +112,25 @@ def run(plan, tracker) -> dict:
     m = len(data)
     if m < int(cfg.masks.n_train):
         log.warning("fit: the ledger holds %d of %d train models; fitting on those", m, cfg.masks.n_train)
+    t0 = time.perf_counter()
+    sizes = prefix_sizes(fit_cfg, m)
+    packed_ref = ray.put(data.packed)
+    stats = _fit_store(plan, tracker, fit_cfg, packed_ref, data.margins, m, m)
+    stats["seconds_full"] = stats["seconds"]
+    stats["prefixes"] = {}
+    for size in sizes:
+        # prefixes are the first `size` train models by id (data is sorted by model id)
+        sub = _fit_store(plan, tracker, fit_cfg, ray.put(data.packed[:size]), data.margins[:size], size, m,
+                         desc=f"fit m={size}")
+        stats["prefixes"][size] = sub["dir"]
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _fit_store(plan, tracker, fit_cfg, packed_ref, margins, m, m_total, desc="fit") -> dict:
+    import ray
+    from tqdm import tqdm
+
     out_dir = store_dir(plan.exp_dir, m, fit_cfg)
     os.makedirs(out_dir, exist_ok=True)
     T = plan.n_targets
@@ -101,40 +138,39 @@ def run(plan, tracker) -> dict:
     chunks = [(a, min(a + per, T)) for a in range(0, T, per)]
     done = {f for f in os.listdir(out_dir) if f.endswith(".parquet")}
     todo = [(a, b) for a, b in chunks if f"chunk-{a:06d}-{b:06d}.parquet" not in done]
-    stats = {"dir": out_dir, "models": m, "targets": T, "chunks": len(chunks),
-             "chunks_fit": len(todo), "seconds": 0.0}
+    stats = {"dir": out_dir, "models": m, "targets": T, "chunks": len(chunks), "chunks_fit": len(todo),
+             "seconds": 0.0}
     if not todo:
-        log.info("fit: all %d targets already fit in %s", T, out_dir)
+        log.info("%s: all %d targets already fit in %s", desc, T, out_dir)
         return stats
-    log.info("fit: %d targets on %d train models (%s backend), %d chunks to fit",
-             T, m, fit_cfg["backend"], len(todo))
+    log.info("%s: %d targets on %d train models (%s backend), %d chunks to fit",
+             desc, T, m, fit_cfg["backend"], len(todo))
     t0 = time.perf_counter()
-    packed_ref = ray.put(data.packed)
     remote = ray.remote(fit_chunk).options(num_cpus=float(fit_cfg.get("cpus_per_task") or 1),
                                            num_gpus=float(fit_cfg.get("gpus_per_task") or 0),
                                            max_retries=2)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    limit = 2 * cpus
+    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     queue = list(todo)
     in_flight = {}
-    bar = tqdm(total=sum(b - a for a, b in todo), unit="target", desc="fit", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=sum(b - a for a, b in todo), unit="target", desc=desc, dynamic_ncols=True, mininterval=1.0)
     done_targets = 0
     try:
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 a, b = queue.pop(0)
                 path = os.path.join(out_dir, f"chunk-{a:06d}-{b:06d}.parquet")
-                ref = remote.remote(packed_ref, np.ascontiguousarray(data.margins[:, a:b]), plan.n,
+                ref = remote.remote(packed_ref, np.ascontiguousarray(margins[:, a:b]), plan.n,
                                     fit_cfg, np.arange(a, b), path)
                 in_flight[ref] = (a, b)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
-                a, b = in_flight.pop(ref)
+                in_flight.pop(ref)
                 out = ray.get(ref)
                 done_targets += out["targets"]
                 bar.update(out["targets"])
-                tracker.log_metrics({"targets_done": done_targets, "chunk_val_mse": out["val_mse"],
-                                     "chunk_nnz": out["nnz"]}, step=done_targets)
+                if m == m_total:
+                    tracker.log_metrics({"targets_done": done_targets, "chunk_val_mse": out["val_mse"],
+                                         "chunk_nnz": out["nnz"]}, step=done_targets)
     finally:
         bar.close()
     stats["seconds"] = time.perf_counter() - t0

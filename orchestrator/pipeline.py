@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator import config as C
-from orchestrator import evaluate, fit_stage, train_stage
+from orchestrator import baselines_stage, evaluate, fit_stage, train_stage
 from orchestrator import masks as M
 from orchestrator.ledger import Ledger
 from orchestrator.tracking import Tracker
@@ -120,10 +120,10 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
             with tracker.stage("masks"):
                 summary["masks"] = masks_stage(plan)
             summary["timings"]["masks"] = time.perf_counter() - t0
-        if stage in ("all", "train", "fit", "evaluate"):
+        if stage in ("all", "train", "fit", "baselines", "evaluate"):
             from orchestrator import raycluster
             check_ledger_masks(plan)
-            if stage in ("all", "train", "fit"):
+            if stage in ("all", "train", "fit", "baselines"):
                 raycluster.connect(cfg.cluster)
         if want("train"):
             t0 = time.perf_counter()
@@ -132,22 +132,35 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
                 tracker.log_metrics({"models_trained": st["models_trained"], "train_seconds": st["seconds"]})
             summary["train"] = st
             summary["timings"]["train"] = time.perf_counter() - t0
-        dm_dir = None
+        fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
         if want("fit"):
             t0 = time.perf_counter()
             with tracker.stage("fit", {"fit": resolved["fit"]}):
                 st = fit_stage.run(plan, tracker)
-            dm_dir = st["dir"]
             summary["fit"] = st
             summary["timings"]["fit"] = time.perf_counter() - t0
+        if want("baselines"):
+            t0 = time.perf_counter()
+            with tracker.stage("baselines", {"baselines": resolved["baselines"]}):
+                summary["baselines"] = baselines_stage.run(plan, tracker)
+            summary["timings"]["baselines"] = time.perf_counter() - t0
         if want("evaluate"):
             t0 = time.perf_counter()
-            if dm_dir is None:
-                m = Ledger(plan.ledger_path).count("train")
-                dm_dir = fit_stage.store_dir(plan.exp_dir, m, OmegaConf.to_container(cfg.fit, resolve=True))
+            train_data = Ledger(plan.ledger_path).load("train", n=plan.n, n_targets=plan.n_targets)
+            m = len(train_data)
+            dm_dir = fit_stage.store_dir(plan.exp_dir, m, fit_cfg)
+            prefixes = fit_stage.prefix_sizes(fit_cfg, m)
+            prefix_dirs = {k: fit_stage.store_dir(plan.exp_dir, k, fit_cfg) for k in prefixes}
+            per_model = float(np.sum(train_data.extra["seconds"])) / max(m, 1)
+            compute = {"models": m, "per_model": per_model,
+                       "datamodels": per_model * m + fit_stage.fit_seconds(dm_dir)}
             with tracker.stage("evaluate"):
-                ev = evaluate.run(plan, tracker, dm_dir)
-            summary.update(lds=ev["lds"], eval_masks=ev["eval_masks"])
+                ev = evaluate.run(plan, tracker, dm_dir, prefix_dirs, compute)
+            for name, metrics in ev.pop("method_metrics").items():
+                with tracker.stage(f"method:{name}", {"method": name,
+                                                      "params": ev["lds"][name].get("params") or {}}):
+                    tracker.log_metrics(metrics)
+            summary.update(lds=ev["lds"], lds_curve=ev["lds_curve"], eval_masks=ev["eval_masks"])
             summary["timings"]["evaluate"] = time.perf_counter() - t0
         ledger = Ledger(plan.ledger_path)
         summary["models"] = {s: ledger.count(s) for s in ("train", "eval")}

@@ -42,6 +42,13 @@ def expected_keys(n_train: int, n_eval: int, replicas: int) -> list[tuple[str, i
     return keys
 
 
+def checkpoint_root(plan) -> str:
+    """Where checkpoints go: beside a remote ledger, else in the experiment directory."""
+    if "://" in plan.ledger_path:
+        return plan.ledger_path.rstrip("/") + "_checkpoints"
+    return os.path.join(plan.exp_dir, "checkpoints")
+
+
 def checkpoint_path(ckpt_root: str, mask_set: str, model_id: int, replica: int) -> str:
     return f"{ckpt_root}/{mask_set}-{model_id:07d}-r{replica}.pt"
 
@@ -158,11 +165,12 @@ def run(plan, tracker, code_version: str) -> dict:
 
     cfg = plan.cfg
     ledger = Ledger(plan.ledger_path)
-    ckpt_path = os.path.join(plan.exp_dir, "checkpoints") if "://" not in plan.ledger_path \
-        else plan.ledger_path.rstrip("/") + "_checkpoints"
+    ckpt_path = checkpoint_root(plan)
     expected = expected_keys(int(cfg.masks.n_train), int(cfg.masks.n_eval), int(cfg.eval.replicas))
     present = ledger.keys()
     n_ckpt = int(cfg.train.get("checkpoints") or 0)
+    if cfg.get("baselines") and cfg.baselines.get("methods") and hasattr(plan.task, "attribution_inputs"):
+        n_ckpt = max(n_ckpt, int(cfg.baselines.checkpoints))
     have_ckpt = existing_checkpoints(ckpt_path) if n_ckpt else set()
     ckpt_ids = [i for i in range(min(n_ckpt, int(cfg.masks.n_train)))
                 if os.path.basename(checkpoint_path("", "train", i, 0)) not in have_ckpt]

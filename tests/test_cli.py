@@ -48,3 +48,29 @@ def test_sweep_typo_caught_before_any_run(tmp_path):
     proc = run_cli(["-m", "masks.alpha=0.25,1.5", "task=digits_mlp", "masks.alphx=1"], tmp_path)
     assert proc.returncode == 2 and "masks.alphx" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_sweep_runs_one_pipeline_per_point(tmp_path):
+    """`-m masks.alpha=0.3,0.6`: two pipelines, two ledgers, one MLflow experiment."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_pipeline import planted_overrides
+    over = [o for o in planted_overrides(tmp_path, n=40, T=4) if not o.startswith("masks.")]
+    over += ["masks.n_train=60", "masks.n_eval=12", "exp.name=sweep", "cluster.num_cpus=2"]
+    proc = run_cli(["-m", "masks.alpha=0.3,0.6", *over], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = sorted(d for d in os.listdir(tmp_path / "runs") if d.startswith("sweep-"))
+    assert len(dirs) == 2
+    alphas = set()
+    for d in dirs:
+        import json
+        with open(tmp_path / "runs" / d / "summary.json") as f:
+            s = json.load(f)
+        alphas.add(s["alpha"])
+        assert s["models"] == {"train": 60, "eval": 24}
+        assert os.path.isdir(tmp_path / "runs" / d / "ledger")
+    assert alphas == {0.3, 0.6}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("sweep")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(r.data.params["masks.alpha"] for r in parents) == ["0.3", "0.6"]

@@ -37,6 +37,10 @@ __all__ = ["TrainConfig", "TrainResult", "Trainer", "augment", "channel_stats", 
 
 
 # ============================================================================ configuration
+# precision -> (input dtype, parameter / loss dtype); bf16 runs under autocast.
+_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32),
+           "fp64": (torch.float64, torch.float64)}
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -52,17 +56,18 @@ class TrainConfig:
     cutout: int = 0
     margin: str = "logsumexp"
     device: str = "auto"
-    precision: str = "fp32"  # or "bf16" (autocast)
+    precision: str = "fp32"  # or "bf16" (autocast); "fp64" for exact cross-checks
     channels_last: bool = False
     compile: bool = False
+    cuda_graph: bool = False  # capture each batched training step as a CUDA graph (GPU only)
     engine: str = "batched"  # "batched" (k models at once) | "single" (reference, one at a time)
     models_per_step: int = 16  # k for the batched engine
 
     def validate(self) -> None:
         if self.engine not in ("batched", "single"):
             raise ValueError(f"train.engine={self.engine!r}: use 'batched' or 'single'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision={self.precision!r}: use 'fp32' or 'bf16'")
+        if self.precision not in _DTYPES:
+            raise ValueError(f"train.precision={self.precision!r}: use one of {tuple(_DTYPES)}")
         if self.margin not in MARGIN_KINDS:
             raise ValueError(f"train.margin={self.margin!r}: use one of {MARGIN_KINDS}")
         for name in ("epochs", "batch_size", "models_per_step"):
@@ -213,7 +218,7 @@ class Trainer:
         inferred = int(max(np.max(y_train), np.max(y_target))) + 1
         self.num_classes = int(self.model_cfg.pop("num_classes", inferred))
         self.n, self.T = len(x_train), len(x_target)
-        self.dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
+        self.dtype, self.acc = _DTYPES[train_cfg.precision]
         mean, std = channel_stats(x_train)
         dev = self.device
         self.mean, self.std = mean, std
@@ -227,6 +232,7 @@ class Trainer:
         self._template = build_model(self.model_cfg, self.in_shape, self.num_classes)
         self._modules: dict[int, torch.nn.Module] = {}  # copies -> module on device
         self._compiled: dict[int, object] = {}
+        self._steppers: dict[tuple[int, int], _Stepper] = {}
         # Images per evaluation forward pass (all copies together).
         self.eval_images = 16384 if dev.type == "cuda" else 4096
 
@@ -234,16 +240,17 @@ class Trainer:
     def _module(self, k: int) -> torch.nn.Module:
         """The k-copy module (built once per k, reused across units: compile happens once)."""
         if k not in self._modules:
-            mod = build_model(self.model_cfg, self.in_shape, self.num_classes, copies=k).to(self.device)
+            mod = build_model(self.model_cfg, self.in_shape, self.num_classes, copies=k)
+            mod = mod.to(self.device, dtype=self.acc)
             if self.cfg.channels_last:
                 mod = mod.to(memory_format=torch.channels_last)
             self._modules[k] = mod
             self._compiled[k] = torch.compile(mod) if self.cfg.compile else mod
         return self._modules[k]
 
-    def _autocast(self):
+    def _autocast(self, cache_enabled: bool = True):
         if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
         return contextlib.nullcontext()
 
     def _prep(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -252,10 +259,11 @@ class Trainer:
             return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
         return x.view(k, -1, *self.in_shape)
 
-    def _optimizer(self, params) -> torch.optim.Optimizer:
+    def _optimizer(self, params, lr: torch.Tensor | None = None) -> torch.optim.Optimizer:
         cfg = self.cfg
         kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        return torch.optim.SGD(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
 
     def _init_states(self, gens: list[torch.Generator]) -> list[dict]:
@@ -308,44 +316,31 @@ class Trainer:
         return res
 
     # ------------------------------------------------------------------ batched engine
+    def _stepper(self, k: int, bs: int) -> "_Stepper":
+        key = (k, bs)
+        if key not in self._steppers:
+            self._steppers[key] = _Stepper(self, k, bs)
+        return self._steppers[key]
+
     def _train_batched(self, idx: torch.Tensor, gens: list[torch.Generator], return_weights: bool):
-        """k models in lockstep: one k-copy module, per-model batches stacked on channels."""
+        """k models in lockstep: one k-copy module; model j's batch is slice j of [k, bs, ...]."""
         cfg, dev = self.cfg, self.device
         k, m = idx.shape
-        module = self._module(k)
-        fwd = self._compiled[k]
-        state = stack_states(self._init_states(gens))
-        module.load_state_dict(state)
-        module.train()
-        opt = self._optimizer(module.parameters())
         bs, steps = _batching(m, cfg.batch_size)
-        nc = self.num_classes
-        loss_sum = torch.zeros(k, device=dev)
+        stepper = self._stepper(k, bs)
+        stepper.reset(stack_states(self._init_states(gens)))
         step = 0
         for epoch in range(cfg.epochs):
             ds = [draw_epoch(g, m, cfg, self.in_shape[1:]) for g in gens]
             d = {key: torch.stack([x[key] for x in ds]).to(dev, non_blocking=True) for key in ds[0]}
-            loss_sum.zero_()
+            stepper.loss_sum.zero_()
             for s in range(steps):
                 sl = slice(s * bs, (s + 1) * bs)
-                ex = idx.gather(1, d["perm"][:, sl]).reshape(-1)  # [k*bs], model-major
-                aug = {key: v[:, sl].reshape(k * bs, *v.shape[2:]) for key, v in d.items() if key != "perm"}
-                xb = self._prep(augment(self.x_train.index_select(0, ex), aug, cfg, self.pad), k)
-                with self._autocast():
-                    out = fwd(xb)  # [k, bs, nc]
-                losses = F.cross_entropy(out.float().reshape(k * bs, nc), self.y_train.index_select(0, ex), reduction="none",
-                                         label_smoothing=cfg.label_smoothing).view(k, bs).mean(1)
-                losses.sum().backward()
-                lr = lr_at(step, steps, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loss_sum += losses.detach()
+                stepper.step(idx, {key: v[:, sl] for key, v in d.items()}, lr_at(step, steps, cfg))
                 step += 1
-        loss = (loss_sum / steps).cpu().numpy().astype(np.float32)
-        margins, train_acc, target_acc = self._evaluate(module, idx)
-        states = unstack_states(module.state_dict(), k) if return_weights else []
+        loss = (stepper.loss_sum / steps).cpu().numpy().astype(np.float32)
+        margins, train_acc, target_acc = self._evaluate(stepper.module, idx)
+        states = unstack_states(stepper.module.state_dict(), k) if return_weights else []
         return margins, train_acc, target_acc, loss, states
 
     # ------------------------------------------------------------------ single engine (reference)
@@ -369,7 +364,7 @@ class Trainer:
                 xb = self._prep(augment(self.x_train.index_select(0, ex), {key: v[sl] for key, v in d.items()}, cfg, self.pad), 1)
                 with self._autocast():
                     out = fwd(xb)
-                loss = F.cross_entropy(out.float(), self.y_train.index_select(0, ex), label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(out.to(self.acc), self.y_train.index_select(0, ex), label_smoothing=cfg.label_smoothing)
                 loss.backward()
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, steps, cfg)
@@ -394,8 +389,8 @@ class Trainer:
         def forward(x):  # x [k*b, C, H, W] model-major (or [b, ...] shared by all copies)
             with self._autocast():
                 if k == 1:
-                    return module(self._prep(x, 1)).float().view(1, -1, nc)
-                return module(x.view(k, -1, *self.in_shape)).float()
+                    return module(self._prep(x, 1)).to(self.acc).view(1, -1, nc)
+                return module(x.view(k, -1, *self.in_shape)).to(self.acc)
 
         logits = []
         for a in range(0, self.T, rows):
@@ -413,6 +408,89 @@ class Trainer:
         module.train()
         return (margins.cpu().numpy().astype(np.float32), (correct / m).cpu().numpy().astype(np.float32),
                 target_acc.cpu().numpy().astype(np.float32))
+
+
+class _Stepper:
+    """One training step of k copies at batch size bs, with static input buffers.
+
+    Persistent per (k, bs): the module, the optimizer (momentum buffers zeroed at each new
+    unit, which is exactly SGD's first step: buf = grad) and the buffers holding the step's
+    example indices, augmentation parameters and learning rate. With cfg.cuda_graph on a
+    GPU, the whole step (gather, augment, forward, backward, SGD) is captured once as a CUDA
+    graph after three eager warm-up steps and replayed afterwards, removing per-kernel CPU
+    launch cost; the numbers are those of the eager step.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, tr: Trainer, k: int, bs: int):
+        self.tr, self.k, self.bs = tr, k, bs
+        dev = tr.device
+        self.module = tr._module(k)
+        self.fwd = tr._compiled[k]
+        self.use_graph = bool(tr.cfg.cuda_graph) and dev.type == "cuda"
+        self.lr = torch.zeros((), device=dev) if self.use_graph else None
+        self.opt = tr._optimizer(self.module.parameters(), lr=self.lr)
+        self.ex = torch.zeros(k, bs, dtype=torch.long, device=dev)
+        probe = draw_epoch(torch.Generator().manual_seed(0), 1, tr.cfg, tr.in_shape[1:])
+        self.aug = {key: torch.zeros((k, bs, *v.shape[1:]), dtype=v.dtype, device=dev)
+                    for key, v in probe.items() if key != "perm"}
+        self.loss_sum = torch.zeros(k, device=dev)
+        self.graph = None
+        self.eager_steps = 0
+
+    def reset(self, state: dict) -> None:
+        """Start a new unit: load the stacked initial weights, zero the momentum buffers."""
+        with torch.no_grad():
+            for key, v in self.module.state_dict().items():
+                v.copy_(state[key])
+            for st in self.opt.state.values():
+                if st.get("momentum_buffer") is not None:
+                    st["momentum_buffer"].zero_()
+        self.module.train()
+
+    def _body(self) -> None:
+        tr, k, bs = self.tr, self.k, self.bs
+        ex = self.ex.view(-1)  # [k*bs], model-major
+        aug = {key: v.view(k * bs, *v.shape[2:]) for key, v in self.aug.items()}
+        xb = tr._prep(augment(tr.x_train.index_select(0, ex), aug, tr.cfg, tr.pad), k)
+        with tr._autocast(cache_enabled=not self.use_graph):
+            out = self.fwd(xb)  # [k, bs, nc] (or [bs, nc] for k = 1)
+        losses = F.cross_entropy(out.to(tr.acc).reshape(k * bs, tr.num_classes), tr.y_train.index_select(0, ex),
+                                 reduction="none", label_smoothing=tr.cfg.label_smoothing).view(k, bs).mean(1)
+        losses.sum().backward()
+        self.opt.step()
+        self.loss_sum += losses.detach()
+
+    def step(self, idx: torch.Tensor, draws: dict, lr: float) -> None:
+        """One SGD step; draws hold this step's [k, bs, ...] slices of the epoch draws."""
+        torch.gather(idx, 1, draws["perm"], out=self.ex)
+        for key, buf in self.aug.items():
+            buf.copy_(draws[key])
+        if not self.use_graph:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self._body()
+            self.opt.zero_grad(set_to_none=True)
+            return
+        self.lr.fill_(lr)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.eager_steps < self.WARMUP:  # real steps, on a side stream as capture requires
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._body()
+                self.opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_steps += 1
+        else:  # capture (records without running), then run this step by replaying
+            self.opt.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._body()
+            self.graph = graph
+            graph.replay()
 
 
 # ============================================================================ naive baseline
@@ -462,7 +540,8 @@ def naive_train_one(model_cfg, train_cfg, x_train, y_train, x_target, y_target, 
     loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False, drop_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov and cfg.momentum > 0)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    dtype, acc = _DTYPES[cfg.precision]
+    model = model.to(acc)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
 
     def prep(x):
@@ -477,7 +556,7 @@ def naive_train_one(model_cfg, train_cfg, x_train, y_train, x_target, y_target, 
         for xb, yb in loader:
             with amp:
                 out = model(prep(xb))
-            loss = F.cross_entropy(out.float(), yb.to(dev), label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(out.to(acc), yb.to(dev), label_smoothing=cfg.label_smoothing)
             loss.backward()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, cfg)
@@ -491,7 +570,7 @@ def naive_train_one(model_cfg, train_cfg, x_train, y_train, x_target, y_target, 
             outs = []
             for a in range(0, len(x), 1000):
                 with amp:
-                    outs.append(model(prep(normalize(x[a:a + 1000], mean, std))).float())
+                    outs.append(model(prep(normalize(x[a:a + 1000], mean, std))).to(acc))
             return torch.cat(outs)
 
         logits_t = predict(x_target)

@@ -89,7 +89,10 @@ def output_values(logits: Tensor, labels: Tensor, what: str, margin_kind: str) -
 
 def last_linear(module: nn.Module) -> tuple[str, nn.Linear]:
     """The final nn.Linear of `module` in registration order (its "last layer")."""
-    found = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    # nn.Linear, or a one-copy affine layer with the same parameters (workers.models.GroupedLinear)
+    found = [(name, m) for name, m in module.named_modules()
+             if isinstance(m, nn.Linear) or (getattr(m, "groups", None) == 1 and hasattr(m, "in_features")
+                                             and getattr(m, "weight", None) is not None and m.weight.dim() == 2)]
     if not found:
         raise ValueError("params.layer='last' (and representer points) need an nn.Linear "
                          "final layer; the model has none")

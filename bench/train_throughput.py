@@ -1,0 +1,168 @@
+"""CPU training throughput: the naive path against the engine, same config, same run.
+
+(a) naive: one model per Ray task in a FRESH worker process (@ray.remote(max_calls=1)),
+    data shipped to the task, host torch DataLoader (workers.train.naive_train_one);
+(b) engine: one persistent Ray actor per CPU, each holding a Trainer (data resident),
+    training units of masks with the batched engine.
+Both train the same (mask, seed) pairs for the first `--naive-models` models, so their
+mean target accuracy must agree. Also measured in-process (no Ray): models/s of the
+single and batched engines with 1 and 2 threads.
+
+Default network: the CPU demo MLP (784 -> 64 -> 10), 10 epochs, batch 100, lr 0.1, on
+Fashion-MNIST (1 000 training examples, alpha = 0.5, 200 targets) if present, else digits.
+
+    RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=. python bench/train_throughput.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from workers.models import build_model, forward_flops  # noqa: E402
+from workers.train import TrainConfig, Trainer, naive_train_one  # noqa: E402
+
+
+def load(n: int, t: int):
+    from workers.data import load_dataset, select
+    name = "fashion_mnist" if os.path.isdir("/usr/share/datasets/fashion-mnist") else "digits"
+    ds = load_dataset(name)
+    x, y, xt, yt = select(ds, n, t, seed=0)
+    return name, x, y, xt, yt
+
+
+def exact_masks(count: int, n: int, m: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((count, n), bool)
+    for j in range(count):
+        masks[j, rng.permutation(n)[:m]] = True
+    return masks
+
+
+def flops_per_model(model_cfg, in_shape, cfg: TrainConfig, m: int, t: int) -> float:
+    """Conv/linear FLOPs of one model: 3 x forward per training example-step, plus evaluation."""
+    fwd = forward_flops(build_model(model_cfg, in_shape, 10), in_shape)
+    bs = min(cfg.batch_size, m)
+    return 3 * fwd * bs * (m // bs) * cfg.epochs + fwd * (m + t)
+
+
+def in_process(model_cfg, cfg, data, masks, seeds):
+    """models/s of the engines in this process, for 1 and 2 threads."""
+    x, y, xt, yt = data
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for engine, k in (("single", 1), ("batched", 1), ("batched", 4), ("batched", 16), ("batched", 64)):
+            tc = TrainConfig(**{**cfg.__dict__, "engine": engine, "models_per_step": k})
+            tr = Trainer(model_cfg, tc, x, y, xt, yt)
+            tr.train(masks[:2], seeds[:2])  # warm-up
+            count = 64 if engine == "batched" and k > 1 else 32
+            best = float("inf")
+            for _ in range(2):  # best of 2: the machine is shared
+                t0 = time.perf_counter()
+                res = tr.train(masks[:count], seeds[:count])
+                best = min(best, time.perf_counter() - t0)
+            rows.append((threads, engine, k, count / best, float(res.target_acc.mean())))
+            print(f"  in-process threads={threads} engine={engine:<7} k={k:<3} {count / best:7.1f} models/s  "
+                  f"target acc {res.target_acc.mean():.3f}", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--targets", type=int, default=200)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--naive-models", type=int, default=40)
+    ap.add_argument("--engine-models", type=int, default=4096)
+    ap.add_argument("--unit", type=int, default=64, help="models per work unit sent to an actor")
+    ap.add_argument("--models-per-step", type=int, default=16)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--skip-in-process", action="store_true")
+    args = ap.parse_args()
+
+    import ray
+
+    name, x, y, xt, yt = load(args.n, args.targets)
+    model_cfg = {"name": "mlp", "hidden": [64]}
+    cfg = TrainConfig(epochs=10, batch_size=100, lr=0.1, lr_peak_epoch=2, device="cpu",
+                      models_per_step=args.models_per_step)
+    m = round(args.alpha * args.n)
+    total_models = max(args.engine_models, args.naive_models)
+    masks = exact_masks(total_models, args.n, m)
+    seeds = np.arange(total_models, dtype=np.int64) + 1000
+    fpm = flops_per_model(model_cfg, x.shape[1:], cfg, m, args.targets)
+    print(f"data {name}: n={args.n}, m={m} per model, T={args.targets}; model {model_cfg}; "
+          f"{cfg.epochs} epochs, batch {cfg.batch_size}; {fpm / 1e9:.2f} GFLOP per model", flush=True)
+
+    if not args.skip_in_process:
+        print("in-process engine throughput (no Ray):", flush=True)
+        in_process(model_cfg, cfg, (x, y, xt, yt), masks, seeds)
+        torch.set_num_threads(1)
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        xr, yr, xtr, ytr = (ray.put(a) for a in (x, y, xt, yt))
+
+        # ---------------------------------------------------------------- (a) naive
+        @ray.remote(num_cpus=1, max_calls=1)
+        def naive_task(x, y, xt, yt, mask, seed):
+            torch.set_num_threads(1)
+            r = naive_train_one(model_cfg, cfg, x, y, xt, yt, mask, seed)
+            return float(r.target_acc[0]), os.getpid()
+
+        t0 = time.perf_counter()
+        out = ray.get([naive_task.remote(xr, yr, xtr, ytr, masks[j], seeds[j]) for j in range(args.naive_models)])
+        naive_wall = time.perf_counter() - t0
+        naive_acc = np.array([a for a, _ in out])
+        pids = len({p for _, p in out})
+
+        # ---------------------------------------------------------------- (b) engine
+        @ray.remote(num_cpus=1)
+        class TrainActor:
+            def __init__(self, x, y, xt, yt):
+                torch.set_num_threads(1)
+                self.trainer = Trainer(model_cfg, cfg, x, y, xt, yt)
+
+            def train(self, masks, seeds):
+                r = self.trainer.train(masks, seeds)
+                return r.target_acc
+
+        t0 = time.perf_counter()
+        actors = [TrainActor.remote(xr, yr, xtr, ytr) for _ in range(args.cpus)]
+        ray.get([a.train.remote(masks[:1], seeds[:1]) for a in actors])  # started and warm
+        setup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        futs = []
+        for u, a in enumerate(range(0, args.engine_models, args.unit)):
+            futs.append(actors[u % len(actors)].train.remote(masks[a:a + args.unit], seeds[a:a + args.unit]))
+        eng_acc = np.concatenate(ray.get(futs))
+        engine_wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+
+    naive_rate = args.naive_models / naive_wall
+    engine_rate = args.engine_models / engine_wall
+    engine_rate_setup = args.engine_models / (engine_wall + setup)
+    same = eng_acc[:args.naive_models]
+    print()
+    print(f"{'path':<44}{'models':>7}{'wall s':>9}{'models/h':>11}{'GFLOP/s':>9}{'target acc':>11}")
+    print(f"{'(a) naive: fresh process per model (Ray)':<44}{args.naive_models:>7}{naive_wall:>9.1f}"
+          f"{3600 * naive_rate:>11.0f}{fpm * naive_rate / 1e9:>9.2f}{naive_acc.mean():>11.4f}")
+    print(f"{'(b) engine: persistent actors, batched':<44}{args.engine_models:>7}{engine_wall:>9.1f}"
+          f"{3600 * engine_rate:>11.0f}{fpm * engine_rate / 1e9:>9.2f}{eng_acc.mean():>11.4f}")
+    print(f"    engine, same {args.naive_models} (mask, seed) pairs as (a): target acc {same.mean():.4f}; "
+          f"max |acc diff| per model {np.abs(same - naive_acc).max():.4f}")
+    print(f"    engine incl. actor start + data load ({setup:.1f} s): {3600 * engine_rate_setup:.0f} models/h")
+    print(f"    naive used {pids} worker processes for {args.naive_models} models")
+    print(f"speed-up engine / naive: {engine_rate / naive_rate:.1f}x "
+          f"({engine_rate_setup / naive_rate:.1f}x including the engine's start-up)")
+
+
+if __name__ == "__main__":
+    main()
