@@ -13,14 +13,17 @@ models/hour, seconds per model, fraction of the 1.31 s lower bound
 (3 x 0.583 GFLOP x 25 000 x 24 / 800e12), achieved TFLOP/s (conv + linear FLOPs, training
 3x forward plus evaluation forward) and peak memory per model.
 
-    PYTHONPATH=. python3 bench/train_gpu.py                 # on a GPU
-    PYTHONPATH=. python3 bench/train_gpu.py --quick         # tiny CPU smoke run
+    PYTHONPATH=. python3 bench/train_gpu.py                      # on a GPU
+    PYTHONPATH=. python3 bench/train_gpu.py --configs single,b1,b8,g8 --check-graph
+    PYTHONPATH=. python3 bench/train_gpu.py --profile 1,8         # kernel-time breakdown
+    PYTHONPATH=. python3 bench/train_gpu.py --quick              # tiny CPU smoke run
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -173,9 +176,9 @@ def main():
     model_cfg = {"name": "resnet9", "width": width}
     fwd = forward_flops(build_model(model_cfg, (3, hw, hw), 10), (3, hw, hw))
     log(f"# forward GFLOP per image {fwd / 1e9:.4f}; lower bound per model {BOUND_S:.2f} s (full-size recipe)")
-    import re
     specs = [v for v in args.configs.split(",") if v]
-    kmax = max([1] + [int(re.sub(r"\D", "", v)) for v in specs + args.profile.split(",") if re.sub(r"\D", "", v)])
+    digits = [re.sub(r"\D", "", v) for v in specs + args.profile.split(",")]
+    kmax = max([1] + [int(d) for d in digits if d])
     rng = np.random.default_rng(0)
     masks = np.zeros((kmax, n), bool)
     for j in range(kmax):
@@ -190,10 +193,11 @@ def main():
 
     if args.check_graph and torch.cuda.is_available():
         short = {**cfg, "epochs": 1}
-        r = [Trainer(model_cfg, TrainConfig(**short, models_per_step=1, cuda_graph=g), *data).train(masks[:1], np.arange(1))
-             for g in (False, True)]
-        log(f"# CUDA graph check (k=1, 1 epoch, bf16): max |margin diff| {np.abs(r[0].margins - r[1].margins).max():.4g}, "
-            f"margin scale {np.abs(r[0].margins).mean():.3g}, target acc {r[0].target_acc} vs {r[1].target_acc}")
+        r = [Trainer(model_cfg, TrainConfig(**short, models_per_step=1, cuda_graph=g), *data)
+             .train(masks[:1], np.arange(1)) for g in (False, True)]
+        diff = np.abs(r[0].margins - r[1].margins).max()
+        log(f"# CUDA graph check (k=1, 1 epoch, bf16): max |margin diff| {diff:.4g}, margin scale "
+            f"{np.abs(r[0].margins).mean():.3g}, target acc {r[0].target_acc} vs {r[1].target_acc}")
 
     plan = []
     for v in specs:
@@ -205,7 +209,8 @@ def main():
         flags = {"b": {}, "g": {"cuda_graph": True}, "c": {"compile": True},
                  "cg": {"compile": True, "cuda_graph": True}, "n": {"channels_last": False}}[kind]
         label = {"b": "", "g": " graph", "c": " compile", "cg": " compile+graph", "n": " NCHW"}[kind]
-        plan.append((f"batched k={k}{label}", TrainConfig(**{**cfg, **flags}, engine="batched", models_per_step=k), k))
+        tc = TrainConfig(**{**cfg, **flags}, engine="batched", models_per_step=k)
+        plan.append((f"batched k={k}{label}", tc, k))
     rows = []
     for name, tc, k in plan:
         if time.perf_counter() - t_start > args.budget:

@@ -6,7 +6,7 @@
     training units of masks with the batched engine.
 Both train the same (mask, seed) pairs for the first `--naive-models` models, so their
 mean target accuracy must agree. Also measured in-process (no Ray): models/s of the
-single and batched engines with 1 and 2 threads.
+single and batched engines with 1 (and 2) torch threads.
 
 Default network: the CPU demo MLP (784 -> 64 -> 10), 10 epochs, batch 100, lr 0.1, on
 Fashion-MNIST (1 000 training examples, alpha = 0.5, 200 targets) if present, else digits.
@@ -51,11 +51,11 @@ def flops_per_model(model_cfg, in_shape, cfg: TrainConfig, m: int, t: int) -> fl
     return 3 * fwd * bs * (m // bs) * cfg.epochs + fwd * (m + t)
 
 
-def in_process(model_cfg, cfg, data, masks, seeds):
-    """models/s of the engines in this process, for 1 and 2 threads."""
+def in_process(model_cfg, cfg, data, masks, seeds, thread_counts):
+    """models/s of the engines in this process, per torch thread count."""
     x, y, xt, yt = data
     rows = []
-    for threads in (1, 2):
+    for threads in thread_counts:
         torch.set_num_threads(threads)
         for engine, k in (("single", 1), ("batched", 1), ("batched", 4), ("batched", 16), ("batched", 64)):
             tc = TrainConfig(**{**cfg.__dict__, "engine": engine, "models_per_step": k})
@@ -84,6 +84,9 @@ def main():
     ap.add_argument("--models-per-step", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--threads", default="1,2",
+                    help="torch thread counts for the in-process part (2 threads on a loaded 2-core "
+                         "machine oversubscribes OpenMP and collapses)")
     args = ap.parse_args()
 
     import ray
@@ -102,7 +105,7 @@ def main():
 
     if not args.skip_in_process:
         print("in-process engine throughput (no Ray):", flush=True)
-        in_process(model_cfg, cfg, (x, y, xt, yt), masks, seeds)
+        in_process(model_cfg, cfg, (x, y, xt, yt), masks, seeds, [int(t) for t in args.threads.split(",")])
         torch.set_num_threads(1)
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
@@ -117,7 +120,8 @@ def main():
             return float(r.target_acc[0]), os.getpid()
 
         t0 = time.perf_counter()
-        out = ray.get([naive_task.remote(xr, yr, xtr, ytr, masks[j], seeds[j]) for j in range(args.naive_models)])
+        out = ray.get([naive_task.remote(xr, yr, xtr, ytr, masks[j], seeds[j])
+                       for j in range(args.naive_models)])
         naive_wall = time.perf_counter() - t0
         naive_acc = np.array([a for a, _ in out])
         pids = len({p for _, p in out})
@@ -158,7 +162,8 @@ def main():
           f"{3600 * engine_rate:>11.0f}{fpm * engine_rate / 1e9:>9.2f}{eng_acc.mean():>11.4f}")
     print(f"    engine, same {args.naive_models} (mask, seed) pairs as (a): target acc {same.mean():.4f}; "
           f"max |acc diff| per model {np.abs(same - naive_acc).max():.4f}")
-    print(f"    engine incl. actor start + data load ({setup:.1f} s): {3600 * engine_rate_setup:.0f} models/h")
+    print(f"    engine incl. actor start + data load ({setup:.1f} s): "
+          f"{3600 * engine_rate_setup:.0f} models/h")
     print(f"    naive used {pids} worker processes for {args.naive_models} models")
     print(f"speed-up engine / naive: {engine_rate / naive_rate:.1f}x "
           f"({engine_rate_setup / naive_rate:.1f}x including the engine's start-up)")

@@ -31,7 +31,8 @@ def test_forward_flops_matches_published_figure():
     assert forward_flops(ResNet9(), (3, 32, 32)) == pytest.approx(0.583e9, rel=2e-3)
     assert forward_flops(MLP(784, (64,)), (1, 28, 28)) == 2 * (784 * 64 + 64 * 10)
     # per-copy FLOPs do not depend on the number of copies
-    assert forward_flops(ResNet9(width=0.25, copies=3), (3, 16, 16)) == forward_flops(ResNet9(width=0.25), (3, 16, 16))
+    shape = (3, 16, 16)
+    assert forward_flops(ResNet9(width=0.25, copies=3), shape) == forward_flops(ResNet9(width=0.25), shape)
 
 
 @pytest.mark.parametrize("cfg,shape", [({"name": "resnet9", "width": 0.125}, (3, 16, 16)),

@@ -89,7 +89,7 @@ def test_planted_model_recovered_and_resume_trains_nothing(tmp_path, ray_local):
     with open(os.path.join(summary["experiment_dir"], "summary.json")) as f:
         disk = json.load(f)
     assert disk["lds"]["datamodels"]["mean"] == pytest.approx(lds["mean"])
-    assert set(disk["timings"]) == {"masks", "train", "fit", "evaluate"}
+    assert set(disk["timings"]) == {"masks", "train", "fit", "baselines", "evaluate"}
 
     # resume: the same experiment again trains nothing and refits nothing
     summary2 = pipeline.run(compose(planted_overrides(tmp_path), tmp_path))
@@ -121,3 +121,16 @@ def test_stage_alone_and_lost_models_retrained(tmp_path, ray_local):
     assert s3["fit"]["chunks_fit"] == 2 and "lds" not in s3
     s4 = pipeline.run(compose(planted_overrides(tmp_path, extra=["stage=evaluate"]), tmp_path))
     assert s4["lds"]["datamodels"]["mean"] > 0.9
+
+
+def test_torch_backend_through_the_fit_stage(tmp_path, ray_local):
+    """fit=torch (batched solver) in the Ray fit stage recovers the planted datamodels too."""
+    over = planted_overrides(tmp_path) + ["fit=torch", "fit.targets_per_task=8", "fit.prefixes=[0.5]",
+                                          "fit.n_lambdas=40"]
+    s = pipeline.run(compose(over, tmp_path))
+    assert s["lds"]["datamodels"]["mean"] > 0.9
+    assert "-torch-" in s["fit"]["dir"] and s["fit"]["chunks"] == 1
+    # the prefix fit (200 of 400 models) is there and scored on the curve
+    assert list(s["fit"]["prefixes"]) == [200]
+    assert set(s["lds_curve"]) == {"200", "400"}
+    assert s["lds_curve"]["200"]["mean"] > 0.5

@@ -52,7 +52,8 @@ def cfg_for(**kw):
 # ---------------------------------------------------------------------------- results
 def test_result_shapes_dtypes_and_learning(gray):
     x, y, xt, yt = gray
-    res = Trainer(MLP_CFG, cfg_for(epochs=6), x, y, xt, yt).train(make_masks(3, 240, 120), np.array([0, 1, 2]))
+    tr = Trainer(MLP_CFG, cfg_for(epochs=6), x, y, xt, yt)
+    res = tr.train(make_masks(3, 240, 120), np.array([0, 1, 2]))
     assert res.margins.shape == (3, 60) and res.margins.dtype == np.float32
     for a in (res.train_acc, res.target_acc, res.loss):
         assert a.shape == (3,) and a.dtype == np.float32

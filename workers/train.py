@@ -1,9 +1,8 @@
 """Training engine: train k models on k equal-size subsets ("masks") and return their margins.
 
 A `Trainer` keeps the dataset resident on its device (normalised once) and trains many
-work units. The
-"batched" engine trains k models in lockstep as one k-copy module (workers.models); the
-"single" engine trains them one at a time and is the reference. Both draw every random
+work units. The "batched" engine trains k models in lockstep as one k-copy module
+(workers.models); the "single" engine trains them one at a time and is the reference. Both draw every random
 number (init, shuffling, augmentation) from a per-model torch.Generator seeded by the
 model's seed, so model j's numbers depend only on (mask j, seed j).
 
@@ -59,7 +58,8 @@ class TrainConfig:
     precision: str = "fp32"  # or "bf16" (autocast); "fp64" for exact cross-checks
     channels_last: bool = False
     compile: bool = False
-    cuda_graph: bool = False  # capture each batched training step as a CUDA graph (GPU only)
+    cuda_graph: bool = False  # capture the batched training step as a CUDA graph (GPU only;
+    #                           experimental: not yet run on a GPU)
     engine: str = "batched"  # "batched" (k models at once) | "single" (reference, one at a time)
     models_per_step: int = 16  # k for the batched engine
 
@@ -152,10 +152,16 @@ def augment(x: torch.Tensor, draws: dict, cfg: TrainConfig, pad: torch.Tensor) -
     return x
 
 
+def _host_tensor(x: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over x; read-only arrays (e.g. from Ray's object store) are copied first."""
+    x = np.ascontiguousarray(x)
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+
 def normalize(x: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
               dtype=torch.float32, device="cpu") -> torch.Tensor:
     """(x - mean) / std per channel for uint8 images [N, C, H, W], in float32 then cast to dtype."""
-    x = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x)
+    x = _host_tensor(x) if isinstance(x, np.ndarray) else x
     out = torch.empty(x.shape, dtype=dtype, device=device)
     m, s = mean.view(-1, 1, 1).to(device), std.view(-1, 1, 1).to(device)
     for a in range(0, len(x), 4096):  # bounded float32 temporaries
@@ -174,7 +180,7 @@ def channel_stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
     The engine feeds the network (x - mean) / std; accumulated in float64 for stability.
     """
-    xs = torch.from_numpy(np.ascontiguousarray(x))
+    xs = _host_tensor(x)
     c = xs.shape[1]
     flat = xs.transpose(0, 1).reshape(c, -1)
     mean = torch.zeros(c, dtype=torch.float64)
@@ -282,12 +288,13 @@ class Trainer:
         if masks.ndim != 2 or masks.dtype != np.bool_:
             raise ValueError(f"masks must be a bool array [k, n], got {masks.dtype} {masks.shape}")
         if masks.shape[1] != self.n:
-            raise ValueError(f"masks have {masks.shape[1]} columns but the training set has {self.n} examples")
+            raise ValueError(f"masks have {masks.shape[1]} columns but the training set has "
+                             f"{self.n} examples")
         if len(seeds) != len(masks):
             raise ValueError(f"got {len(seeds)} seeds for {len(masks)} masks")
-        sizes = masks.sum(1)
         if len(masks) == 0:
             raise ValueError("masks is empty: nothing to train")
+        sizes = masks.sum(1)
         if (sizes != sizes[0]).any():
             raise ValueError(
                 f"masks have unequal sizes (row sums {sorted(set(sizes.tolist()))[:5]}): every mask in a "
@@ -361,10 +368,12 @@ class Trainer:
             for s in range(steps):
                 sl = slice(s * bs, (s + 1) * bs)
                 ex = idx[d["perm"][sl]]
-                xb = self._prep(augment(self.x_train.index_select(0, ex), {key: v[sl] for key, v in d.items()}, cfg, self.pad), 1)
+                aug = {key: v[sl] for key, v in d.items()}
+                xb = self._prep(augment(self.x_train.index_select(0, ex), aug, cfg, self.pad), 1)
                 with self._autocast():
                     out = fwd(xb)
-                loss = F.cross_entropy(out.to(self.acc), self.y_train.index_select(0, ex), label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(out.to(self.acc), self.y_train.index_select(0, ex),
+                                       label_smoothing=cfg.label_smoothing)
                 loss.backward()
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, steps, cfg)
@@ -395,7 +404,9 @@ class Trainer:
         logits = []
         for a in range(0, self.T, rows):
             x = self.x_target[a:a + rows]
-            logits.append(forward(x if k == 1 else x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *self.in_shape)))
+            if k > 1:  # every copy sees the same targets
+                x = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *self.in_shape)
+            logits.append(forward(x))
         logits = torch.cat(logits, dim=1)  # [k, T, C]
         labels = self.y_target.expand(k, self.T)
         margins = margin(logits, labels, self.cfg.margin)
@@ -456,8 +467,9 @@ class _Stepper:
         xb = tr._prep(augment(tr.x_train.index_select(0, ex), aug, tr.cfg, tr.pad), k)
         with tr._autocast(cache_enabled=not self.use_graph):
             out = self.fwd(xb)  # [k, bs, nc] (or [bs, nc] for k = 1)
-        losses = F.cross_entropy(out.to(tr.acc).reshape(k * bs, tr.num_classes), tr.y_train.index_select(0, ex),
-                                 reduction="none", label_smoothing=tr.cfg.label_smoothing).view(k, bs).mean(1)
+        losses = F.cross_entropy(out.to(tr.acc).reshape(k * bs, tr.num_classes),
+                                 tr.y_train.index_select(0, ex), reduction="none",
+                                 label_smoothing=tr.cfg.label_smoothing).view(k, bs).mean(1)
         losses.sum().backward()
         self.opt.step()
         self.loss_sum += losses.detach()
@@ -542,7 +554,8 @@ def naive_train_one(model_cfg, train_cfg, x_train, y_train, x_target, y_target, 
                           nesterov=cfg.nesterov and cfg.momentum > 0)
     dtype, acc = _DTYPES[cfg.precision]
     model = model.to(acc)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+           else contextlib.nullcontext())
 
     def prep(x):
         x = x.to(dev).to(dtype)

@@ -1,0 +1,336 @@
+"""Tests for workers.attribution: shapes and settings, exact influence against leave-one-out
+retraining, CG / LiSSA against the exact inverse Hessian, TRAK / TracIn / representer
+points against closed forms computed here with plain autograd, and the sign convention.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import pearsonr
+from sklearn.datasets import load_digits
+from torch import nn
+
+from workers.attribution import METHODS, compute_scores
+from workers.attribution.common import Projector, load_checkpoint, output_values
+from workers.attribution.influence import HessianOperator, influence_scores, inverse_hvp
+from workers.margins import margin
+
+CPU = {"device": "cpu"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def mlp(d=5, C=3, bn=True):
+    layers = [nn.Linear(d, 8)] + ([nn.BatchNorm1d(8)] if bn else []) + [nn.ReLU(), nn.Linear(8, C)]
+    return nn.Sequential(*layers)
+
+
+def train_state(model_fn, x, y, seed, steps=60, l2=1e-3, dtype=torch.float32):
+    """A few full-batch Adam steps (train mode, so BatchNorm running stats move)."""
+    torch.manual_seed(seed)
+    model = model_fn().to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=l2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x.to(dtype)), y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def blobs(n, d=5, C=3, seed=0, sep=2.0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(C, d, generator=g) * sep
+    y = torch.randint(0, C, (n,), generator=g)
+    return centers[y] + torch.randn(n, d, generator=g), y
+
+
+def loop_grads(model_fn, state, x, y, what, dtype=torch.float64):
+    """Per-example gradients one example at a time with plain autograd (eval mode)."""
+    model = model_fn().to(dtype)
+    model.load_state_dict(state)
+    model.eval()
+    rows = []
+    for xi, yi in zip(x, y):
+        logits = model(xi[None].to(dtype))
+        out = output_values(logits, yi[None], what, "logsumexp")[0]
+        gs = torch.autograd.grad(out, list(model.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in gs]))
+    return torch.stack(rows)
+
+
+def fit_logreg(x, y, C, l2, weights=None, init=None, bias=True):
+    """Float64 argmin (1/n) Σ w_i CE + (l2/2)‖θ‖²: LBFGS, then Newton to ‖∇R‖ < 1e-12."""
+    d = x.shape[1]
+    w = torch.ones(len(x), dtype=torch.float64) if weights is None else weights
+
+    def objective(flat):
+        W = flat[:C * d].view(C, d)
+        z = x @ W.T + (flat[C * d:] if bias else 0)
+        return (F.cross_entropy(z, y, reduction="none") * w).sum() / len(x) + l2 / 2 * flat.pow(2).sum()
+
+    P = C * d + (C if bias else 0)
+    flat = torch.zeros(P, dtype=torch.float64) if init is None else init.clone()
+    flat.requires_grad_(True)
+    opt = torch.optim.LBFGS([flat], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = objective(flat)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    flat = flat.detach()
+    for _ in range(10):
+        g = torch.func.grad(objective)(flat)
+        if g.norm() < 1e-12:
+            break
+        flat = flat - torch.linalg.solve(torch.func.hessian(objective)(flat), g)
+    return flat
+
+
+def logreg_state(flat, d, C, bias=True):
+    st = {"weight": flat[:C * d].view(C, d).clone()}
+    if bias:
+        st["bias"] = flat[C * d:].clone()
+    return st
+
+
+# --------------------------------------------------------------------------- API
+
+@pytest.mark.parametrize("method,params", [
+    ("if_exact", {"damping": 0.1}),
+    ("if_cg", {"damping": 0.1, "hessian": "ggn", "cg_iters": 30}),
+    ("if_lissa", {"damping": 0.1, "hessian": "ggn", "lissa_depth": 30, "lissa_batch": 16}),
+    ("trak", {"proj_dim": 16}),
+    ("tracin", {"lrs": [0.5, 0.1]}),
+    ("representer", {}),
+])
+def test_every_method_returns_float32_n_by_t(method, params):
+    x, y = blobs(60)
+    xt, yt = blobs(5, seed=1)
+    cks = [train_state(mlp, x, y, seed) for seed in (0, 1)]
+    s = compute_scores(method, mlp, cks, x, y, xt, yt, {**CPU, **params})
+    assert s.shape == (60, 5) and s.dtype == np.float32
+    assert np.isfinite(s).all() and np.abs(s).max() > 0
+    assert set(METHODS) == {"if_exact", "if_cg", "if_lissa", "trak", "tracin", "representer"}
+
+
+def test_bad_settings_raise_one_clear_error():
+    x, y = blobs(20)
+    ck = [train_state(mlp, x, y, 0, steps=1)]
+    with pytest.raises(ValueError, match="proj_dimm"):
+        compute_scores("trak", mlp, ck, x, y, x[:2], y[:2], {**CPU, "proj_dimm": 8})
+    with pytest.raises(ValueError, match="not one of"):
+        compute_scores("datamodel", mlp, ck, x, y, x[:2], y[:2], CPU)
+
+
+def test_float64_margin_equals_shared_margin():
+    z = torch.randn(50, 7, dtype=torch.float64) * 3
+    y = torch.randint(0, 7, (50,))
+    for kind in ("logsumexp", "max"):
+        ours = output_values(z, y, "margin", kind)
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours.float(), margin(z.float(), y, kind), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- influence
+
+def test_exact_influence_predicts_leave_one_out_retraining():
+    X, Y = load_digits(return_X_y=True)
+    keep = np.isin(Y, [3, 5, 8])
+    X, Y = X[keep], np.searchsorted([3, 5, 8], Y[keep])
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(X))
+    tr, te = perm[:150], perm[150:]
+    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
+    x = torch.tensor((X[tr] - mu) / sd)
+    y = torch.tensor(Y[tr])
+    xte, yte = torch.tensor((X[te] - mu) / sd), torch.tensor(Y[te])
+    d, C, l2, n = 64, 3, 0.05, 150
+    flat = fit_logreg(x, y, C, l2)
+    state = logreg_state(flat, d, C)
+    with torch.no_grad():
+        t = int(F.cross_entropy(xte @ state["weight"].T + state["bias"], yte, reduction="none").argmax())
+    xt, yt = xte[t:t + 1], yte[t:t + 1]
+    model_fn = lambda: nn.Linear(d, C)  # noqa: E731
+    p = {**CPU, "l2": l2}
+    pred_loss = influence_scores(model_fn, [state], x, y, xt, yt, p, solver="exact", output="loss")[:, 0]
+    pred_margin = compute_scores("if_exact", model_fn, [state], x, y, xt, yt, p)[:, 0]
+
+    def outputs(f):
+        z = xt @ f[:C * d].view(C, d).T + f[C * d:]
+        return float(F.cross_entropy(z, yt)), float(output_values(z, yt, "margin", "logsumexp")[0])
+
+    base = outputs(flat)
+    top = np.argsort(-np.abs(pred_margin))[:12]
+    idx = np.concatenate([top, rng.choice(np.setdiff1d(np.arange(n), top), 12, replace=False)])
+    actual = []
+    for i in idx:
+        w = torch.ones(n, dtype=torch.float64)
+        w[i] = 0
+        lo, ma = outputs(fit_logreg(x, y, C, l2, weights=w, init=flat))
+        actual.append((base[0] - lo, base[1] - ma))  # with i minus without i
+    actual = np.array(actual)
+    assert pearsonr(pred_loss[idx], actual[:, 0])[0] > 0.9
+    assert pearsonr(pred_margin[idx], actual[:, 1])[0] > 0.9
+    # the sign is right, not just the correlation: same sign on the large ones
+    assert (np.sign(pred_margin[top]) == np.sign(actual[:12, 1])).all()
+
+
+def test_cg_and_lissa_match_the_exact_inverse():
+    torch.manual_seed(0)
+    x, y = blobs(80, d=4, C=3, sep=1.0)
+    x = x.double()
+    d, C, l2 = 4, 3, 0.1
+    flat = fit_logreg(x, y, C, l2)
+    state = logreg_state(flat, d, C)
+    fm = load_checkpoint(lambda: nn.Linear(d, C), state, "all", "cpu")
+    P = fm.num_params
+
+    # the operator's dense matrix against autograd's Hessian of the objective, and GGN == exact
+    def objective(f):
+        z = x @ f[:C * d].view(C, d).T + f[C * d:]
+        return F.cross_entropy(z, y) + l2 / 2 * f.pow(2).sum()
+    H_ref = torch.autograd.functional.hessian(objective, flat)
+    for kind in ("exact", "ggn"):
+        H = HessianOperator(fm, x, y, l2, 32, kind).matrix(torch.float64)
+        torch.testing.assert_close(H, H_ref, rtol=1e-9, atol=1e-12)
+
+    B = torch.randn(3, P, dtype=torch.float64)
+    ref = torch.linalg.solve(H_ref, B.T).T
+    p = {"l2": l2, "damping": 0.0, "hessian": "exact", "batch_size": 32, "seed": 0,
+         "max_params": 1000, "dtype": "float64", "target_chunk": 2, "cg_iters": 200, "cg_tol": 1e-12,
+         "lissa_depth": 600, "lissa_scale": None, "lissa_batch": None, "lissa_repeats": 1}
+
+    def rel(X):
+        return float((X - ref).norm() / ref.norm())
+    assert rel(inverse_hvp("exact", fm, B, x, y, p)) < 1e-10
+    assert rel(inverse_hvp("cg", fm, B, x, y, p)) < 1e-8
+    assert rel(inverse_hvp("lissa", fm, B, x, y, p)) < 1e-3
+    # stochastic LiSSA: minibatch Hessians, averaged over repeats -> close, not exact
+    assert rel(inverse_hvp("lissa", fm, B, x, y, {**p, "lissa_batch": 16, "lissa_repeats": 4})) < 0.15
+
+
+def test_cg_on_network_ggn_matches_dense_solve():
+    x, y = blobs(64)
+    state = train_state(lambda: mlp(bn=True), x, y, 0, dtype=torch.float64)
+    fm = load_checkpoint(mlp, state, "all", "cpu")
+    op = HessianOperator(fm, x, y, 0.05, 32, "ggn")
+    H = op.matrix(torch.float64)
+    assert torch.linalg.eigvalsh(H).min() > 0.05 - 1e-9  # GGN is PSD; + shift
+    B = torch.randn(2, fm.num_params, dtype=torch.float64)
+    ref = torch.linalg.solve(H, B.T).T
+    p = {"l2": 0.0, "damping": 0.05, "hessian": "ggn", "batch_size": 32, "seed": 0,
+         "cg_iters": 300, "cg_tol": 1e-10, "target_chunk": 8}
+    X = inverse_hvp("cg", fm, B, x, y, p)
+    assert float((X - ref).norm() / ref.norm()) < 1e-6
+
+
+# --------------------------------------------------------------------------- TRAK / TracIn
+
+def _trak_closed_form(states, x, y, xt, yt, lam):
+    S, Q = 0, 0
+    for st in states:
+        G = loop_grads(mlp, st, x, y, "margin").numpy()
+        g = loop_grads(mlp, st, xt, yt, "margin").numpy()
+        S = S + G @ np.linalg.solve(G.T @ G + lam * np.eye(G.shape[1]), g.T)
+        model = mlp().double()
+        model.load_state_dict(st)
+        model.eval()
+        with torch.no_grad():
+            p = torch.softmax(model(x.double()), -1)[torch.arange(len(y)), y].numpy()
+        Q = Q + (1 - p)
+    return (Q / len(states))[:, None] * (S / len(states))
+
+
+def test_trak_without_projection_equals_closed_form():
+    x, y = blobs(150)
+    xt, yt = blobs(4, seed=3)
+    states = [train_state(mlp, x, y, s, dtype=torch.float64) for s in (0, 1)]
+    P = sum(v.numel() for k, v in states[0].items() if "running" not in k and "num_batches" not in k)
+    assert P < 150
+    for lam in (0.0, 1e-2):
+        want = _trak_closed_form(states, x, y, xt, yt, lam)
+        got = compute_scores("trak", mlp, states, x, y, xt, yt,
+                             {**CPU, "proj_dim": None, "lam": lam, "dtype": "float64"})
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # a square Gaussian projection (proj_dim = #params) is invertible, so with λ = 0 it
+    # leaves Φ(ΦᵀΦ)⁻¹φ unchanged
+    want = _trak_closed_form(states, x, y, xt, yt, 0.0)
+    got = compute_scores("trak", mlp, states, x, y, xt, yt,
+                         {**CPU, "proj_dim": P, "lam": 0.0, "dtype": "float64"})
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    # soft-thresholding is S(τ, s) = sign(τ) max(|τ| − s, 0) of the same scores
+    s = float(np.quantile(np.abs(want), 0.5))
+    got = compute_scores("trak", mlp, states, x, y, xt, yt,
+                         {**CPU, "proj_dim": None, "dtype": "float64", "soft_threshold": s})
+    np.testing.assert_allclose(got, np.sign(want) * np.maximum(np.abs(want) - s, 0),
+                               rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_tracin_equals_weighted_gradient_dot_products():
+    x, y = blobs(40)
+    xt, yt = blobs(3, seed=2)
+    states = [train_state(mlp, x, y, s, dtype=torch.float64) for s in (0, 1)]
+    lrs = [0.3, 0.05]
+    want = sum(-lr * loop_grads(mlp, st, x, y, "loss").numpy() @ loop_grads(mlp, st, xt, yt, "margin").numpy().T
+               for st, lr in zip(states, lrs))
+    got = compute_scores("tracin", mlp, states, x, y, xt, yt, {**CPU, "lrs": lrs})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_projector_blocks_equal_cached_matrix_and_seed_matters():
+    G = torch.randn(6, 1000)
+    a = Projector(1000, 32, "rademacher", 7, "cpu")
+    b = Projector(1000, 32, "rademacher", 7, "cpu", cache_bytes=0, block_entries=32 * 100)
+    assert b.cache is None and b.num_blocks == 10
+    torch.testing.assert_close(a(G), b(G))
+    assert not torch.allclose(a(G), Projector(1000, 32, "rademacher", 8, "cpu")(G))
+    R = Projector(1000, 4000, "gaussian", 0, "cpu").matrix()
+    assert abs(float((R * R).sum(1).mean()) - 1.0) < 0.05  # E‖row‖² = 1: inner products unbiased
+
+
+# --------------------------------------------------------------------------- representer
+
+def test_representer_scores_decompose_the_target_logits():
+    x, y = blobs(60, d=4, C=3, sep=1.0)
+    x = x.double()
+    xt, yt = blobs(5, d=4, C=3, seed=4)
+    xt = xt.double()
+    l2 = 0.1
+    state = logreg_state(fit_logreg(x, y, 3, l2, bias=False), 4, 3, bias=False)
+    model_fn = lambda: nn.Linear(4, 3, bias=False)  # noqa: E731
+    z = xt @ state["weight"].T  # logits of the targets
+    got = compute_scores("representer", model_fn, [state], x, y, xt, yt,
+                         {**CPU, "l2": l2, "direction": "class"})
+    np.testing.assert_allclose(got.sum(0), z[torch.arange(5), yt].numpy(), rtol=1e-4, atol=1e-5)
+    got = compute_scores("representer", model_fn, [state], x, y, xt, yt, {**CPU, "l2": l2})
+    zz = z.clone().requires_grad_(True)
+    (d,) = torch.autograd.grad(output_values(zz, yt, "margin", "logsumexp").sum(), zz)
+    np.testing.assert_allclose(got.sum(0), (d * z).sum(1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- sign
+
+@pytest.mark.parametrize("method,params", [
+    ("if_exact", {"l2": 1e-3, "damping": 1e-2, "hessian": "ggn"}),
+    ("if_exact", {"l2": 1e-3, "layer": "last"}),
+    ("if_cg", {"l2": 1e-3, "damping": 1e-2, "hessian": "ggn"}),
+    ("if_lissa", {"l2": 1e-3, "damping": 1e-2, "hessian": "ggn", "lissa_depth": 200}),
+    ("trak", {"proj_dim": 32}),
+    ("tracin", {}),
+    ("representer", {}),
+])
+def test_identical_training_example_with_same_label_helps(method, params):
+    x, y = blobs(80, C=2, sep=3.0)
+    state = train_state(lambda: mlp(bn=False), x, y, 0, steps=150)
+    j = 5
+    xt, yt = x[j:j + 1].clone(), y[j:j + 1].clone()
+    s = compute_scores(method, lambda: mlp(bn=False), [state], x, y, xt, yt, {**CPU, **params})[:, 0]
+    assert s[j] > 0
+    same = (y == yt).numpy()
+    assert s[same].mean() > s[~same].mean()
