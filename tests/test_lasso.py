@@ -14,6 +14,15 @@ from workers.lasso import (LassoConfig, _glmnet_path, _sklearn_path, column_std,
                            make_planted, memory_bytes, plan_blocks, select_lambda, split_fit_val)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small problems: one intra-op thread (2 threads on a loaded 2-core box spin 20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def planted(m, n, T, k=5, snr=1.0, seed=0):
     P, Y, W = make_planted(m, n, T, k=k, snr=snr, seed=seed)
     return P.numpy(), Y.numpy(), W.numpy()
@@ -199,7 +208,7 @@ def _peak_bytes(fn):
 def test_memory_budget_chooses_small_blocks_with_identical_results():
     m, n, T = 1200, 200, 24
     P, Y, _ = planted(m, n, T, k=5, seed=10)
-    base = LassoConfig(backend="torch", n_lambdas=30)
+    base = LassoConfig(backend="torch", n_lambdas=12, lambda_min_ratio=0.1)
     full, full_peak, _ = _peak_bytes(lambda: fit_lasso(P, Y, base, n=n))
     budget = 500_000
     cfg = LassoConfig(**{**base.__dict__, "memory_budget_bytes": budget})
@@ -208,13 +217,29 @@ def test_memory_budget_chooses_small_blocks_with_identical_results():
     assert plan.bytes == memory_bytes(n, plan.targets_per_block, plan.rows_per_block, 120, False) <= budget
     small, peak, host_peak = _peak_bytes(lambda: fit_lasso(P, Y, cfg, n=n))
     print(f"unblocked peak {full_peak} B; budget {budget} B: plan {plan}, peak {peak} + {host_peak} B")
-    assert full_peak > 4 * budget                   # unblocked really needs more
+    assert full_peak > 2 * budget                   # unblocked really needs more
     assert peak + host_peak <= budget, (peak, host_peak, budget)
-    np.testing.assert_array_equal(small.lam, full.lam)
+    np.testing.assert_allclose(small.lam, full.lam, rtol=1e-6)      # same path index
     np.testing.assert_allclose(small.weights, full.weights, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(small.intercept, full.intercept, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         plan_blocks(m, n, T, 120, LassoConfig(memory_budget_bytes=4 * n * n), "cpu")
+
+
+def test_bf16_gram_path_gives_the_same_counts(monkeypatch):
+    """The CUDA Gram path (bf16 0/1 inputs, float32 output in row chunks), run on the CPU."""
+    import workers.lasso as L
+    m, n = 700, 90
+    P, Y, _ = planted(m, n, 3, seed=11)
+    rows = L._Rows(P, True, n, "cpu")
+    idx = np.arange(0, m, 2)
+    ref = L._Gram(rows, idx, 64, "cpu")
+    monkeypatch.setattr(L, "_gram_in_bf16", lambda device: True)
+    g = L._Gram(rows, idx, 64, "cpu")
+    torch.testing.assert_close(g.G, ref.G, rtol=0, atol=0)
+    X = bits.unpack(P, n)[idx].astype(np.float64)
+    Xc = X - X.mean(0)
+    np.testing.assert_allclose(g.G.numpy(), Xc.T @ Xc / len(idx), atol=1e-7)
 
 
 def test_unknown_backend_is_one_clear_error():

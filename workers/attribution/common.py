@@ -239,9 +239,10 @@ class Projector:
 
     The 1/√k scale makes inner products unbiased (E[RRᵀ]/k = I), so projected TracIn
     dot products estimate the exact ones; TRAK's score with λ = 0 does not depend on it.
-    R is generated in row blocks, block b from a generator seeded with (seed, b), in
-    float32 on `device`: the same seed on the same device gives the same R. The whole R is
-    kept when it fits in `cache_bytes`, else blocks are regenerated for every batch.
+    R is generated in row blocks of ⌊block_entries/k⌋ rows, block b from a generator seeded
+    with (seed, b), in float32 on `device`: the same (seed, block_entries, device) gives the
+    same R. The whole R is kept when it fits in `cache_bytes`, else blocks are regenerated
+    for every batch (same R either way).
     """
 
     def __init__(self, num_params: int, dim: int, kind: str, seed: int, device,
@@ -286,11 +287,17 @@ class Projector:
         return out
 
 
-def make_projector(p: dict, num_params: int, seed: int) -> Projector | None:
-    """params.proj_dim None -> no projection (exact gradients)."""
+def projection_seed(seed: int, checkpoint: int) -> int:
+    """Seed of checkpoint k's projection: each checkpoint gets its own matrix."""
+    return int(seed) * 10_007 + checkpoint
+
+
+def make_projector(p: dict, num_params: int, checkpoint: int) -> Projector | None:
+    """Checkpoint `checkpoint`'s projector; params.proj_dim None -> no projection."""
     if p.get("proj_dim") is None:
         return None
-    return Projector(num_params, int(p["proj_dim"]), p["proj_type"], seed, p["device"])
+    return Projector(num_params, int(p["proj_dim"]), p["proj_type"],
+                     projection_seed(p["seed"], checkpoint), p["device"])
 
 
 def to_numpy_scores(scores: Tensor) -> np.ndarray:

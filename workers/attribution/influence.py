@@ -3,7 +3,7 @@ exact Hessian (small models, or the last layer), conjugate gradient and LiSSA (A
 al. 2017) on Hessian-vector products for networks.
 
 Training objective R(θ) = (1/n) Σ_i L(z_i; θ) + (l2/2)‖θ‖², L = cross-entropy, n = len(x_train).
-Upweighting z_i by ε moves the optimum by dθ/dε = −H⁻¹∇L(z_i) (H = ∇²R + damping·I), and
+Upweighting z_i by ε moves the optimum by dθ/dε = −H⁻¹∇L(z_i) (H = ∇²R, l2·I included), and
 removing z_i is ε = −1/n, so f(z_t) changes by ≈ +(1/n) ∇f(z_t)ᵀ H⁻¹ ∇L(z_i). Including
 z_i therefore contributes the negative of that, and with the package's sign convention
 (score > 0: including i increases the target's margin)
@@ -37,7 +37,7 @@ DEFAULTS = {
     "exact": {**_BASE, "dtype": "float64", "max_params": 20_000},
     "cg": {**_BASE, "damping": 1e-3, "cg_iters": 100, "cg_tol": 1e-6, "target_chunk": 64},
     "lissa": {**_BASE, "damping": 1e-3, "lissa_depth": 1000, "lissa_scale": None,
-              "lissa_batch": None, "lissa_repeats": 1, "target_chunk": 64},
+              "lissa_batch": 256, "lissa_repeats": 1, "target_chunk": 64},
 }
 
 
@@ -156,7 +156,8 @@ def lissa(op: HessianOperator, B: Tensor, depth: int, scale: float, batch: int |
     """LiSSA estimate of B (H + shift·I)⁻¹, rows of B [r, P].
 
     Recursion X_j = B + X_{j−1} − X_{j−1}(H_j + shift·I)/scale, X_0 = B, with H_j the
-    Hessian of a minibatch of `batch` rows drawn with replacement (all rows if None); its
+    Hessian of a minibatch of `batch` rows drawn with replacement (all rows if None: exact
+    but a full pass per step; params.lissa_batch defaults to 256); its
     fixed point is X = scale·B (H + shift·I)⁻¹, so the estimate is X_depth / scale, averaged
     over `repeats` runs. Converges when scale > λ_max(H_j + shift·I) / 2.
     """
@@ -206,7 +207,7 @@ def inverse_hvp(solver: str, fm: FunctionalModel, Gt: Tensor, xh: Tensor, yh: Te
                           for r in batches(len(Gt), chunk)])
     if solver == "lissa":
         scale = p["lissa_scale"]
-        if scale is None:
+        if scale is None:  # power iteration on the full-data operator (30 passes)
             lam = top_eigenvalue(op, fm.num_params, 30, fm.device, fm.dtype, p["seed"])
             scale = 1.5 * lam
             log.info("LiSSA: λ_max(H + shift) ≈ %.4g, scale = %.4g", lam, scale)

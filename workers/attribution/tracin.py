@@ -30,7 +30,7 @@ def tracin_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, p
     total = None
     for c, (state, lr) in enumerate(zip(checkpoints, lrs)):
         fm = load_checkpoint(model_fn, state, p["layer"], p["device"])
-        proj = make_projector(p, fm.num_params, seed=int(p["seed"]) * 10_007 + c)
+        proj = make_projector(p, fm.num_params, c)
         Gt = stacked_grads(fm, x_target, y_target, "margin", margin_kind, p["batch_size"], proj)
         if total is None:
             total = torch.zeros(len(x_train), len(Gt), dtype=Gt.dtype, device=fm.device)

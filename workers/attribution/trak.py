@@ -70,7 +70,7 @@ def trak_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, par
     S_sum = Q_sum = None
     for k, state in enumerate(checkpoints):
         fm = load_checkpoint(model_fn, state, p["layer"], p["device"])
-        proj = make_projector(p, fm.num_params, seed=int(p["seed"]) * 10_007 + k)
+        proj = make_projector(p, fm.num_params, k)
         Phi = features(fm, x_train, y_train, margin_kind, p["batch_size"], proj)
         phi_t = features(fm, x_target, y_target, margin_kind, p["batch_size"], proj)
         logits, _ = forward_all(fm, x_train, p["batch_size"])
