@@ -81,7 +81,8 @@ def main():
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     print(f"fit wall time {wall:.1f} s ({T / wall:.1f} targets/s); peak GPU memory "
-          f"{peak / 2**30:.2f} GiB (of which inputs {base / 2**30:.2f} GiB, data {data_bytes / 2**30:.2f} GiB)")
+          f"{peak / 2**30:.2f} GiB (of which inputs {base / 2**30:.2f} GiB, "
+          f"data {data_bytes / 2**30:.2f} GiB)")
 
     # recovery quality, on the GPU
     W = torch.from_numpy(res.weights).to(dev).T            # [n, T]

@@ -82,10 +82,11 @@ def main():
 
     # --- python-glmnet per target on Ray, one task per chunk, one CPU each
     import ray
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                                        "OPENBLAS_NUM_THREADS": "1",
-                                       "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}})
+                                       "PYTHONPATH": repo}})
     remote = ray.remote(num_cpus=1)(glmnet_chunk)
     pids = ray.get([ray.remote(num_cpus=1)(warm).remote(i) for i in range(args.cpus)])
     chunk = args.chunk or max(1, -(-Tg // (4 * args.cpus)))

@@ -15,7 +15,9 @@ def run_cli(args, tmp_path, timeout=120):
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
     env.pop("RAY_ADDRESS", None)
     base = [f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    return subprocess.run([sys.executable, "-m", "orchestrator", *base, *args], cwd=tmp_path, env=env,
+    flags = [a for a in args if a in ("-m", "--multirun")]  # Hydra's flags precede the overrides
+    args = [a for a in args if a not in flags]
+    return subprocess.run([sys.executable, "-m", "orchestrator", *flags, *base, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -90,7 +90,8 @@ def test_path_objective_matches_glmnet_and_sklearn(standardize):
     assert worst["glmnet-sklearn"] < 1e-7, worst
     assert worst["kkt"] < 2e-2, worst          # KKT residual relative to λ (float32 weights)
     # at lam_max the solution is zero (up to float32 rounding of lam), just below it it is not
-    W0, _ = lasso_path_torch(P, Y, np.stack([lmax * (1 + 1e-5), 0.95 * lmax]), LassoConfig(standardize=standardize), n=n)
+    W0, _ = lasso_path_torch(P, Y, np.stack([lmax * (1 + 1e-5), 0.95 * lmax]),
+                             LassoConfig(standardize=standardize), n=n)
     assert np.all(W0[0] == 0) and np.all((W0[1] != 0).sum(1) >= 1)
 
 

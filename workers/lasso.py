@@ -329,8 +329,9 @@ class BlockPlan:
 def plan_blocks(m: int, n: int, T: int, m_val: int, cfg: LassoConfig, device: str = "cpu") -> BlockPlan:
     """Largest blocks (≤ the configured sizes) whose memory_bytes fit the budget.
 
-    Halves whichever of the target block / row block costs more until the bound fits;
-    validation rows are cached unpacked only if that still fits."""
+    Halves whichever of the target block / row block costs more until the bound fits, then
+    halves the row block (down to 4096 rows) if that lets the validation rows be cached
+    unpacked; they are cached only if the bound still fits."""
     budget = cfg.memory_budget_bytes
     if budget is None:
         budget = _default_budget(device)
@@ -347,6 +348,8 @@ def plan_blocks(m: int, n: int, T: int, m_val: int, cfg: LassoConfig, device: st
             r = (r + 1) // 2
         else:
             tb = (tb + 1) // 2
+    while memory_bytes(n, tb, r, m_val, True) > budget and r > 4096:
+        r = (r + 1) // 2          # streaming validation rows every λ costs more than small row blocks
     cache = memory_bytes(n, tb, r, m_val, True) <= budget
     return BlockPlan(tb, r, cache, int(budget), memory_bytes(n, tb, r, m_val, cache))
 
@@ -543,7 +546,7 @@ def _fista(G, C, lam, pf, W0, step: float, yy, tol: float, max_iter: int):
     objective errors stay near 1e-8 relative to glmnet run at tol 1e-14.
     Returns (W [n, A], GEMM column count)."""
     import torch
-    n, A = C.shape
+    A = C.shape[1]
     dev = C.device
     out = torch.empty_like(W0)
     idx = torch.arange(A, device=dev)
@@ -612,7 +615,7 @@ def _fista(G, C, lam, pf, W0, step: float, yy, tol: float, max_iter: int):
 class _TargetBlock:
     """X^T y statistics of a block of targets over a row set (float64 accumulation)."""
 
-    def __init__(self, rows: _Rows, Y, idx, t0, t1, r, gram: _Gram, device, Xv_cache=None):
+    def __init__(self, rows: _Rows, Y, idx, t0, t1, r, gram: _Gram, device):
         import torch
         n, tb = rows.n, t1 - t0
         acc = torch.zeros(n, tb, dtype=torch.float64, device=device)
