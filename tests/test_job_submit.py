@@ -22,10 +22,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all sockets held open while choosing, so no repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture
@@ -35,11 +41,17 @@ def head(tmp_path):
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN_PATH=str(token))
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
+    # Every port the head binds is chosen here: the session's local Ray instance (other
+    # tests) already holds the defaults, e.g. the dashboard agent's 52365, and a head whose
+    # job agent cannot bind never registers it ("No available agent to submit job").
+    gcs, dash, agent_http, agent_grpc, runtime_env, metrics, client = free_ports(7)
     temp = f"/tmp/ray-jobtest-{secrets.token_hex(3)}"
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+         f"--port={gcs}", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+         "--num-cpus=2", "--disable-usage-stats",
          f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
