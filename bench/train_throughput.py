@@ -6,7 +6,8 @@
     training units of masks with the batched engine.
 Both train the same (mask, seed) pairs for the first `--naive-models` models, so their
 mean target accuracy must agree. Also measured in-process (no Ray): models/s of the
-single and batched engines with 1 (and 2) torch threads.
+single and batched engines with 1 (and 2) torch threads, and with --ffcv (needs the
+optional extra) the same engines streaming from a .beton instead of resident data.
 
 Default network: the CPU demo MLP (784 -> 64 -> 10), 10 epochs, batch 100, lr 0.1, on
 Fashion-MNIST (1 000 training examples, alpha = 0.5, 200 targets) if present, else digits.
@@ -73,6 +74,26 @@ def in_process(model_cfg, cfg, data, masks, seeds, thread_counts):
     return rows
 
 
+def ffcv_in_process(model_cfg, cfg, data, masks, seeds, directory):
+    """models/s with train.loader=ffcv against the resident loader, same process, 1 thread."""
+    x, y, xt, yt = data
+    torch.set_num_threads(1)
+    for loader in ("resident", "ffcv"):
+        for engine, k in (("single", 1), ("batched", 4), ("batched", 16)):
+            tc = TrainConfig(**{**cfg.__dict__, "engine": engine, "models_per_step": k, "loader": loader,
+                                "ffcv_dir": directory, "ffcv_workers": 1})
+            t0 = time.perf_counter()
+            tr = Trainer(model_cfg, tc, x, y, xt, yt)
+            tr.train(masks[:k], seeds[:k])  # warm-up: .beton written once, loaders compiled
+            warm = time.perf_counter() - t0
+            count = 32
+            t0 = time.perf_counter()
+            res = tr.train(masks[:count], seeds[:count])
+            wall = time.perf_counter() - t0
+            print(f"  in-process loader={loader:<8} engine={engine:<7} k={k:<3} {count / wall:7.1f} models/s  "
+                  f"target acc {res.target_acc.mean():.3f}  (set-up + first unit {warm:.1f} s)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
@@ -84,6 +105,8 @@ def main():
     ap.add_argument("--models-per-step", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--ffcv", action="store_true", help="also time train.loader=ffcv (optional extra)")
+    ap.add_argument("--ffcv-only", action="store_true", help="only the --ffcv comparison, then stop")
     ap.add_argument("--threads", default="1,2",
                     help="torch thread counts for the in-process part (2 threads on a loaded 2-core "
                          "machine oversubscribes OpenMP and collapses)")
@@ -103,6 +126,13 @@ def main():
     print(f"data {name}: n={args.n}, m={m} per model, T={args.targets}; model {model_cfg}; "
           f"{cfg.epochs} epochs, batch {cfg.batch_size}; {fpm / 1e9:.2f} GFLOP per model", flush=True)
 
+    if args.ffcv or args.ffcv_only:
+        import tempfile
+        print("in-process, resident data vs FFCV .beton (1 thread):", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            ffcv_in_process(model_cfg, cfg, (x, y, xt, yt), masks, seeds, d)
+        if args.ffcv_only:
+            return
     if not args.skip_in_process:
         print("in-process engine throughput (no Ray):", flush=True)
         in_process(model_cfg, cfg, (x, y, xt, yt), masks, seeds, [int(t) for t in args.threads.split(",")])

@@ -100,6 +100,16 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
             raise ConfigError("baselines.checkpoints must not exceed masks.n_train")
     if _number(cfg, "train.lr") <= 0:
         raise ConfigError("train.lr must be positive")
+    loader = cfg.train.get("loader", "resident")
+    if loader not in ("resident", "ffcv"):
+        raise ConfigError(f"train.loader={loader!r} is not one of resident|ffcv")
+    if loader == "ffcv":
+        from workers import ffcv_loader
+        if not ffcv_loader.available():
+            raise ConfigError(f"train.loader=ffcv needs the optional ffcv extra: {ffcv_loader.INSTALL_HINT}; "
+                              "or use train.loader=resident")
+        if _number(cfg, "train.ffcv_workers", int) < 1:
+            raise ConfigError("train.ffcv_workers must be a positive integer")
 
     try:
         task = instantiate(cfg.task, _convert_="all")

@@ -32,6 +32,7 @@ def run_cli(args, tmp_path, timeout=120):
     (["task=fmnist_mpl"], "fmnist_mpl"),
     (["stage=trian"], "stage"),
     (["fit.backend=lars"], "fit.backend"),
+    (["train.loader=dali"], "train.loader"),
 ])
 def test_bad_input_one_line_nothing_written(args, needle, tmp_path):
     t0 = time.time()

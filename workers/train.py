@@ -62,6 +62,9 @@ class TrainConfig:
     #                           experimental: not yet run on a GPU)
     engine: str = "batched"  # "batched" (k models at once) | "single" (reference, one at a time)
     models_per_step: int = 16  # k for the batched engine
+    loader: str = "resident"  # "resident" (training set on the device) | "ffcv" (streamed .beton)
+    ffcv_dir: str | None = None  # where the .beton is written once (default ~/.cache/datamodels/ffcv)
+    ffcv_workers: int = 2  # FFCV decoding threads per model
 
     def validate(self) -> None:
         if self.engine not in ("batched", "single"):
@@ -70,7 +73,12 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r}: use one of {tuple(_DTYPES)}")
         if self.margin not in MARGIN_KINDS:
             raise ValueError(f"train.margin={self.margin!r}: use one of {MARGIN_KINDS}")
-        for name in ("epochs", "batch_size", "models_per_step"):
+        if self.loader not in ("resident", "ffcv"):
+            raise ValueError(f"train.loader={self.loader!r}: use 'resident' or 'ffcv'")
+        if self.loader == "ffcv":
+            from workers import ffcv_loader
+            ffcv_loader.require()
+        for name in ("epochs", "batch_size", "models_per_step", "ffcv_workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -210,7 +218,10 @@ class Trainer:
     """Persistent: holds the dataset on the device and the model spec; trains many units.
 
     x_*: uint8 [N, C, H, W]; y_*: int64. The images are normalised once with the training
-    set's per-channel statistics and kept on the device in the compute dtype.
+    set's per-channel statistics and kept on the device in the compute dtype. With
+    train.loader=ffcv the training images stay off the device instead: they are written
+    once to a .beton (workers.ffcv_loader) and each model streams its mask's examples,
+    normalised and augmented on the device batch by batch; the targets stay resident.
     """
 
     def __init__(self, model_cfg: dict, train_cfg: TrainConfig, x_train, y_train, x_target, y_target):
@@ -229,8 +240,15 @@ class Trainer:
         dev = self.device
         self.mean, self.std = mean, std
         self.pad = ((0.0 - mean) / std).to(dev)  # normalised black, for translate
-        # Resident data, normalised once in the compute dtype.
-        self.x_train = normalize(x_train, mean, std, self.dtype, dev)
+        self.streamed = train_cfg.loader == "ffcv"
+        self.beton = None
+        if self.streamed:
+            from workers import ffcv_loader
+            self.beton = ffcv_loader.write_beton(x_train, y_train, train_cfg.ffcv_dir, train_cfg.ffcv_workers)
+            self.x_train = None
+            self._mean_dev, self._std_dev = mean.to(dev).view(1, -1, 1, 1), std.to(dev).view(1, -1, 1, 1)
+        else:  # resident data, normalised once in the compute dtype
+            self.x_train = normalize(x_train, mean, std, self.dtype, dev)
         self.y_train = torch.from_numpy(np.asarray(y_train, dtype=np.int64)).to(dev)
         self.x_target = normalize(x_target, mean, std, self.dtype, dev)
         self.y_target = torch.from_numpy(np.asarray(y_target, dtype=np.int64)).to(dev)
@@ -239,6 +257,7 @@ class Trainer:
         self._modules: dict[int, torch.nn.Module] = {}  # copies -> module on device
         self._compiled: dict[int, object] = {}
         self._steppers: dict[tuple[int, int], _Stepper] = {}
+        self._ffcv_loaders: dict[tuple, object] = {}
         # Images per evaluation forward pass (all copies together).
         self.eval_images = 16384 if dev.type == "cuda" else 4096
 
@@ -307,7 +326,9 @@ class Trainer:
         parts = []
         for a in range(0, len(masks), chunk):
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[a:a + chunk]]
-            if self.cfg.engine == "batched":
+            if self.streamed:
+                parts.append(self._train_streamed(idx[a:a + chunk], gens, return_weights))
+            elif self.cfg.engine == "batched":
                 parts.append(self._train_batched(idx[a:a + chunk], gens, return_weights))
             else:
                 parts.append(self._train_single(idx[a], gens[0], return_weights))
@@ -386,10 +407,78 @@ class Trainer:
         states = unstack_states(model.state_dict(), 1) if return_weights else []
         return margins, train_acc, target_acc, loss, states
 
+    # ------------------------------------------------------------------ streamed (FFCV) engine
+    def _normalize_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] on the device -> normalised, in the compute dtype."""
+        return ((x.float() - self._mean_dev) / self._std_dev).to(self.dtype)
+
+    def _loader(self, slot: int, indices: np.ndarray, bs: int, seed: int, shuffle: bool):
+        """The FFCV Loader of model slot `slot` (built once per slot / batch size / mode, then retargeted)."""
+        from workers import ffcv_loader
+        key = (slot, bs, shuffle, len(indices))
+        if key not in self._ffcv_loaders:
+            self._ffcv_loaders[key] = ffcv_loader.mask_loader(
+                self.beton, indices, bs, seed, self.device, self.cfg.ffcv_workers, drop_last=shuffle, shuffle=shuffle)
+            return self._ffcv_loaders[key]
+        return ffcv_loader.retarget(self._ffcv_loaders[key], indices, seed)
+
+    def _train_streamed(self, idx: torch.Tensor, gens: list[torch.Generator], return_weights: bool):
+        """k >= 1 models in lockstep, each reading its mask's examples from the .beton.
+
+        Same recipe as the resident engines, except the example order: FFCV shuffles each
+        model's indices with its own seeded order (the seed is drawn from the model's
+        generator), so the numbers are reproducible but not those of the resident path.
+        Augmentation parameters still come from the model's generator, by position in the epoch.
+        """
+        cfg, dev = self.cfg, self.device
+        k, m = idx.shape
+        bs, steps = _batching(m, cfg.batch_size)
+        module = self._module(k)
+        fwd = self._compiled[k]
+        module.load_state_dict(stack_states(self._init_states(gens)))
+        module.train()
+        opt = self._optimizer(module.parameters())
+        rows = idx.cpu().numpy()
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in gens]
+        loaders = [self._loader(j, rows[j], bs, seeds[j], True) for j in range(k)]
+        nc, step = self.num_classes, 0
+        for epoch in range(cfg.epochs):
+            ds = [draw_epoch(g, m, cfg, self.in_shape[1:]) for g in gens]
+            d = {key: torch.stack([x[key] for x in ds]).to(dev) for key in ds[0] if key != "perm"}
+            total = torch.zeros(k, device=dev)
+            for s, batches in enumerate(zip(*loaders)):
+                xb = self._normalize_batch(torch.cat([b[0] for b in batches]))
+                yb = torch.cat([b[1] for b in batches]).long()
+                aug = {key: v[:, s * bs:(s + 1) * bs].reshape(k * bs, *v.shape[2:]) for key, v in d.items()}
+                xb = self._prep(augment(xb, aug, cfg, self.pad), k)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, steps, cfg)
+                with self._autocast():
+                    out = fwd(xb)
+                losses = F.cross_entropy(out.to(self.acc).reshape(k * bs, nc), yb, reduction="none",
+                                         label_smoothing=cfg.label_smoothing).view(k, bs).mean(1)
+                losses.sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                total += losses.detach()
+                step += 1
+        loss = (total / steps).cpu().numpy().astype(np.float32)
+        # train accuracy: each subset once, in order, all models' batches side by side
+        plain = [self._loader(j, rows[j], min(m, 1024), 0, False) for j in range(k)]
+        batches = ((self._normalize_batch(torch.cat([b[0] for b in bb])), torch.cat([b[1] for b in bb]).long())
+                   for bb in zip(*plain))
+        margins, train_acc, target_acc = self._evaluate(module, idx, train_batches=batches)
+        states = unstack_states(module.state_dict(), k) if return_weights else []
+        return margins, train_acc, target_acc, loss, states
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _evaluate(self, module: torch.nn.Module, idx: torch.Tensor):
-        """Margins on the targets and accuracy on each model's own subset (eval mode, no aug)."""
+    def _evaluate(self, module: torch.nn.Module, idx: torch.Tensor, train_batches=None):
+        """Margins on the targets and accuracy on each model's own subset (eval mode, no aug).
+
+        train_batches: for the streamed loader, an iterable of (x [k*b, C, H, W] normalised,
+        y [k*b]) model-major batches covering each subset once; None reads the resident set.
+        """
         module.eval()
         k, m = idx.shape
         nc = self.num_classes
@@ -412,10 +501,11 @@ class Trainer:
         margins = margin(logits, labels, self.cfg.margin)
         target_acc = (logits.argmax(-1) == labels).float().mean(1)
         correct = torch.zeros(k, device=self.device)
-        for a in range(0, m, rows):
-            ex = idx[:, a:a + rows].reshape(-1)
-            out = forward(self.x_train.index_select(0, ex))
-            correct += (out.argmax(-1) == self.y_train.index_select(0, ex).view(k, -1)).float().sum(1)
+        if train_batches is None:
+            train_batches = ((self.x_train.index_select(0, ex), self.y_train.index_select(0, ex))
+                             for ex in (idx[:, a:a + rows].reshape(-1) for a in range(0, m, rows)))
+        for xb, yb in train_batches:
+            correct += (forward(xb).argmax(-1) == yb.view(k, -1)).float().sum(1)
         module.train()
         return (margins.cpu().numpy().astype(np.float32), (correct / m).cpu().numpy().astype(np.float32),
                 target_acc.cpu().numpy().astype(np.float32))
