@@ -24,40 +24,7 @@ from torch import nn
 from workers.attribution import compute_scores
 from workers.attribution.common import output_values
 from workers.attribution.influence import influence_scores
-
-
-def fit_logreg(x, y, C, l2, weights=None, init=None, gtol=1e-12):
-    """argmin_θ (1/n) Σ w_i CE(θ; z_i) + (l2/2)‖θ‖² in float64: LBFGS (strong Wolfe), then
-    Newton steps on the exact Hessian until ‖∇R‖ < gtol. Returns (state dict, ‖∇R‖)."""
-    d = x.shape[1]
-    w = torch.ones(len(x), dtype=torch.float64) if weights is None else weights
-
-    def objective(flat):
-        W, b = flat[:C * d].view(C, d), flat[C * d:]
-        loss = (F.cross_entropy(x @ W.T + b, y, reduction="none") * w).sum() / len(x)
-        return loss + l2 / 2 * flat.pow(2).sum()
-
-    flat = (torch.zeros(C * d + C, dtype=torch.float64) if init is None
-            else torch.cat([init["weight"].reshape(-1), init["bias"]]).double())
-    flat = flat.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([flat], lr=1, max_iter=1000, history_size=50, tolerance_grad=1e-9,
-                            tolerance_change=1e-16, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = objective(flat)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    flat = flat.detach()
-    g = torch.func.grad(objective)(flat)
-    for _ in range(10):
-        if g.norm() < gtol:
-            break
-        flat = flat - torch.linalg.solve(torch.func.hessian(objective)(flat), g)
-        g = torch.func.grad(objective)(flat)
-    return {"weight": flat[:C * d].view(C, d).clone(), "bias": flat[C * d:].clone()}, float(g.norm())
+from workers.attribution.reference import fit_logreg, logreg_state
 
 
 def main():
@@ -79,7 +46,8 @@ def main():
     n, C = len(xtr), 10
 
     t0 = time.time()
-    theta, gnorm = fit_logreg(xtr, ytr, C, a.l2)
+    flat, gnorm = fit_logreg(xtr, ytr, C, a.l2)
+    theta = logreg_state(flat, 64, C)
     model = nn.Linear(64, C).double()
     model.load_state_dict(theta)
     with torch.no_grad():
@@ -127,7 +95,8 @@ def main():
     for j, i in enumerate(idx):
         w = torch.ones(n, dtype=torch.float64)
         w[i] = 0
-        th, g = fit_logreg(xtr, ytr, C, a.l2, weights=w, init=theta)
+        th, g = fit_logreg(xtr, ytr, C, a.l2, weights=w, init=flat)
+        th = logreg_state(th, 64, C)
         worst = max(worst, g)
         lo, ma = outputs(th)
         # "including i" minus "without i", the package's sign convention

@@ -15,6 +15,7 @@ from torch import nn
 from workers.attribution import METHODS, compute_scores
 from workers.attribution.common import Projector, load_checkpoint, output_values, projection_seed
 from workers.attribution.influence import HessianOperator, influence_scores, inverse_hvp
+from workers.attribution.reference import fit_logreg, logreg_state
 from workers.margins import margin
 
 CPU = {"device": "cpu"}
@@ -58,45 +59,6 @@ def loop_grads(model_fn, state, x, y, what, dtype=torch.float64):
         gs = torch.autograd.grad(out, list(model.parameters()))
         rows.append(torch.cat([g.reshape(-1) for g in gs]))
     return torch.stack(rows)
-
-
-def fit_logreg(x, y, C, l2, weights=None, init=None, bias=True):
-    """Float64 argmin (1/n) Σ w_i CE + (l2/2)‖θ‖²: LBFGS, then Newton to ‖∇R‖ < 1e-12."""
-    d = x.shape[1]
-    w = torch.ones(len(x), dtype=torch.float64) if weights is None else weights
-
-    def objective(flat):
-        W = flat[:C * d].view(C, d)
-        z = x @ W.T + (flat[C * d:] if bias else 0)
-        return (F.cross_entropy(z, y, reduction="none") * w).sum() / len(x) + l2 / 2 * flat.pow(2).sum()
-
-    P = C * d + (C if bias else 0)
-    flat = torch.zeros(P, dtype=torch.float64) if init is None else init.clone()
-    flat.requires_grad_(True)
-    opt = torch.optim.LBFGS([flat], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-16,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = objective(flat)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    flat = flat.detach()
-    for _ in range(10):
-        g = torch.func.grad(objective)(flat)
-        if g.norm() < 1e-12:
-            break
-        flat = flat - torch.linalg.solve(torch.func.hessian(objective)(flat), g)
-    return flat
-
-
-def logreg_state(flat, d, C, bias=True):
-    st = {"weight": flat[:C * d].view(C, d).clone()}
-    if bias:
-        st["bias"] = flat[C * d:].clone()
-    return st
 
 
 # --------------------------------------------------------------------------- API
@@ -151,7 +113,7 @@ def test_exact_influence_predicts_leave_one_out_retraining():
     y = torch.tensor(Y[tr])
     xte, yte = torch.tensor((X[te] - mu) / sd), torch.tensor(Y[te])
     d, C, l2, n = 64, 3, 0.2, 150
-    flat = fit_logreg(x, y, C, l2)
+    flat, _ = fit_logreg(x, y, C, l2)
     state = logreg_state(flat, d, C)
     with torch.no_grad():
         t = int(F.cross_entropy(xte @ state["weight"].T + state["bias"], yte, reduction="none").argmax())
@@ -172,7 +134,7 @@ def test_exact_influence_predicts_leave_one_out_retraining():
     for i in idx:
         w = torch.ones(n, dtype=torch.float64)
         w[i] = 0
-        lo, ma = outputs(fit_logreg(x, y, C, l2, weights=w, init=flat))
+        lo, ma = outputs(fit_logreg(x, y, C, l2, weights=w, init=flat)[0])
         actual.append((base[0] - lo, base[1] - ma))  # with i minus without i
     actual = np.array(actual)
     assert pearsonr(pred_loss[idx], actual[:, 0])[0] > 0.9
@@ -189,7 +151,7 @@ def test_cg_and_lissa_match_the_exact_inverse():
     x, y = blobs(80, d=4, C=3, sep=1.0)
     x = x.double()
     d, C, l2 = 4, 3, 0.5  # well conditioned, so LiSSA converges in ~100 steps
-    flat = fit_logreg(x, y, C, l2)
+    flat, _ = fit_logreg(x, y, C, l2)
     state = logreg_state(flat, d, C)
     fm = load_checkpoint(lambda: nn.Linear(d, C), state, "all", "cpu")
     P = fm.num_params
@@ -308,7 +270,7 @@ def test_representer_scores_decompose_the_target_logits():
     xt, yt = blobs(5, d=4, C=3, seed=4)
     xt = xt.double()
     l2 = 0.1
-    state = logreg_state(fit_logreg(x, y, 3, l2, bias=False), 4, 3, bias=False)
+    state = logreg_state(fit_logreg(x, y, 3, l2, bias=False)[0], 4, 3, bias=False)
     model_fn = lambda: nn.Linear(4, 3, bias=False)  # noqa: E731
     z = xt @ state["weight"].T  # logits of the targets
     got = compute_scores("representer", model_fn, [state], x, y, xt, yt,
