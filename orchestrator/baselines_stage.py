@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.ledger import atomic_write, filesystem
-from orchestrator.train_stage import checkpoint_path, checkpoint_root
+from orchestrator.train_stage import checkpoint_path, checkpoint_root, missing_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ def read_scores(path: str) -> tuple[np.ndarray, dict]:
 
 def load_checkpoints(ckpt_root: str, k: int) -> list[dict]:
     """The first k train-set checkpoints (local path or URI), loaded with weights_only."""
-    import io
-
-    import torch
+    from workers.checkpoints import from_bytes
     fs, root, _ = filesystem(ckpt_root)
     out = []
     for i in range(k):
@@ -68,7 +66,7 @@ def load_checkpoints(ckpt_root: str, k: int) -> list[dict]:
         except (FileNotFoundError, OSError):
             raise FileNotFoundError(f"checkpoint {path} is missing; run stage=train with "
                                     f"baselines.checkpoints>={k}") from None
-        out.append(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+        out.append(from_bytes(blob))
     return out
 
 
@@ -107,9 +105,7 @@ def run(plan, tracker) -> dict:
         return {"methods": []}
     n_ckpt = int(bcfg["checkpoints"])
     ckpt_root = checkpoint_root(plan)
-    from orchestrator.train_stage import existing_checkpoints
-    have = existing_checkpoints(ckpt_root)
-    missing = [i for i in range(n_ckpt) if os.path.basename(checkpoint_path("", "train", i, 0)) not in have]
+    missing = missing_checkpoints(ckpt_root, n_ckpt)
     if missing:
         raise FileNotFoundError(f"baselines need {n_ckpt} checkpoints in {ckpt_root} ({len(missing)} missing); "
                                 f"run stage=train (it saves baselines.checkpoints of them)")

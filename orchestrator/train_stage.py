@@ -7,7 +7,6 @@ seed, trains, and writes its unit to the ledger itself. A lost unit is resubmitt
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -114,27 +113,28 @@ class TrainWorker:
                 "target_acc": float(np.mean(res.target_acc)), "train_acc": float(np.mean(res.train_acc))}
 
     def _save_checkpoints(self, unit: Unit, state_dicts, wanted: set[int]) -> None:
-        import torch
+        from workers.checkpoints import to_bytes
         fs, root, _ = filesystem(self.meta["ckpt_path"])
         fs.create_dir(root, recursive=True)
         for i, r, sd in zip(unit.ids, unit.replicas, state_dicts):
             if int(i) in wanted and unit.mask_set == "train":
-                buf = io.BytesIO()
-                torch.save({k: v.detach().cpu() for k, v in sd.items()}, buf)
                 path = checkpoint_path(root, unit.mask_set, int(i), int(r))
                 with fs.open_output_stream(path + ".tmp") as out:
-                    out.write(buf.getvalue())
+                    out.write(to_bytes(sd))
                 fs.move(path + ".tmp", path)
 
 
-def existing_checkpoints(ckpt_path: str) -> set[str]:
+def missing_checkpoints(ckpt_path: str, count: int) -> list[int]:
+    """Ids among the first `count` train models whose checkpoint file is not in ckpt_path."""
+    if count <= 0:
+        return []
     import pyarrow.fs as pafs
     fs, root, _ = filesystem(ckpt_path)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root))
+        have = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root))}
     except FileNotFoundError:
-        return set()
-    return {i.base_name for i in infos if i.base_name.endswith(".pt")}
+        have = set()
+    return [i for i in range(count) if os.path.basename(checkpoint_path("", "train", i, 0)) not in have]
 
 
 def _n_workers(cfg, n_units: int) -> int:
@@ -171,9 +171,7 @@ def run(plan, tracker, code_version: str) -> dict:
     n_ckpt = int(cfg.train.get("checkpoints") or 0)
     if cfg.get("baselines") and cfg.baselines.get("methods") and hasattr(plan.task, "attribution_inputs"):
         n_ckpt = max(n_ckpt, int(cfg.baselines.checkpoints))
-    have_ckpt = existing_checkpoints(ckpt_path) if n_ckpt else set()
-    ckpt_ids = [i for i in range(min(n_ckpt, int(cfg.masks.n_train)))
-                if os.path.basename(checkpoint_path("", "train", i, 0)) not in have_ckpt]
+    ckpt_ids = missing_checkpoints(ckpt_path, min(n_ckpt, int(cfg.masks.n_train)))
     missing_ckpt = set(("train", i, 0) for i in ckpt_ids)
     pending = [k for k in expected if k not in present or k in missing_ckpt]
     done_before = len(expected) - len([k for k in expected if k not in present])
