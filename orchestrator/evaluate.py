@@ -182,7 +182,7 @@ def plot_top_examples(weights: dict, images, target_images, targets, path: str, 
 def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, compute: dict | None = None) -> dict:
     """LDS of the datamodels, of each datamodels prefix and of every baseline's scores."""
     from orchestrator.baselines_stage import read_scores, scores_dir
-    from orchestrator.fit_stage import load_datamodels
+    from orchestrator.fit_stage import fit_seconds, load_datamodels
     cfg = plan.cfg
     compute = compute or {}
     X, Y, counts = eval_set(Ledger(plan.ledger_path), plan.n, plan.n_targets)
@@ -201,7 +201,6 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
         except FileNotFoundError:
             continue
         curve[int(m)], _ = score_method(X, Y, Wm, bm, n_boot, seed)
-        from orchestrator.fit_stage import fit_seconds
         curve[int(m)]["seconds"] = compute.get("per_model", 0.0) * int(m) + fit_seconds(d)
     if curve and compute.get("models"):
         curve[int(compute["models"])] = dict(results["datamodels"])

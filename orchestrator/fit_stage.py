@@ -103,7 +103,6 @@ def prefix_sizes(fit_cfg: dict, m: int) -> list[int]:
 def run(plan, tracker) -> dict:
     """Fit datamodels on all train models, and on the prefixes `fit.prefixes` (fractions of
     the train models, by model id) for the LDS-versus-models curve."""
-    import ray
     from omegaconf import OmegaConf
 
     cfg = plan.cfg
@@ -114,20 +113,20 @@ def run(plan, tracker) -> dict:
         log.warning("fit: the ledger holds %d of %d train models; fitting on those", m, cfg.masks.n_train)
     t0 = time.perf_counter()
     sizes = prefix_sizes(fit_cfg, m)
-    packed_ref = ray.put(data.packed)
-    stats = _fit_store(plan, tracker, fit_cfg, packed_ref, data.margins, m, m)
+    stats = _fit_store(plan, tracker, fit_cfg, data.packed, data.margins, m, m)
     stats["seconds_full"] = stats["seconds"]
     stats["prefixes"] = {}
     for size in sizes:
         # prefixes are the first `size` train models by id (data is sorted by model id)
-        sub = _fit_store(plan, tracker, fit_cfg, ray.put(data.packed[:size]), data.margins[:size], size, m,
+        sub = _fit_store(plan, tracker, fit_cfg, data.packed[:size], data.margins[:size], size, m,
                          desc=f"fit m={size}")
         stats["prefixes"][size] = sub["dir"]
     stats["seconds"] = time.perf_counter() - t0
     return stats
 
 
-def _fit_store(plan, tracker, fit_cfg, packed_ref, margins, m, m_total, desc="fit") -> dict:
+def _fit_store(plan, tracker, fit_cfg, packed, margins, m, m_total, desc="fit") -> dict:
+    """Fit the targets' chunks missing from this store dir (the masks go to Ray only if any are)."""
     import ray
     from tqdm import tqdm
 
@@ -146,6 +145,7 @@ def _fit_store(plan, tracker, fit_cfg, packed_ref, margins, m, m_total, desc="fi
     log.info("%s: %d targets on %d train models (%s backend), %d chunks to fit",
              desc, T, m, fit_cfg["backend"], len(todo))
     t0 = time.perf_counter()
+    packed_ref = ray.put(packed)
     remote = ray.remote(fit_chunk).options(num_cpus=float(fit_cfg.get("cpus_per_task") or 1),
                                            num_gpus=float(fit_cfg.get("gpus_per_task") or 0),
                                            max_retries=2)

@@ -193,11 +193,9 @@ class Ledger:
     def count(self, mask_set: str) -> int:
         return len(self.keys(mask_set))
 
-    def load(self, mask_set: str, n: int | None = None, n_targets: int | None = None) -> MaskSetData:
-        """(packed masks, margins) of every distinct model of `mask_set`, sorted by
-        (model_id, replica); checks the shapes against n and T when given."""
-        cols = ["model_id", "replica", "mask", "margins", "train_acc", "target_acc", "loss", "seconds"]
-        table = self.read_table(cols, mask_set)
+    def _distinct(self, columns: list[str], mask_set: str) -> pa.Table:
+        """`columns` of one row per distinct (model_id, replica) of mask_set, sorted by that key."""
+        table = self.read_table(columns, mask_set)
         if table is None or table.num_rows == 0:
             raise LedgerError(f"ledger {self.path} has no models of mask set '{mask_set}'; run stage=train first")
         mid = table["model_id"].to_numpy()
@@ -206,17 +204,27 @@ class Ledger:
         mid_s, rep_s = mid[order], rep[order]
         first = np.ones(len(order), dtype=bool)
         first[1:] = (mid_s[1:] != mid_s[:-1]) | (rep_s[1:] != rep_s[:-1])
-        keep = order[first]
-        table = table.take(pa.array(keep))
+        return table.take(pa.array(order[first]))
+
+    def seconds(self, mask_set: str) -> np.ndarray:
+        """Training seconds of every distinct model of mask_set (no masks or margins read)."""
+        return self._distinct(["model_id", "replica", "seconds"], mask_set)["seconds"].to_numpy()
+
+    def load(self, mask_set: str, n: int | None = None, n_targets: int | None = None) -> MaskSetData:
+        """(packed masks, margins) of every distinct model of `mask_set`, sorted by
+        (model_id, replica); checks the shapes against n and T when given."""
+        cols = ["model_id", "replica", "mask", "margins", "train_acc", "target_acc", "loss", "seconds"]
+        table = self._distinct(cols, mask_set)
+        rows = table.num_rows
         mask_col = table["mask"].combine_chunks()
         n_bytes = mask_col.type.byte_width
         packed = np.frombuffer(mask_col.buffers()[1], dtype=np.uint8,
-                               count=len(keep) * n_bytes, offset=mask_col.offset * n_bytes)
-        packed = packed.reshape(len(keep), n_bytes).copy()
+                               count=rows * n_bytes, offset=mask_col.offset * n_bytes)
+        packed = packed.reshape(rows, n_bytes).copy()
         marg_col = table["margins"].combine_chunks()
         T = marg_col.type.list_size
         margins = marg_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        margins = margins.reshape(len(keep), T)
+        margins = margins.reshape(rows, T)
         if n is not None and n_bytes != (n + 7) // 8:
             raise LedgerError(f"ledger {self.path}: masks have {n_bytes} bytes, the task has n={n} "
                               f"training examples; point ledger.path at this experiment's ledger")

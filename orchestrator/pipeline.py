@@ -146,12 +146,12 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
             summary["timings"]["baselines"] = time.perf_counter() - t0
         if want("evaluate"):
             t0 = time.perf_counter()
-            train_data = Ledger(plan.ledger_path).load("train", n=plan.n, n_targets=plan.n_targets)
-            m = len(train_data)
+            train_seconds = Ledger(plan.ledger_path).seconds("train")  # one column, not the masks
+            m = len(train_seconds)
             dm_dir = fit_stage.store_dir(plan.exp_dir, m, fit_cfg)
             prefixes = fit_stage.prefix_sizes(fit_cfg, m)
             prefix_dirs = {k: fit_stage.store_dir(plan.exp_dir, k, fit_cfg) for k in prefixes}
-            per_model = float(np.sum(train_data.extra["seconds"])) / max(m, 1)
+            per_model = float(np.sum(train_seconds)) / max(m, 1)
             compute = {"models": m, "per_model": per_model,
                        "datamodels": per_model * m + fit_stage.fit_seconds(dm_dir)}
             with tracker.stage("evaluate"):
