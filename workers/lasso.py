@@ -736,7 +736,7 @@ def lasso_path_torch(X, Y, lambdas, cfg: LassoConfig, n: int | None = None):
         Ws, bs = [], []
         for k in range(lams.shape[0]):
             lam = torch.as_tensor(lams[k], dtype=torch.float32, device=device)
-            W0 = W if k < 2 else W + torch.as_tensor(q[k], dtype=torch.float32, device=device) * (W - W_prev)
+            W0 = W if k < 2 else _extrapolate(W, W_prev, torch.as_tensor(q[k], dtype=torch.float32, device=device))
             W_prev = W
             W, _ = _fista(gram.G, tgt.C, lam, pf, W0, step, tgt.yy, _GAP_PER_TOL * cfg.tol, cfg.max_iter)
             Ws.append(W.T.cpu().numpy())
@@ -824,10 +824,11 @@ def _path_block(rows, Y, t0, t1, fit_idx, val_idx, r, gram, step, pf, ratios, cf
                     "steps": steps, "target_steps": target_steps}
 
 
-def _extrapolate(W, W_prev, q: float):
+def _extrapolate(W, W_prev, q):
     """Warm start for the next λ: the lasso path is piecewise linear in λ, so within a piece
-    w(λ_k) = w_{k-1} + q (w_{k-1} - w_{k-2}), q = (λ_k - λ_{k-1}) / (λ_{k-1} - λ_{k-2})."""
-    if q == 0.0:
+    w(λ_k) = w_{k-1} + q (w_{k-1} - w_{k-2}), q = (λ_k - λ_{k-1}) / (λ_{k-1} - λ_{k-2});
+    q is one float for all columns or a tensor [T] of one per column."""
+    if isinstance(q, float) and q == 0.0:
         return W.clone()
     return W.lerp(W_prev, -q)
 

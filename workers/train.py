@@ -246,7 +246,7 @@ class Trainer:
             from workers import ffcv_loader
             self.beton = ffcv_loader.write_beton(x_train, y_train, train_cfg.ffcv_dir, train_cfg.ffcv_workers)
             self.x_train = None
-            self._mean_dev, self._std_dev = mean.to(dev).view(1, -1, 1, 1), std.to(dev).view(1, -1, 1, 1)
+            self._mean_dev, self._std_dev = mean.to(dev), std.to(dev)  # for normalize() per batch
         else:  # resident data, normalised once in the compute dtype
             self.x_train = normalize(x_train, mean, std, self.dtype, dev)
         self.y_train = torch.from_numpy(np.asarray(y_train, dtype=np.int64)).to(dev)
@@ -290,6 +290,11 @@ class Trainer:
         return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
+
+    def _losses(self, out: torch.Tensor, y: torch.Tensor, k: int, bs: int) -> torch.Tensor:
+        """Per-model mean training loss [k] of outputs [k, bs, C] (or [bs, C]) against y [k*bs]."""
+        return F.cross_entropy(out.to(self.acc).reshape(k * bs, self.num_classes), y, reduction="none",
+                               label_smoothing=self.cfg.label_smoothing).view(k, bs).mean(1)
 
     def _init_states(self, gens: list[torch.Generator]) -> list[dict]:
         states = []
@@ -408,9 +413,11 @@ class Trainer:
         return margins, train_acc, target_acc, loss, states
 
     # ------------------------------------------------------------------ streamed (FFCV) engine
-    def _normalize_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, C, H, W] on the device -> normalised, in the compute dtype."""
-        return ((x.float() - self._mean_dev) / self._std_dev).to(self.dtype)
+    def _side_by_side(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch from each model's loader -> (normalised images [k*b, C, H, W] in the compute
+        dtype, labels [k*b]), model-major. Copies: FFCV reuses its batch buffers."""
+        x = normalize(torch.cat([b[0] for b in batches]), self._mean_dev, self._std_dev, self.dtype, self.device)
+        return x, torch.cat([b[1] for b in batches]).long()
 
     def _loader(self, slot: int, indices: np.ndarray, bs: int, seed: int, shuffle: bool):
         """The FFCV Loader of model slot `slot` (built once per slot / batch size / mode, then retargeted)."""
@@ -441,22 +448,20 @@ class Trainer:
         rows = idx.cpu().numpy()
         seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in gens]
         loaders = [self._loader(j, rows[j], bs, seeds[j], True) for j in range(k)]
-        nc, step = self.num_classes, 0
+        step = 0
         for epoch in range(cfg.epochs):
             ds = [draw_epoch(g, m, cfg, self.in_shape[1:]) for g in gens]
             d = {key: torch.stack([x[key] for x in ds]).to(dev) for key in ds[0] if key != "perm"}
             total = torch.zeros(k, device=dev)
             for s, batches in enumerate(zip(*loaders)):
-                xb = self._normalize_batch(torch.cat([b[0] for b in batches]))
-                yb = torch.cat([b[1] for b in batches]).long()
+                xb, yb = self._side_by_side(batches)
                 aug = {key: v[:, s * bs:(s + 1) * bs].reshape(k * bs, *v.shape[2:]) for key, v in d.items()}
                 xb = self._prep(augment(xb, aug, cfg, self.pad), k)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, steps, cfg)
                 with self._autocast():
                     out = fwd(xb)
-                losses = F.cross_entropy(out.to(self.acc).reshape(k * bs, nc), yb, reduction="none",
-                                         label_smoothing=cfg.label_smoothing).view(k, bs).mean(1)
+                losses = self._losses(out, yb, k, bs)
                 losses.sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -465,9 +470,7 @@ class Trainer:
         loss = (total / steps).cpu().numpy().astype(np.float32)
         # train accuracy: each subset once, in order, all models' batches side by side
         plain = [self._loader(j, rows[j], min(m, 1024), 0, False) for j in range(k)]
-        batches = ((self._normalize_batch(torch.cat([b[0] for b in bb])), torch.cat([b[1] for b in bb]).long())
-                   for bb in zip(*plain))
-        margins, train_acc, target_acc = self._evaluate(module, idx, train_batches=batches)
+        margins, train_acc, target_acc = self._evaluate(module, idx, train_batches=map(self._side_by_side, zip(*plain)))
         states = unstack_states(module.state_dict(), k) if return_weights else []
         return margins, train_acc, target_acc, loss, states
 
@@ -557,9 +560,7 @@ class _Stepper:
         xb = tr._prep(augment(tr.x_train.index_select(0, ex), aug, tr.cfg, tr.pad), k)
         with tr._autocast(cache_enabled=not self.use_graph):
             out = self.fwd(xb)  # [k, bs, nc] (or [bs, nc] for k = 1)
-        losses = F.cross_entropy(out.to(tr.acc).reshape(k * bs, tr.num_classes),
-                                 tr.y_train.index_select(0, ex), reduction="none",
-                                 label_smoothing=tr.cfg.label_smoothing).view(k, bs).mean(1)
+        losses = tr._losses(out, tr.y_train.index_select(0, ex), k, bs)
         losses.sum().backward()
         self.opt.step()
         self.loss_sum += losses.detach()
