@@ -1,8 +1,10 @@
 """The `datamodels` command (also `python -m orchestrator`): the Hydra app.
 
-Before Hydra runs, the overrides are composed and the config validated here, so a typo, an
-impossible value or missing data is one line on stderr (exit 2) with nothing written and
-no Ray started.
+Before Hydra runs, the arguments are parsed as Hydra parses them (`--config-dir DIR` and
+`--config-dir=DIR` alike), the config is composed and validated, and every output location
+is checked, so a typo, an impossible value, missing data or an unwritable store is one
+line on stderr (exit 2) with nothing written and no Ray started. A fault at run time (disk
+full, a store or MLflow server gone, work that keeps failing) is one line too (exit 1).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+
 
 def _conf_dir() -> str:
     """The repository's conf/ (source checkout, editable install), else the packaged copy."""
@@ -25,8 +28,20 @@ def _conf_dir() -> str:
 CONF_DIR = _conf_dir()
 log = logging.getLogger("orchestrator")
 
-PASS_THROUGH = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--version", "--shell-completion",
-                "-sc", "--resolve", "--package", "-p")
+# Hydra commands that do not run the pipeline: no checks before them.
+PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion")
+
+
+def runtime_errors() -> tuple:
+    """Faults reported as one line (exit 1) instead of a traceback."""
+    from orchestrator.baselines_stage import BaselinesError
+    from orchestrator.ledger import LedgerError
+    from orchestrator.store import StoreError
+    from orchestrator.tracking import TrackingError
+    from orchestrator.train_stage import TrainStageError
+    from orchestrator.workpool import PoolError
+    return (StoreError, TrackingError, PoolError, LedgerError, BaselinesError, TrainStageError,
+            FileNotFoundError)
 
 
 def _one_line(err: Exception) -> str:
@@ -35,7 +50,7 @@ def _one_line(err: Exception) -> str:
     if not lines:
         return type(err).__name__
     first = lines[0]
-    if first.startswith("Could not override"):
+    if first.startswith("Could not override") or first.startswith("Key '") and "not in struct" in text:
         key = first.split("'")[1] if "'" in first else first
         return (f"unknown config key '{key}': check its spelling (`datamodels --cfg job` lists the keys), "
                 f"or prefix it with + to add a new key")
@@ -50,7 +65,9 @@ def _one_line(err: Exception) -> str:
         name = group.split("/")[0] if "/" in group else "the group"
         what = f"{name}={group.split('/', 1)[1]}: no such option" if "/" in group else first
         return f"{what}; available: {', '.join(opts[:12])}" if opts else what
-    return first.replace("\n", " ")
+    if "Additional config directory" in first:
+        return first.replace("Additional config directory", "--config-dir: directory") + "; check the path"
+    return " ".join(first.split())
 
 
 def _first_point(args: list[str]) -> list[str]:
@@ -66,29 +83,67 @@ def _first_point(args: list[str]) -> list[str]:
     return out
 
 
-def preflight(args: list[str]) -> None:
-    """Compose and validate the config; on a mistake print one line and exit 2."""
-    from hydra import compose, initialize_config_dir
+def compose(args) -> DictConfig:
+    """The config Hydra will run, composed the way Hydra composes it (search path
+    included), for the first point of a sweep."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
 
-    from orchestrator.config import ConfigError, validate
-    multirun = "-m" in args or "--multirun" in args
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = list(args.overrides)
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+~").startswith("ledger."):
+            from orchestrator.config import ConfigError
+            raise ConfigError(f"{o.split('=', 1)[0]}: the ledger is no longer placed on its own; set store.uri "
+                              f"(the whole experiment, ledger included, lives there)")
+    if args.multirun:
+        overrides = _first_point(overrides)
+    search_path = create_config_search_path(CONF_DIR)
+    if args.config_dir is not None:
+        abs_dir = os.path.abspath(args.config_dir)
+        if not os.path.isdir(abs_dir):
+            from orchestrator.config import ConfigError
+            raise ConfigError(f"--config-dir={args.config_dir}: no such directory")
+        search_path.prepend(provider="command-line", path=f"file://{abs_dir}",
+                            anchor=SearchPathQuery(provider="schema"))
+    GlobalHydra.instance().clear()
     try:
-        if multirun:
-            overrides = _first_point(overrides)
+        h = Hydra.create_main_hydra2(task_name="datamodels", config_search_path=search_path)
+        return h.compose_config(args.config_name or "config", overrides,
+                                run_mode=RunMode.MULTIRUN if args.multirun else RunMode.RUN,
+                                with_log_configuration=False)
+    finally:
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        validate(cfg)
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose, validate and check outputs; on a mistake print one line and exit 2."""
+    from hydra._internal.utils import get_args_parser
+
+    from orchestrator.config import ConfigError, check_outputs, validate
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit as err:          # argparse's own message is already printed
+        sys.exit(2 if err.code else 0)
+    if any(getattr(args, name, None) for name in PASS_THROUGH):
+        return
+    try:
+        cfg = compose(args)
+        from omegaconf import OmegaConf
+        hydra_root = OmegaConf.select(cfg, "exp.root")
+        plan = validate(cfg)
+        check_outputs(plan, hydra_dir=os.path.join(str(hydra_root), "hydra"))
     except ConfigError as err:
+        print(f"datamodels: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except runtime_errors() as err:
         print(f"datamodels: error: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors, shortened
         print(f"datamodels: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -100,10 +155,12 @@ def app(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"datamodels: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except runtime_errors() as err:
+        log.debug("run-time fault", exc_info=True)
+        print(f"datamodels: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    if not any(a in PASS_THROUGH or a.split("=")[0] in PASS_THROUGH for a in args):
-        preflight(args)
+    preflight(sys.argv[1:])
     app()

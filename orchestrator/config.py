@@ -1,15 +1,20 @@
 """Config checks and the experiment's identity, before any Ray work starts.
 
-`validate` turns a resolved Hydra config into a `Plan` (task, sizes, paths) or raises
-`ConfigError` with one line naming the setting and the fix. The experiment directory is
-keyed by a hash of what determines the ledger's contents, so re-running the same experiment
-finds its ledger and a sweep point gets its own.
+`validate` turns a composed Hydra config into a `Plan` (task, sizes, store) or raises
+`ConfigError` with one line naming the setting and the fix. Every numeric and path setting
+has a rule in `RULES`, in one place. `check_outputs` then checks that every place the run
+writes (the store, the MLflow store, Hydra's output directory) can be written, still
+before Ray starts. The experiment directory is keyed by a hash of what determines the
+ledger's contents, so re-running the same experiment finds its ledger and a sweep point
+gets its own.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,19 +27,244 @@ RECIPE_KEYS = ("epochs", "batch_size", "lr", "lr_peak_epoch", "momentum", "neste
 
 
 class ConfigError(ValueError):
-    """A user mistake in the config: one line, naming the setting and the fix."""
+    """A user mistake in the config, or an output location that cannot be used: one line,
+    naming the setting and the fix."""
 
 
+# ----------------------------------------------------------------------------- rules
+def _fmt(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+class Rule:
+    """A check of one setting; `check(key, value)` raises ConfigError or returns None."""
+
+    def __init__(self, kind=float, lo=None, hi=None, lo_open=False, hi_open=False, null=False,
+                 choices=None, example=None):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.null, self.choices, self.example = null, choices, example
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + "|".join(str(c) for c in self.choices)
+        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
+        if self.lo is not None and self.hi is not None:
+            a = "(" if self.lo_open else "["
+            b = ")" if self.hi_open else "]"
+            return f"{what} in {a}{self.lo}, {self.hi}{b}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {self.lo}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {self.hi}"
+        return what
+
+    def check(self, key: str, value) -> None:
+        if value is None:
+            if self.null:
+                return
+            raise ConfigError(f"{key} must be set: {self.describe()}{self._eg(key)}")
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ConfigError(f"{key}={_fmt(value)} is not {self.describe()}")
+            return
+        ok = True
+        if self.kind is bool:
+            ok = isinstance(value, bool)
+        elif self.kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif self.kind is str:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ConfigError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            raise ConfigError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            raise ConfigError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
+
+    def _eg(self, key: str) -> str:
+        return f" (e.g. {key}={self.example})" if self.example is not None else ""
+
+
+def _positive(example=1, null=False):
+    return Rule(int, 1, null=null, example=example)
+
+
+def _count(example=0):
+    return Rule(int, 0, example=example)
+
+
+def _fraction(example):
+    return Rule(float, 0, 1, lo_open=True, hi_open=True, example=example)
+
+
+SEED = Rule(int, 0, 2 ** 63 - 1, example=0)
+RULES: dict[str, Rule] = {
+    "stage": Rule(choices=STAGES),
+    "exp.seed": SEED,
+    "masks.alpha": _fraction(0.5),
+    "masks.n_train": Rule(int, 10, example=4000),
+    "masks.n_eval": _positive(100),
+    "eval.replicas": _positive(3),
+    "eval.show_targets": _count(4),
+    "eval.bootstrap": _positive(1000),
+    "eval.bootstrap_seed": SEED,
+    "train.epochs": _positive(20),
+    "train.batch_size": _positive(50),
+    "train.lr": Rule(float, 0, lo_open=True, example=0.05),
+    "train.lr_peak_epoch": Rule(float, 0, example=4),
+    "train.momentum": Rule(float, 0, 1, hi_open=True, example=0.9),
+    "train.nesterov": Rule(bool),
+    "train.weight_decay": Rule(float, 0, example=5.0e-4),
+    "train.label_smoothing": Rule(float, 0, 1, hi_open=True, example=0.0),
+    "train.flip": Rule(bool),
+    "train.translate": _count(2),
+    "train.cutout": _count(4),
+    "train.precision": Rule(choices=("fp32", "bf16", "fp64")),
+    "train.channels_last": Rule(bool),
+    "train.compile": Rule(bool),
+    "train.cuda_graph": Rule(bool),
+    "train.engine": Rule(choices=("batched", "single")),
+    "train.models_per_step": _positive(50),
+    "train.loader": Rule(choices=("resident", "ffcv")),
+    "train.ffcv_workers": _positive(2),
+    "train.workers": _positive(4, null=True),
+    "train.cpus_per_worker": Rule(float, 0, lo_open=True, example=1),
+    "train.gpus_per_worker": Rule(float, 0, example=0),
+    "train.models_per_unit": _positive(100),
+    "train.max_in_flight": _positive(2),
+    "train.max_retries": Rule(int, 1, 100, example=3),
+    "train.max_worker_deaths": Rule(int, 0, example=100),
+    "train.checkpoints": _count(0),
+    "fit.backend": Rule(choices=("glmnet", "torch", "sklearn")),
+    "fit.n_lambdas": _positive(100),
+    "fit.lambda_min_ratio": _fraction(1.0e-3),
+    "fit.val_fraction": _fraction(0.1),
+    "fit.split_seed": SEED,
+    "fit.standardize": Rule(bool),
+    "fit.tol": Rule(float, 0, lo_open=True, example=1.0e-7),
+    "fit.max_iter": _positive(100000),
+    "fit.targets_per_block": _positive(1024),
+    "fit.rows_per_block": _positive(65536),
+    "fit.early_stop_patience": _count(5),
+    "fit.memory_budget_bytes": _positive(2 ** 30, null=True),
+    "fit.targets_per_task": _positive(1024),
+    "fit.cpus_per_task": Rule(float, 0, lo_open=True, example=1),
+    "fit.gpus_per_task": Rule(float, 0, example=0),
+    "baselines.checkpoints": _count(5),
+    "baselines.cpus_per_task": _positive(1),
+    "baselines.gpus_per_task": Rule(float, 0, example=0),
+    "store.retry_seconds": Rule(float, 0, example=60),
+    "store.lease_seconds": Rule(float, 1, example=60),
+    "tracking.enabled": Rule(bool),
+    "tracking.required": Rule(bool),
+    "tracking.timeout_seconds": Rule(float, 0, lo_open=True, example=5),
+    "cluster.num_cpus": _positive(2, null=True),
+    "cluster.num_gpus": Rule(int, 0, null=True, example=0),
+    "task.n_train": Rule(int, 2, example=1000),
+    "task.n_targets": _positive(200),
+    "task.subset_seed": SEED,
+    "task.model.width": Rule(float, 0, lo_open=True, example=1.0),
+}
+# Method parameters of the baselines that are numbers (workers.attribution).
+BASELINE_PARAM_RULES = {
+    "proj_dim": _positive(512), "cg_iters": _positive(30), "hessian_samples": _positive(300),
+    "damping": Rule(float, 0, example=0.01), "cg_tol": Rule(float, 0, lo_open=True, example=1e-3),
+    "scale": Rule(float, 0, lo_open=True, example=1.0), "recursion_depth": _positive(100),
+    "l2": Rule(float, 0, example=0.01),
+}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")
+
+
+def check_rules(cfg: DictConfig) -> None:
+    for key, rule in RULES.items():
+        if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+            continue
+        rule.check(key, OmegaConf.select(cfg, key))
+    name = cfg.exp.name
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name or len(name) > 100:
+        raise ConfigError(f"exp.name={_fmt(name)} must be a plain name (letters, digits, _ . = , + -; no '/' "
+                          f"or '..'), e.g. exp.name=fmnist_mlp")
+    hidden = OmegaConf.select(cfg, "task.model.hidden", default=None)
+    if hidden is not None:
+        if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise ConfigError(f"task.model.hidden={list(hidden)} must be a list of positive widths, "
+                              f"e.g. task.model.hidden=[64]")
+    prefixes = OmegaConf.select(cfg, "fit.prefixes", default=None) or []
+    for f in prefixes:
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f < 1:
+            raise ConfigError(f"fit.prefixes={list(prefixes)} must hold fractions in (0, 1), "
+                              f"e.g. fit.prefixes=[0.25,0.5]")
+    params = OmegaConf.to_container(cfg.baselines.params, resolve=True) if cfg.baselines.get("params") else {}
+    for method, p in (params or {}).items():
+        for key, value in (p or {}).items():
+            if key in BASELINE_PARAM_RULES:
+                BASELINE_PARAM_RULES[key].check(f"baselines.params.{method}.{key}", value)
+    for key in ("train.device", "fit.device"):
+        dev = OmegaConf.select(cfg, key, default=None)
+        if dev is not None and not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", str(dev)):
+            raise ConfigError(f"{key}={_fmt(dev)} is not auto|cpu|cuda|cuda:N|mps")
+
+
+def _local_gpus(cfg: DictConfig) -> int | None:
+    """GPUs a local Ray instance would have (None when joining a cluster: not known here)."""
+    if cfg.cluster.get("address") or os.environ.get("RAY_ADDRESS"):
+        return None
+    if cfg.cluster.get("num_gpus") is not None:
+        return int(cfg.cluster.num_gpus)
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """GPU requests that a local instance could never satisfy are refused here, not left
+    pending forever in Ray."""
+    wanted = {k: float(OmegaConf.select(cfg, k) or 0) for k in
+              ("train.gpus_per_worker", "fit.gpus_per_task", "baselines.gpus_per_task")}
+    cuda_dev = {k: OmegaConf.select(cfg, k) for k in ("train.device", "fit.device")}
+    if not any(wanted.values()) and not any(str(v).startswith("cuda") for v in cuda_dev.values()):
+        return
+    gpus = _local_gpus(cfg)
+    if gpus is None:
+        return
+    for key, value in wanted.items():
+        if value > gpus:
+            raise ConfigError(f"{key}={value:g} but this machine's local Ray instance has {gpus} GPU(s); "
+                              f"set {key}=0 or run on a cluster with GPUs (cluster.address)")
+    for key, value in cuda_dev.items():
+        if str(value).startswith("cuda") and gpus == 0:
+            raise ConfigError(f"{key}={value} but this machine has no GPU; set {key}=cpu (or auto)")
+
+
+# ----------------------------------------------------------------------------- the plan
 @dataclass
 class Plan:
     cfg: DictConfig
     task: object
     n: int
     n_targets: int
-    exp_dir: str
-    ledger_path: str
+    exp_uri: str                 # where the experiment lives (local path or URI)
     config_hash: str
     tracking_uri: str | None
+    store: object = None         # orchestrator.store.Store of exp_uri
+    ledger: object = None        # orchestrator.ledger.Ledger, verified against `identity`
+    handle: object = None        # StoreHandle for tasks (set once Ray is connected)
+    claims: object = None        # orchestrator.claims.Claims (set by the pipeline)
+
+    @property
+    def identity(self):
+        from orchestrator.ledger import Identity
+        return Identity(self.config_hash, float(self.cfg.masks.alpha), int(self.cfg.exp.seed), self.n,
+                        self.n_targets)
+
+    @property
+    def exp_dir(self) -> str:
+        """The experiment's location for people: a redacted URI or an absolute path."""
+        return self.store.where()
 
 
 def ledger_identity(cfg: DictConfig) -> dict:
@@ -54,6 +284,15 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def experiment_uri(cfg: DictConfig, chash: str) -> str:
+    """exp.dir if set, else <store.uri or exp.root>/<exp.name>-<hash>."""
+    from orchestrator import store as S
+    if cfg.exp.get("dir"):
+        return str(cfg.exp.dir)
+    root = cfg.store.get("uri") or cfg.exp.root
+    return S.join(str(root), f"{cfg.exp.name}-{chash}")
+
+
 def _number(cfg, key: str, kind=float):
     value = OmegaConf.select(cfg, key)
     try:
@@ -65,29 +304,12 @@ def _number(cfg, key: str, kind=float):
 
 
 def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
-    """Check the config and the task's data; build nothing remote."""
+    """Check the config and the task's data; build nothing remote, write nothing."""
     from hydra.utils import instantiate
 
-    stage = cfg.get("stage")
-    if stage not in STAGES:
-        raise ConfigError(f"stage={stage!r} is not one of {'|'.join(STAGES)}")
+    from orchestrator import store as S
+    check_rules(cfg)
     alpha = _number(cfg, "masks.alpha")
-    if not 0.0 < alpha < 1.0:
-        raise ConfigError(f"masks.alpha={alpha} must lie strictly between 0 and 1 (e.g. masks.alpha=0.5)")
-    for key in ("masks.n_train", "masks.n_eval", "eval.replicas"):
-        if _number(cfg, key, int) < 1:
-            raise ConfigError(f"{key} must be a positive integer")
-    if _number(cfg, "masks.n_train", int) < 10:
-        raise ConfigError("masks.n_train must be at least 10 to split fit/validation masks")
-    val_fraction = _number(cfg, "fit.val_fraction")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"fit.val_fraction={val_fraction} must lie strictly between 0 and 1")
-    if cfg.fit.backend not in ("glmnet", "torch", "sklearn"):
-        raise ConfigError(f"fit.backend={cfg.fit.backend!r} is not one of glmnet|torch|sklearn")
-    for key in ("train.epochs", "train.batch_size", "train.models_per_unit", "train.models_per_step",
-                "train.max_in_flight", "fit.targets_per_task", "fit.n_lambdas"):
-        if _number(cfg, key, int) < 1:
-            raise ConfigError(f"{key} must be a positive integer")
     methods = list(cfg.baselines.get("methods") or [])
     if methods:
         from workers.attribution import METHODS
@@ -98,18 +320,14 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
             raise ConfigError("baselines.checkpoints must be at least 1 when baselines.methods is not empty")
         if _number(cfg, "baselines.checkpoints", int) > _number(cfg, "masks.n_train", int):
             raise ConfigError("baselines.checkpoints must not exceed masks.n_train")
-    if _number(cfg, "train.lr") <= 0:
-        raise ConfigError("train.lr must be positive")
-    loader = cfg.train.get("loader", "resident")
-    if loader not in ("resident", "ffcv"):
-        raise ConfigError(f"train.loader={loader!r} is not one of resident|ffcv")
-    if loader == "ffcv":
+    if cfg.stage in ("all", "evaluate") and int(cfg.masks.n_eval) < 3:
+        raise ConfigError(f"masks.n_eval={cfg.masks.n_eval}: LDS needs at least 3 eval masks (e.g. masks.n_eval=100)")
+    if cfg.train.get("loader", "resident") == "ffcv":
         from workers import ffcv_loader
         if not ffcv_loader.available():
             raise ConfigError(f"train.loader=ffcv needs the optional ffcv extra: {ffcv_loader.INSTALL_HINT}; "
                               "or use train.loader=resident")
-        if _number(cfg, "train.ffcv_workers", int) < 1:
-            raise ConfigError("train.ffcv_workers must be a positive integer")
+    check_devices(cfg)
 
     try:
         task = instantiate(cfg.task, _convert_="all")
@@ -128,10 +346,62 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
                           f"raise masks.alpha or task.n_train")
 
     chash = config_hash(cfg)
-    root = cfg.exp.root
-    exp_dir = cfg.exp.dir or os.path.join(root, f"{cfg.exp.name}-{chash}")
-    ledger_path = cfg.ledger.path or os.path.join(exp_dir, "ledger")
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = experiment_uri(cfg, chash)
+    try:
+        store = S.Store(uri, float(cfg.store.retry_seconds))
+    except S.StoreError as err:
+        raise ConfigError(f"{'exp.dir' if cfg.exp.get('dir') else 'store.uri'}: {err}") from None
+    tracking = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if not cfg.tracking.enabled:
-        uri = None
-    return Plan(cfg, task, n, n_targets, exp_dir, ledger_path, chash, uri)
+        tracking = None
+    from orchestrator.ledger import Ledger
+    plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store)
+    plan.ledger = Ledger(store, plan.identity)
+    return plan
+
+
+def _writable_dir(path: str) -> str | None:
+    """None if `path` (a directory, created or not yet) could be written; else why not."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    try:
+        st = os.statvfs(probe)
+        if st.f_flag & os.ST_RDONLY:
+            return f"{probe} is on a read-only file system"
+    except OSError:
+        pass
+    return None
+
+
+def check_outputs(plan: Plan, hydra_dir: str | None = None) -> None:
+    """Every place this run will write can be written: the store (a probe object, written,
+    read back and deleted), the MLflow store, and Hydra's output directory. One line each."""
+    from orchestrator import store as S
+    cfg = plan.cfg
+    setting = "exp.dir" if cfg.exp.get("dir") else ("store.uri" if cfg.store.get("uri") else "exp.root")
+    try:
+        plan.store.probe()
+    except S.StoreError as err:
+        raise ConfigError(f"{setting}: {err}") from None
+    if hydra_dir is not None:
+        why = _writable_dir(hydra_dir)
+        if why:
+            raise ConfigError(f"exp.root={cfg.exp.root}: Hydra's output directory {hydra_dir} cannot be written "
+                              f"({why}); set exp.root to a writable directory")
+    if plan.tracking_uri:
+        from orchestrator.tracking import TrackingError, check_reachable
+        try:
+            check_reachable(plan.tracking_uri, float(cfg.tracking.timeout_seconds))
+        except TrackingError as err:
+            if cfg.tracking.required:
+                raise ConfigError(f"tracking.uri: {err}") from None
+            import logging
+            logging.getLogger(__name__).warning("tracking: %s; continuing with tracking off "
+                                                "(tracking.required=false)", err)
+            plan.tracking_uri = None

@@ -180,15 +180,19 @@ def plot_top_examples(weights: dict, images, target_images, targets, path: str, 
 
 
 def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, compute: dict | None = None) -> dict:
-    """LDS of the datamodels, of each datamodels prefix and of every baseline's scores."""
-    from orchestrator.baselines_stage import read_scores, scores_dir
+    """LDS of the datamodels, of each datamodels prefix and of every configured baseline.
+    Plots are drawn in a local scratch directory, then written to the store and MLflow."""
+    import tempfile
+
+    from orchestrator.baselines_stage import BaselinesError, expected_files, read_scores
     from orchestrator.fit_stage import fit_seconds, load_datamodels
-    cfg = plan.cfg
+    from orchestrator.store import CorruptFile, Layout
+    cfg, store = plan.cfg, plan.store
     compute = compute or {}
-    X, Y, counts = eval_set(Ledger(plan.ledger_path), plan.n, plan.n_targets)
+    X, Y, counts = eval_set(plan.ledger, plan.n, plan.n_targets)
     if len(X) < 3:
         raise LedgerError(f"only {len(X)} eval masks in the ledger; LDS needs more (masks.n_eval)")
-    W, b, _ = load_datamodels(datamodels_dir, plan.n_targets)
+    W, b, _ = load_datamodels(store, datamodels_dir, plan.n_targets)
     n_boot, seed = int(cfg.eval.bootstrap), int(cfg.eval.bootstrap_seed)
     results, per_target, weights = {}, {}, {"datamodels": W}
     results["datamodels"], per_target["datamodels"] = score_method(X, Y, W, b, n_boot, seed)
@@ -196,38 +200,32 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
 
     curve = {}
     for m, d in sorted((prefix_dirs or {}).items()):
-        try:
-            Wm, bm, _ = load_datamodels(d, plan.n_targets)
-        except FileNotFoundError:
-            continue
+        Wm, bm, _ = load_datamodels(store, d, plan.n_targets)
         curve[int(m)], _ = score_method(X, Y, Wm, bm, n_boot, seed)
-        curve[int(m)]["seconds"] = compute.get("per_model", 0.0) * int(m) + fit_seconds(d)
+        curve[int(m)]["seconds"] = compute.get("per_model", 0.0) * int(m) + fit_seconds(store, d)
     if curve and compute.get("models"):
         curve[int(compute["models"])] = dict(results["datamodels"])
 
-    sdir = scores_dir(plan.exp_dir)
-    if os.path.isdir(sdir):
-        for f in sorted(os.listdir(sdir)):
-            if not f.endswith(".parquet") or f.startswith("."):
-                continue
-            S, meta = read_scores(os.path.join(sdir, f))
-            if S.shape != (plan.n, plan.n_targets):
-                log.warning("evaluate: %s has shape %s, expected (%d, %d); skipped", f, S.shape, plan.n, plan.n_targets)
-                continue
-            name = meta["method"]
-            if name in results:  # two parameter settings of one method: name them apart
-                name = f.rsplit(".", 1)[0]
-            results[name], per_target[name] = score_method(X, Y, S.T, None, n_boot, seed)
-            results[name].update(seconds=meta.get("seconds"), params=meta.get("params"),
-                                 checkpoints=meta.get("checkpoints"))
-            weights[name] = S.T
+    for name, rel in sorted(expected_files(cfg).items()):
+        try:
+            S, meta = read_scores(store, rel)
+        except (FileNotFoundError, CorruptFile) as err:
+            raise BaselinesError(f"evaluate: baseline {name} has no valid scores at {store.where(rel)} "
+                                 f"({type(err).__name__}); run stage=baselines") from None
+        if S.shape != (plan.n, plan.n_targets):
+            raise BaselinesError(f"evaluate: {store.where(rel)} has shape {S.shape}, expected "
+                                 f"({plan.n}, {plan.n_targets}); run stage=baselines")
+        results[name], per_target[name] = score_method(X, Y, S.T, None, n_boot, seed)
+        results[name].update(seconds=meta.get("seconds"), params=meta.get("params"),
+                             checkpoints=meta.get("checkpoints"))
+        weights[name] = S.T
 
-    plots = {"lds": os.path.join(plan.exp_dir, "lds.png"),
-             "lds_vs_compute": os.path.join(plan.exp_dir, "lds_vs_compute.png")}
+    scratch = tempfile.mkdtemp(prefix="datamodels-plots-")
+    plots = {"lds": os.path.join(scratch, "lds.png"), "lds_vs_compute": os.path.join(scratch, "lds_vs_compute.png")}
     plot_lds(results, per_target, plots["lds"])
     plot_lds_vs_compute(results, curve, plots["lds_vs_compute"])
     if len(curve) > 1:
-        plots["lds_vs_models"] = os.path.join(plan.exp_dir, "lds_vs_models.png")
+        plots["lds_vs_models"] = os.path.join(scratch, "lds_vs_models.png")
         plot_lds_vs_models(curve, plots["lds_vs_models"])
     try:
         x_tr, _, x_tg, _, _ = plan.task.arrays()
@@ -235,9 +233,17 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
         x_tr = x_tg = None
     if x_tr is not None and int(cfg.eval.get("show_targets") or 0) > 0:
         k = min(int(cfg.eval.show_targets), plan.n_targets)
-        plots["top_examples"] = os.path.join(plan.exp_dir, "top_examples.png")
+        plots["top_examples"] = os.path.join(scratch, "top_examples.png")
         plot_top_examples(weights, x_tr, x_tg, list(range(k)), plots["top_examples"])
-    np.savez(os.path.join(plan.exp_dir, "lds_per_target.npz"), **per_target)
+    npz = os.path.join(scratch, "lds_per_target.npz")
+    np.savez(npz, **per_target)
+    stored = {}
+    for name, path in plots.items():
+        with open(path, "rb") as f:
+            store.write_bytes(Layout.plot(name), f.read())
+        stored[name] = Layout.plot(name)
+    with open(npz, "rb") as f:
+        store.write_bytes(Layout.LDS_PER_TARGET, f.read())
 
     method_metrics = {}
     for name, r in results.items():
@@ -253,11 +259,5 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     for path in plots.values():
         tracker.log_artifact(path)
     return {"lds": results, "lds_curve": {str(m): r for m, r in curve.items()}, "method_metrics": method_metrics,
-            "eval_masks": int(len(X)), "replicas_mean": float(counts.mean()), "plots": plots}
-
-
-def write_summary(path: str, summary: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2, default=float)
-    os.replace(tmp, path)
+            "eval_masks": int(len(X)), "replicas_mean": float(counts.mean()), "plots": stored,
+            "scratch": scratch}

@@ -1,26 +1,29 @@
-"""The fit stage: one lasso datamodel per target, target chunks across Ray tasks.
+"""The fit stage: one lasso datamodel per target, target chunks as Ray tasks.
 
-X (the train masks, bit-packed) is put in the object store once; each task fits a chunk of
-targets with workers.lasso and writes one Parquet file of datamodels. The store is keyed by
-the number of train models and the fit settings, so a finished chunk is never refit and a
-grown ledger gets fresh datamodels.
+X (the train masks, bit-packed) is put in Ray's object store once; each task fits a chunk
+of targets with workers.lasso and writes one verified Parquet file through the store. The
+datamodels of a ledger live in `datamodels/m<models>-<backend>-<settings hash>/`, so a
+finished chunk is never refit (it is read back and verified first) and a grown ledger
+gets fresh datamodels.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import fields
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from orchestrator.ledger import Ledger, atomic_write, filesystem
+from orchestrator.store import CorruptFile, Layout
+from orchestrator.workpool import Item, Pool, shuffled
 
 log = logging.getLogger(__name__)
+
+SCHEDULING_KEYS = ("targets_per_task", "cpus_per_task", "gpus_per_task", "device", "prefixes",
+                   "targets_per_block", "rows_per_block", "memory_budget_bytes")
 
 
 def lasso_config(fit_cfg: dict):
@@ -29,29 +32,33 @@ def lasso_config(fit_cfg: dict):
     return LassoConfig(**{k: v for k, v in fit_cfg.items() if k in names})
 
 
-def store_dir(exp_dir: str, m: int, fit_cfg: dict) -> str:
-    keep = {k: v for k, v in fit_cfg.items()
-            if k not in ("targets_per_task", "cpus_per_task", "gpus_per_task", "device", "prefixes",
-                         "targets_per_block", "rows_per_block", "memory_budget_bytes")}
+def store_dir(m: int, fit_cfg: dict) -> str:
+    """The datamodels directory (relative to the store) of `m` train models and these fit
+    settings (scheduling settings excluded)."""
+    keep = {k: v for k, v in fit_cfg.items() if k not in SCHEDULING_KEYS}
     h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return os.path.join(exp_dir, "datamodels", f"m{m}-{fit_cfg['backend']}-{h}")
+    return Layout.datamodels(m, fit_cfg["backend"], h)
 
 
-def datamodel_table(target_ids, res) -> pa.Table:
+def chunks(T: int, per: int) -> list[tuple[int, int]]:
+    return [(a, min(a + per, T)) for a in range(0, T, per)]
+
+
+def datamodel_table(target_ids, res, seconds: float) -> pa.Table:
     T, n = res.weights.shape
-    return pa.table({
+    table = pa.table({
         "target_id": pa.array(np.asarray(target_ids, np.int32)),
         "intercept": pa.array(res.intercept.astype(np.float32)),
         "lam": pa.array(res.lam.astype(np.float64)),
         "val_mse": pa.array(res.val_mse.astype(np.float64)),
         "nnz": pa.array(res.nnz.astype(np.int32)),
-        "weights": pa.FixedSizeListArray.from_arrays(
-            pa.array(res.weights.astype(np.float32).reshape(-1)), n),
+        "weights": pa.FixedSizeListArray.from_arrays(pa.array(res.weights.astype(np.float32).reshape(-1)), n),
     })
+    return table.replace_schema_metadata({"seconds": str(seconds)})
 
 
-def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_ids, out_path: str) -> dict:
-    """Runs in a Ray task: fit the targets `target_ids` (columns of Y) and write their file."""
+def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_ids, rel: str, store_handle) -> dict:
+    """Runs in a Ray task: fit the targets `target_ids` (columns of Y), write their chunk."""
     from workers.lasso import fit_lasso
     try:
         import torch
@@ -60,36 +67,51 @@ def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_i
         pass
     t0 = time.perf_counter()
     res = fit_lasso(packed, Y, lasso_config(fit_cfg), n=n)
-    table = datamodel_table(target_ids, res)
-    table = table.replace_schema_metadata({"seconds": str(time.perf_counter() - t0)})
-    fs, path, local = filesystem(out_path)
-    atomic_write(table, fs, path, local)
-    return {"targets": len(target_ids), "seconds": time.perf_counter() - t0,
+    seconds = time.perf_counter() - t0
+    store_handle.open().write_table(rel, datamodel_table(target_ids, res, seconds))
+    return {"targets": len(target_ids), "seconds": seconds,
             "val_mse": float(np.mean(res.val_mse)), "nnz": float(np.mean(res.nnz))}
 
 
-def fit_seconds(path: str) -> float:
-    """Worker-seconds spent fitting the datamodels in a store dir (sum over its chunks)."""
+def chunk_ok(store, rel: str, a: int, b: int, n: int) -> bool:
+    """A chunk file counts as done only if it reads back verified with the right targets."""
+    try:
+        table = store.read_table(rel, ["target_id", "weights"])
+    except FileNotFoundError:
+        return False
+    except CorruptFile as err:
+        log.error("fit: %s is corrupt (%s); it will be refit", store.where(rel), err.reason)
+        store.delete(rel)
+        return False
+    ok = (table["target_id"].to_numpy().tolist() == list(range(a, b))
+          and table.schema.field("weights").type.list_size == n)
+    if not ok:
+        log.error("fit: %s does not hold targets %d-%d of n=%d; it will be refit", store.where(rel), a, b, n)
+        store.delete(rel)
+    return ok
+
+
+def fit_seconds(store, rel_dir: str) -> float:
+    """Worker-seconds spent fitting the datamodels in a directory (sum over its chunks)."""
     total = 0.0
-    for f in os.listdir(path) if os.path.isdir(path) else []:
-        if f.endswith(".parquet") and not f.startswith("."):
-            meta = pq.read_schema(os.path.join(path, f)).metadata or {}
-            total += float(meta.get(b"seconds", b"0"))
+    for e in store.list(rel_dir, ".parquet"):
+        meta = store.read_schema(e.rel).metadata or {}
+        total += float(meta.get(b"seconds", b"0"))
     return total
 
 
-def load_datamodels(path: str, n_targets: int):
-    """(weights float32 [T, n], intercept [T], table of per-target stats) from a store dir."""
-    files = sorted(f for f in os.listdir(path) if f.endswith(".parquet") and not f.startswith("."))
+def load_datamodels(store, rel_dir: str, n_targets: int):
+    """(weights float32 [T, n], intercept [T], table of per-target stats), verified."""
+    files = store.list(rel_dir, ".parquet")
     if not files:
-        raise FileNotFoundError(f"no datamodels in {path}; run stage=fit first")
-    table = pa.concat_tables([pq.read_table(os.path.join(path, f)) for f in files])
+        raise FileNotFoundError(f"no datamodels in {store.where(rel_dir)}; run stage=fit first")
+    table = pa.concat_tables([store.read_table(e.rel).replace_schema_metadata(None) for e in files])
     order = np.argsort(table["target_id"].to_numpy(), kind="stable")
     table = table.take(pa.array(order))
     ids = table["target_id"].to_numpy()
     if len(ids) != n_targets or not np.array_equal(ids, np.arange(n_targets)):
-        raise FileNotFoundError(f"datamodels in {path} cover {len(np.unique(ids))} of {n_targets} "
-                                f"targets; run stage=fit to finish them")
+        raise FileNotFoundError(f"datamodels in {store.where(rel_dir)} cover {len(np.unique(ids))} of "
+                                f"{n_targets} targets; run stage=fit to finish them")
     col = table["weights"].combine_chunks()
     W = col.flatten().to_numpy().reshape(len(ids), col.type.list_size)
     return W, table["intercept"].to_numpy(), table
@@ -101,77 +123,74 @@ def prefix_sizes(fit_cfg: dict, m: int) -> list[int]:
 
 
 def run(plan, tracker) -> dict:
-    """Fit datamodels on all train models, and on the prefixes `fit.prefixes` (fractions of
-    the train models, by model id) for the LDS-versus-models curve."""
+    """Fit datamodels on all good train models, and on the prefixes `fit.prefixes`
+    (fractions of the train models, by model id) for the LDS-versus-models curve."""
     from omegaconf import OmegaConf
 
     cfg = plan.cfg
     fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
-    data = Ledger(plan.ledger_path).load("train", n=plan.n, n_targets=plan.n_targets)
+    index = plan.ledger.index()
+    data = plan.ledger.load("train", n=plan.n, n_targets=plan.n_targets, index=index)
     m = len(data)
     if m < int(cfg.masks.n_train):
-        log.warning("fit: the ledger holds %d of %d train models; fitting on those", m, cfg.masks.n_train)
+        log.warning("fit: the ledger holds %d good of %d train models; fitting on those", m, cfg.masks.n_train)
     t0 = time.perf_counter()
-    sizes = prefix_sizes(fit_cfg, m)
     stats = _fit_store(plan, tracker, fit_cfg, data.packed, data.margins, m, m)
     stats["seconds_full"] = stats["seconds"]
     stats["prefixes"] = {}
-    for size in sizes:
+    for size in prefix_sizes(fit_cfg, m):
         # prefixes are the first `size` train models by id (data is sorted by model id)
-        sub = _fit_store(plan, tracker, fit_cfg, data.packed[:size], data.margins[:size], size, m,
-                         desc=f"fit m={size}")
+        sub = _fit_store(plan, tracker, fit_cfg, data.packed[:size], data.margins[:size], size, m)
         stats["prefixes"][size] = sub["dir"]
     stats["seconds"] = time.perf_counter() - t0
     return stats
 
 
-def _fit_store(plan, tracker, fit_cfg, packed, margins, m, m_total, desc="fit") -> dict:
-    """Fit the targets' chunks missing from this store dir (the masks go to Ray only if any are)."""
+def _fit_store(plan, tracker, fit_cfg, packed, margins, m, m_total) -> dict:
+    """Fit the chunks missing from this datamodels directory (X goes to Ray only if any are)."""
     import ray
-    from tqdm import tqdm
 
-    out_dir = store_dir(plan.exp_dir, m, fit_cfg)
-    os.makedirs(out_dir, exist_ok=True)
-    T = plan.n_targets
-    per = int(fit_cfg["targets_per_task"])
-    chunks = [(a, min(a + per, T)) for a in range(0, T, per)]
-    done = {f for f in os.listdir(out_dir) if f.endswith(".parquet")}
-    todo = [(a, b) for a, b in chunks if f"chunk-{a:06d}-{b:06d}.parquet" not in done]
-    stats = {"dir": out_dir, "models": m, "targets": T, "chunks": len(chunks), "chunks_fit": len(todo),
-             "seconds": 0.0}
+    store = plan.store
+    rel_dir = store_dir(m, fit_cfg)
+    T, n = plan.n_targets, plan.n
+    todo = [(a, b) for a, b in chunks(T, int(fit_cfg["targets_per_task"]))
+            if not chunk_ok(store, Layout.chunk(rel_dir, a, b), a, b, n)]
+    stats = {"dir": rel_dir, "models": m, "targets": T, "chunks": len(chunks(T, int(fit_cfg["targets_per_task"]))),
+             "chunks_fit": 0, "seconds": 0.0}
+    desc = "fit" if m == m_total else f"fit m={m}"
     if not todo:
-        log.info("%s: all %d targets already fit in %s", desc, T, out_dir)
+        log.info("%s: all %d targets already fit in %s", desc, T, store.where(rel_dir))
         return stats
     log.info("%s: %d targets on %d train models (%s backend), %d chunks to fit",
              desc, T, m, fit_cfg["backend"], len(todo))
     t0 = time.perf_counter()
     packed_ref = ray.put(packed)
-    remote = ray.remote(fit_chunk).options(num_cpus=float(fit_cfg.get("cpus_per_task") or 1),
-                                           num_gpus=float(fit_cfg.get("gpus_per_task") or 0),
-                                           max_retries=2)
-    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    queue = list(todo)
-    in_flight = {}
-    bar = tqdm(total=sum(b - a for a, b in todo), unit="target", desc=desc, dynamic_ncols=True, mininterval=1.0)
-    done_targets = 0
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                a, b = queue.pop(0)
-                path = os.path.join(out_dir, f"chunk-{a:06d}-{b:06d}.parquet")
-                ref = remote.remote(packed_ref, np.ascontiguousarray(margins[:, a:b]), plan.n,
-                                    fit_cfg, np.arange(a, b), path)
-                in_flight[ref] = (a, b)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in ready:
-                in_flight.pop(ref)
-                out = ray.get(ref)
-                done_targets += out["targets"]
-                bar.update(out["targets"])
-                if m == m_total:
-                    tracker.log_metrics({"targets_done": done_targets, "chunk_val_mse": out["val_mse"],
-                                         "chunk_nnz": out["nnz"]}, step=done_targets)
-    finally:
-        bar.close()
+    cpus = float(fit_cfg.get("cpus_per_task") or 1)
+    gpus = float(fit_cfg.get("gpus_per_task") or 0)
+    remote = ray.remote(fit_chunk).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    fitted = [0, 0]
+
+    def submit(_, chunk):
+        a, b = chunk
+        return remote.remote(packed_ref, np.ascontiguousarray(margins[:, a:b]), n, fit_cfg,
+                             np.arange(a, b), Layout.chunk(rel_dir, a, b), plan.handle)
+
+    def done(items):
+        return [it.key for it in items if chunk_ok(store, Layout.chunk(rel_dir, *it.payload), *it.payload, n)]
+
+    def on_result(item, out):
+        fitted[0] += 1
+        fitted[1] += out["targets"]
+        if m == m_total:
+            tracker.log_metrics({"targets_done": fitted[1], "chunk_val_mse": out["val_mse"],
+                                 "chunk_nnz": out["nnz"]}, step=fitted[1])
+
+    from orchestrator.train_stage import worker_slots
+    pool = Pool(f"fit-m{m}", submit=submit, capacity=lambda: max(1, 2 * worker_slots(cpus, gpus)),
+                per_worker=1, claims=plan.claims, done=done, on_result=on_result, unit="target",
+                max_deaths=int(plan.cfg.train.max_worker_deaths))
+    items = [Item(f"{rel_dir.rsplit('/', 1)[1]}-{a:06d}-{b:06d}", (a, b), b - a) for a, b in todo]
+    stats["pool"] = pool.run(shuffled(items, plan.claims.owner if plan.claims else ""))
+    stats["chunks_fit"] = fitted[0]
     stats["seconds"] = time.perf_counter() - t0
     return stats

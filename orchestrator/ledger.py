@@ -1,58 +1,112 @@
 """The ledger: the durable record of every trained model, one Parquet file per work unit.
 
-Files are written under a temporary name and renamed (a single PUT on object stores), so a
-reader never sees half a file. Readers ignore temporary files, keep one row per
-(mask set, model id, replica), load (X, Y) for a mask set without a Python loop per row, and
-move a corrupt file to `_quarantine/` with an error in the log instead of dropping it.
+Unit files live in the store's `ledger/` and are named by their content digest, written
+atomically, and verified before anything in them is used: the footer, page checksums, the
+schema column by column, a digest of every column, and each row against the experiment
+(config hash, α, the seed of each model, and every mask regenerated from the seed). A
+file that fails any check is moved to `ledger/_quarantine/` with one log line, and its
+models count as missing (they are retrained). A model whose margins are not finite is kept
+as failed, with its reason: counted, never fitted. Duplicate rows for one model (a retried
+unit) are resolved by content, the same way on every reader.
 """
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+
+from orchestrator import masks as M
+from orchestrator.store import CorruptFile, Layout, content_digest, table_digests, type_name
+from workers import bits
 
 log = logging.getLogger(__name__)
 
-QUARANTINE = "_quarantine"
-TMP_PREFIX = ".tmp-"
+MARGIN_BLOCK = 1024          # targets per margins column: a reader of one target block reads one column
+SETS = ("train", "eval")
+FAILED_NONFINITE = "non-finite margins (the model diverged)"
 
 
 class LedgerError(RuntimeError):
-    """A ledger that cannot be read as asked (wrong shapes, not a ledger)."""
+    """A ledger that cannot be read as asked (wrong shapes, no models yet)."""
+
+
+def margin_columns(n_targets: int) -> list[tuple[str, int, int]]:
+    """(column name, first target, end) of each block of MARGIN_BLOCK targets."""
+    return [(f"margins_{b}", a, min(a + MARGIN_BLOCK, n_targets))
+            for b, a in enumerate(range(0, n_targets, MARGIN_BLOCK))]
 
 
 def schema(n_bytes: int, n_targets: int) -> pa.Schema:
-    """One row per trained model; the mask is bit-packed (workers.bits), margins float32 [T]."""
-    return pa.schema([
-        ("mask_set", pa.string()),
-        ("model_id", pa.int64()),
-        ("replica", pa.int32()),
-        ("seed", pa.int64()),
-        ("alpha", pa.float64()),
-        ("mask", pa.binary(n_bytes)),
-        ("margins", pa.list_(pa.float32(), n_targets)),
-        ("train_acc", pa.float32()),
-        ("target_acc", pa.float32()),
-        ("loss", pa.float32()),
-        ("seconds", pa.float32()),
-        ("host", pa.string()),
-        ("unit", pa.string()),
-        ("code_version", pa.string()),
-        ("config_hash", pa.string()),
-    ])
+    """One row per trained model; the mask bit-packed (workers.bits), the margins float32
+    in blocks of MARGIN_BLOCK targets, `failure` empty for a good model."""
+    fields = [
+        pa.field("mask_set", pa.string(), nullable=False),
+        pa.field("model_id", pa.int64(), nullable=False),
+        pa.field("replica", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("alpha", pa.float64(), nullable=False),
+        pa.field("mask", pa.binary(n_bytes), nullable=False),
+    ]
+    fields += [pa.field(name, pa.list_(pa.float32(), b - a), nullable=False)
+               for name, a, b in margin_columns(n_targets)]
+    fields += [pa.field(name, kind, nullable=False) for name, kind in (
+        ("train_acc", pa.float32()), ("target_acc", pa.float32()), ("loss", pa.float32()),
+        ("seconds", pa.float32()), ("host", pa.string()), ("unit", pa.string()),
+        ("code_version", pa.string()), ("config_hash", pa.string()), ("failure", pa.string()))]
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What every row of this experiment's ledger must agree with."""
+    config_hash: str
+    alpha: float
+    seed: int
+    n: int
+    n_targets: int
+
+
+def unit_table(unit: str, rows: dict, n_targets: int | None = None) -> pa.Table:
+    """One work unit's rows as a table of the ledger schema. `rows` maps column names to
+    sequences; `mask` is uint8 [k, n_bytes] (packed), `margins` float32 [k, T]."""
+    packed = np.ascontiguousarray(rows["mask"], dtype=np.uint8)
+    margins = np.ascontiguousarray(rows["margins"], dtype=np.float32)
+    k, n_bytes = packed.shape
+    if margins.ndim != 2 or margins.shape[0] != k:
+        raise LedgerError(f"unit {unit}: margins shape {margins.shape} does not match {k} masks")
+    T = margins.shape[1] if n_targets is None else n_targets
+    if margins.shape[1] != T:
+        raise LedgerError(f"unit {unit}: margins have {margins.shape[1]} targets, expected {T}")
+    sch = schema(n_bytes, T)
+    failure = rows.get("failure")
+    if failure is None:
+        failure = np.where(np.isfinite(margins).all(1), "", FAILED_NONFINITE)
+    cols = {}
+    for f in sch:
+        if f.name == "mask":
+            cols[f.name] = pa.FixedSizeBinaryArray.from_buffers(f.type, k, [None, pa.py_buffer(packed.tobytes())])
+        elif f.name.startswith("margins_"):
+            a = int(f.name.split("_")[1]) * MARGIN_BLOCK
+            block = np.ascontiguousarray(margins[:, a:a + f.type.list_size])
+            cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1), pa.float32()),
+                                                             f.type.list_size)
+        elif f.name == "host":
+            cols[f.name] = pa.array(list(rows.get("host", [socket.gethostname()] * k)), pa.string())
+        elif f.name == "unit":
+            cols[f.name] = pa.array([unit] * k, pa.string())
+        elif f.name == "failure":
+            cols[f.name] = pa.array([str(x) for x in failure], pa.string())
+        else:
+            cols[f.name] = pa.array(np.asarray(rows[f.name]).tolist(), f.type)
+    return pa.Table.from_pydict(cols, schema=sch)
 
 
 @dataclass
 class MaskSetData:
-    """What the fit and evaluate stages read: one row per distinct model, sorted by key."""
+    """What the fit and evaluate stages read: one row per distinct good model, sorted by key."""
     packed: np.ndarray          # uint8 [m, ceil(n/8)]
     margins: np.ndarray         # float32 [m, T]
     model_id: np.ndarray        # int64 [m]
@@ -63,173 +117,257 @@ class MaskSetData:
         return len(self.model_id)
 
 
-def atomic_write(table: pa.Table, fs, final: str, local: bool) -> None:
-    """Write `table` to `final` so that no reader ever sees a partial file: a temporary
-    name plus rename on a local disk; on object stores the object appears only when its
-    upload completes."""
-    parent = final.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if local:
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}.parquet"
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    else:
-        pq.write_table(table, final, filesystem=fs, compression="zstd")
+@dataclass
+class _FileKeys:
+    digest: str
+    set_code: np.ndarray     # int8: index into SETS
+    model_id: np.ndarray
+    replica: np.ndarray
+    failure: list            # str per row
 
 
-def filesystem(path: str):
-    """(pyarrow filesystem, root path, is_local) for a local path or a URI."""
-    if "://" in path:
-        fs, root = pafs.FileSystem.from_uri(path)
-        return fs, root, False
-    return pafs.LocalFileSystem(), os.path.abspath(path), True
+@dataclass
+class Index:
+    """The verified ledger as metadata: which file and row holds each model (no masks or
+    margins). Duplicates are resolved by the smallest content digest."""
+    files: list[str]                 # rel paths, in digest order
+    set_code: np.ndarray             # per chosen model
+    model_id: np.ndarray
+    replica: np.ndarray
+    file: np.ndarray                 # index into files
+    row: np.ndarray                  # row inside that file
+    failed: np.ndarray               # bool
+    failures: list                   # reason per chosen model ("" if good)
+    duplicates: int                  # rows beyond the first for some model
+
+    def select(self, mask_set: str, good: bool = True) -> np.ndarray:
+        """Positions of the models of `mask_set` (good ones only by default), sorted by key."""
+        sel = self.set_code == SETS.index(mask_set)
+        if good:
+            sel &= ~self.failed
+        return np.flatnonzero(sel)
+
+    def keys(self, mask_set: str | None = None) -> set[tuple[str, int, int]]:
+        """Every (mask_set, model_id, replica) present, failed models included."""
+        sel = np.ones(len(self.model_id), bool) if mask_set is None else self.set_code == SETS.index(mask_set)
+        return {(SETS[c], int(i), int(r)) for c, i, r in
+                zip(self.set_code[sel], self.model_id[sel], self.replica[sel])}
+
+    def count(self, mask_set: str) -> int:
+        return int(len(self.select(mask_set)))
+
+    def failed_models(self) -> list[dict]:
+        return [{"mask_set": SETS[int(self.set_code[p])], "model_id": int(self.model_id[p]),
+                 "replica": int(self.replica[p]), "reason": self.failures[p]}
+                for p in np.flatnonzero(self.failed)]
 
 
 class Ledger:
-    """A Parquet dataset of trained models at `path` (local directory or pyarrow URI)."""
+    """The ledger of the experiment in `store` (a Store or the RemoteStore of a worker).
 
-    def __init__(self, path: str):
-        self.path = path
-        self.fs, self.root, self.local = filesystem(path)
-        self.quarantined: list[str] = []
+    With an `identity`, every file is checked against the experiment before use; without
+    one (a reader exploring a ledger) only integrity is checked."""
+
+    def __init__(self, store, identity: Identity | None = None):
+        self.store = store
+        self.identity = identity
+        self.quarantined: list[dict] = []
+        self._verified: dict[str, _FileKeys] = {}
+
+    @property
+    def where(self) -> str:
+        return self.store.where(Layout.LEDGER)
 
     # ---------------------------------------------------------------- writing
     def write_unit(self, unit: str, rows: dict) -> str:
-        """Write one work unit's rows as one file, atomically; returns the final path.
-
-        `rows` maps column name to a sequence; `mask` is uint8 [k, n_bytes], `margins`
-        float32 [k, T]. A retried unit writes a second file with the same keys; readers keep
-        one row per key.
-        """
-        packed = np.ascontiguousarray(rows["mask"], dtype=np.uint8)
-        margins = np.ascontiguousarray(rows["margins"], dtype=np.float32)
-        k, n_bytes = packed.shape
-        if margins.ndim != 2 or margins.shape[0] != k:
-            raise LedgerError(f"unit {unit}: margins shape {margins.shape} does not match {k} masks")
-        sch = schema(n_bytes, margins.shape[1])
-        cols = {}
-        for name in sch.names:
-            if name == "mask":
-                cols[name] = pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(n_bytes), k, [None, pa.py_buffer(packed.tobytes())])
-            elif name == "margins":
-                cols[name] = pa.FixedSizeListArray.from_arrays(
-                    pa.array(margins.reshape(-1), pa.float32()), margins.shape[1])
-            elif name == "host":
-                cols[name] = pa.array(rows.get("host", [socket.gethostname()] * k), pa.string())
-            elif name == "unit":
-                cols[name] = pa.array([unit] * k, pa.string())
-            else:
-                cols[name] = pa.array(np.asarray(rows[name]).tolist(), sch.field(name).type)
-        table = pa.Table.from_pydict(cols, schema=sch)
-        final = f"{self.root}/{unit}-{uuid.uuid4().hex[:8]}.parquet"
-        atomic_write(table, self.fs, final, self.local)
-        return final
+        """Write one work unit's rows as one file named by its content; returns its path in
+        the store. The same content written twice is the same file."""
+        table = unit_table(unit, rows, self.identity.n_targets if self.identity else None)
+        digests = table_digests(table)
+        rel = Layout.unit(unit, content_digest(digests))
+        self.store.write_table(rel, table, digests)
+        return rel
 
     # ---------------------------------------------------------------- reading
     def files(self) -> list[str]:
-        """Finished unit files (temporary and quarantined files are not listed)."""
+        return [e.rel for e in self.store.list(Layout.LEDGER, ".parquet")]
+
+    def quarantine(self, rel: str, reason: str) -> None:
+        name = rel.rsplit("/", 1)[-1]
+        dest = f"{Layout.QUARANTINE}/{name}"
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False))
-        except FileNotFoundError:
-            return []
-        return sorted(
-            i.path for i in infos
-            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-            and not i.base_name.startswith((".", "_"))
-        )
+            self.store.move(rel, dest)
+        except FileNotFoundError:   # another reader moved it first
+            pass
+        self._verified.pop(rel, None)
+        self.quarantined.append({"file": name, "reason": reason})
+        log.error("ledger: %s quarantined to %s: %s; its models will be retrained",
+                  name, self.store.where(dest), reason)
 
-    def _quarantine(self, path: str, err: Exception) -> None:
-        qdir = f"{self.root}/{QUARANTINE}"
-        self.fs.create_dir(qdir, recursive=True)
-        dest = f"{qdir}/{path.rsplit('/', 1)[-1]}"
-        self.fs.move(path, dest)
-        self.quarantined.append(dest)
-        log.error("ledger: corrupt file %s moved to %s (%s); its models will be retrained",
-                  path, dest, str(err).splitlines()[0])
+    def _verify(self, rel: str) -> _FileKeys:
+        """Read a whole unit file and check it; CorruptFile says why not."""
+        table = self.store.read_table(rel)
+        ident = self.identity
+        names = table.column_names
+        if "mask" not in names or not pa.types.is_fixed_size_binary(table.schema.field("mask").type):
+            raise CorruptFile(rel, "no fixed-size binary 'mask' column: not a ledger unit of this version")
+        n_bytes = table.schema.field("mask").type.byte_width
+        T = ident.n_targets if ident else sum(table.schema.field(c).type.list_size
+                                              for c in names if c.startswith("margins_"))
+        want = schema(n_bytes, T)
+        if ident and n_bytes != (ident.n + 7) // 8:
+            raise CorruptFile(rel, f"masks of {n_bytes} bytes, the experiment has n={ident.n}")
+        for f in want:
+            if f.name not in names:
+                raise CorruptFile(rel, f"column {f.name!r} is missing")
+            got = table.schema.field(f.name).type
+            if got != f.type:
+                raise CorruptFile(rel, f"column {f.name!r} is {type_name(got)}, expected {type_name(f.type)}")
+        extra = [c for c in names if c not in want.names]
+        if extra:
+            raise CorruptFile(rel, f"unexpected column(s) {extra}")
+        sets = table["mask_set"].to_pylist()
+        bad = sorted(set(sets) - set(SETS))
+        if bad:
+            raise CorruptFile(rel, f"unknown mask set {bad[0]!r}")
+        set_code = np.array([SETS.index(s) for s in sets], dtype=np.int8)
+        ids = table["model_id"].to_numpy()
+        reps = table["replica"].to_numpy()
+        name = rel.rsplit("/", 1)[-1][:-len(".parquet")]
+        unit, _, digest = name.rpartition("-")
+        if set(table["unit"].to_pylist()) != {unit}:
+            raise CorruptFile(rel, "its rows name another unit than its file name")
+        if ident:
+            hashes = set(table["config_hash"].to_pylist())
+            if hashes != {ident.config_hash}:
+                raise CorruptFile(rel, f"rows of another experiment (config_hash {sorted(hashes)[0]}, "
+                                       f"this experiment is {ident.config_hash})")
+            alphas = table["alpha"].to_numpy()
+            if not np.all(alphas == ident.alpha):
+                raise CorruptFile(rel, f"rows with alpha {alphas[alphas != ident.alpha][0]}, "
+                                       f"this experiment has {ident.alpha}")
+            if np.any(ids < 0) or np.any(reps < 0):
+                raise CorruptFile(rel, "negative model id or replica")
+            seeds = table["seed"].to_numpy()
+            packed = np.frombuffer(table["mask"].combine_chunks().buffers()[1], np.uint8,
+                                   count=len(ids) * n_bytes,
+                                   offset=table["mask"].combine_chunks().offset * n_bytes).reshape(-1, n_bytes)
+            for code, mask_set in enumerate(SETS):
+                sel = np.flatnonzero(set_code == code)
+                if not len(sel):
+                    continue
+                want_seeds = [M.model_seed(ident.seed, mask_set, int(i), int(r)) for i, r in zip(ids[sel], reps[sel])]
+                if not np.array_equal(seeds[sel], np.array(want_seeds, dtype=np.int64)):
+                    raise CorruptFile(rel, "model seeds that exp.seed does not give")
+                regen = bits.pack(M.make_masks(ident.seed, mask_set, ids[sel], ident.n, ident.alpha))
+                if not np.array_equal(packed[sel], regen):
+                    raise CorruptFile(rel, "masks that exp.seed and masks.alpha do not give")
+        return _FileKeys(digest, set_code, ids, reps, table["failure"].to_pylist())
 
-    def read_table(self, columns: list[str] | None = None, mask_set: str | None = None) -> pa.Table | None:
-        """All rows (duplicates included), quarantining unreadable files first."""
+    def index(self) -> Index:
+        """Verify the files not verified yet (quarantining those that fail) and index every
+        model. Metadata only: masks and margins are read to check them, then dropped."""
         files = self.files()
-        if not files:
-            return None
-        good = []
-        for path in files:
+        for rel in files:
+            if rel in self._verified:
+                continue
             try:
-                meta = pq.read_metadata(path, filesystem=self.fs)
-                names = meta.schema.to_arrow_schema().names
-                if "margins" not in names or "model_id" not in names:
-                    raise LedgerError("not a ledger file (no margins/model_id columns)")
-                good.append(path)
-            except Exception as err:  # noqa: BLE001 - any unreadable file is quarantined
-                self._quarantine(path, err)
-        if not good:
-            return None
-        dataset = ds.dataset(good, format="parquet", filesystem=self.fs)
-        flt = ds.field("mask_set") == mask_set if mask_set is not None else None
-        try:
-            return dataset.to_table(columns=columns, filter=flt)
-        except (pa.ArrowInvalid, OSError) as err:
-            # A file whose footer is fine but whose pages are not: find it one by one.
-            for path in good:
-                try:
-                    pq.read_table(path, filesystem=self.fs, columns=columns)
-                except Exception as err2:  # noqa: BLE001
-                    self._quarantine(path, err2)
-            if len(self.quarantined) == 0:
-                raise LedgerError(f"ledger {self.path}: {err}") from err
-            return self.read_table(columns, mask_set)
+                self._verified[rel] = self._verify(rel)
+            except FileNotFoundError:
+                continue
+            except CorruptFile as err:
+                self.quarantine(rel, err.reason)
+        present = set(files)
+        for rel in [r for r in self._verified if r not in present]:
+            del self._verified[rel]
+        order = sorted(self._verified, key=lambda r: (self._verified[r].digest, r))
+        parts = [self._verified[r] for r in order]
+        if not parts:
+            z = np.zeros(0, np.int64)
+            return Index([], z.astype(np.int8), z, z.astype(np.int32), z, z, z.astype(bool), [], 0)
+        set_code = np.concatenate([p.set_code for p in parts])
+        model_id = np.concatenate([p.model_id for p in parts]).astype(np.int64)
+        replica = np.concatenate([p.replica for p in parts]).astype(np.int32)
+        file = np.concatenate([np.full(len(p.model_id), i, np.int64) for i, p in enumerate(parts)])
+        row = np.concatenate([np.arange(len(p.model_id)) for p in parts])
+        failures = [f for p in parts for f in p.failure]
+        # one row per key: the first in (set, id, replica, file-digest order)
+        o = np.lexsort((file, replica, model_id, set_code))
+        keys = np.stack([set_code[o], model_id[o], replica[o]], 1)
+        first = np.ones(len(o), bool)
+        first[1:] = np.any(keys[1:] != keys[:-1], axis=1)
+        c = o[first]
+        failed = np.array([bool(failures[i]) for i in c], dtype=bool)
+        return Index(order, set_code[c], model_id[c], replica[c], file[c], row[c], failed,
+                     [failures[i] for i in c], int(len(o) - len(c)))
 
     def keys(self, mask_set: str | None = None) -> set[tuple[str, int, int]]:
-        """The distinct (mask_set, model_id, replica) keys present."""
-        table = self.read_table(["mask_set", "model_id", "replica"], mask_set)
-        if table is None:
-            return set()
-        return set(zip(table["mask_set"].to_pylist(), table["model_id"].to_pylist(),
-                       table["replica"].to_pylist()))
+        return self.index().keys(mask_set)
 
     def count(self, mask_set: str) -> int:
-        return len(self.keys(mask_set))
+        return self.index().count(mask_set)
 
-    def _distinct(self, columns: list[str], mask_set: str) -> pa.Table:
-        """`columns` of one row per distinct (model_id, replica) of mask_set, sorted by that key."""
-        table = self.read_table(columns, mask_set)
-        if table is None or table.num_rows == 0:
-            raise LedgerError(f"ledger {self.path} has no models of mask set '{mask_set}'; run stage=train first")
-        mid = table["model_id"].to_numpy()
-        rep = table["replica"].to_numpy()
-        order = np.lexsort((rep, mid))
-        mid_s, rep_s = mid[order], rep[order]
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = (mid_s[1:] != mid_s[:-1]) | (rep_s[1:] != rep_s[:-1])
-        return table.take(pa.array(order[first]))
+    def read_columns(self, index: Index, positions: np.ndarray, columns: list[str]) -> pa.Table:
+        """`columns` of the models at `positions` of the index, in that order. Each file is
+        read once (projected to those columns) and checked against its digests again; a file
+        that changed since it was verified is quarantined and LedgerError raised."""
+        files = index.file[positions]
+        rows = index.row[positions]
+        parts, where = [], []
+        for f in np.unique(files):
+            rel = index.files[int(f)]
+            try:
+                table = self.store.read_table(rel, columns)
+            except (CorruptFile, FileNotFoundError) as err:
+                self.quarantine(rel, getattr(err, "reason", "the file is gone"))
+                raise LedgerError(f"{self.where}: {rel.rsplit('/', 1)[-1]} changed after it was verified; "
+                                  f"re-run to retrain its models") from None
+            sel = np.flatnonzero(files == f)
+            parts.append(table.take(pa.array(rows[sel])))
+            where.append(sel)
+        if not parts:
+            return pa.table({c: pa.array([], pa.null()) for c in columns})
+        out = pa.concat_tables(parts)
+        inverse = np.empty(len(positions), np.int64)
+        inverse[np.concatenate(where)] = np.arange(len(positions))
+        return out.take(pa.array(inverse))
 
-    def seconds(self, mask_set: str) -> np.ndarray:
-        """Training seconds of every distinct model of mask_set (no masks or margins read)."""
-        return self._distinct(["model_id", "replica", "seconds"], mask_set)["seconds"].to_numpy()
+    def seconds(self, mask_set: str, index: Index | None = None) -> np.ndarray:
+        """Training seconds of every good model of `mask_set` (no masks or margins read)."""
+        index = index or self.index()
+        pos = index.select(mask_set)
+        if not len(pos):
+            return np.zeros(0, np.float32)
+        return self.read_columns(index, pos, ["seconds"])["seconds"].to_numpy()
 
-    def load(self, mask_set: str, n: int | None = None, n_targets: int | None = None) -> MaskSetData:
-        """(packed masks, margins) of every distinct model of `mask_set`, sorted by
-        (model_id, replica); checks the shapes against n and T when given."""
-        cols = ["model_id", "replica", "mask", "margins", "train_acc", "target_acc", "loss", "seconds"]
-        table = self._distinct(cols, mask_set)
-        rows = table.num_rows
-        mask_col = table["mask"].combine_chunks()
-        n_bytes = mask_col.type.byte_width
-        packed = np.frombuffer(mask_col.buffers()[1], dtype=np.uint8,
-                               count=rows * n_bytes, offset=mask_col.offset * n_bytes)
-        packed = packed.reshape(rows, n_bytes).copy()
-        marg_col = table["margins"].combine_chunks()
-        T = marg_col.type.list_size
-        margins = marg_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        margins = margins.reshape(rows, T)
+    def load(self, mask_set: str, n: int | None = None, n_targets: int | None = None,
+             index: Index | None = None) -> MaskSetData:
+        """(packed masks, margins) of every good model of `mask_set`, sorted by (model_id,
+        replica); checks the shapes against n and T when given."""
+        index = index or self.index()
+        pos = index.select(mask_set)
+        if not len(pos):
+            raise LedgerError(f"ledger {self.where} has no models of mask set '{mask_set}'; run stage=train first")
+        schema_T = None
+        first = self.store.read_schema(index.files[int(index.file[pos[0]])])
+        marg = [c for c in first.names if c.startswith("margins_")]
+        schema_T = sum(first.field(c).type.list_size for c in marg)
+        n_bytes = first.field("mask").type.byte_width
         if n is not None and n_bytes != (n + 7) // 8:
-            raise LedgerError(f"ledger {self.path}: masks have {n_bytes} bytes, the task has n={n} "
-                              f"training examples; point ledger.path at this experiment's ledger")
-        if n_targets is not None and T != n_targets:
-            raise LedgerError(f"ledger {self.path}: margins have T={T}, the task has {n_targets} targets; "
-                              f"point ledger.path at this experiment's ledger")
-        extra = {c: table[c].to_numpy() for c in ("train_acc", "target_acc", "loss", "seconds")}
-        return MaskSetData(packed, margins, table["model_id"].to_numpy(), table["replica"].to_numpy(), extra)
+            raise LedgerError(f"ledger {self.where}: masks have {n_bytes} bytes, the task has n={n} "
+                              f"training examples; point store.uri at this experiment's store")
+        if n_targets is not None and schema_T != n_targets:
+            raise LedgerError(f"ledger {self.where}: margins have T={schema_T}, the task has {n_targets} targets; "
+                              f"point store.uri at this experiment's store")
+        extra_cols = ["train_acc", "target_acc", "loss", "seconds"]
+        table = self.read_columns(index, pos, ["mask"] + marg + extra_cols)
+        mask_col = table["mask"].combine_chunks()
+        packed = np.frombuffer(mask_col.buffers()[1], dtype=np.uint8, count=len(pos) * n_bytes,
+                               offset=mask_col.offset * n_bytes).reshape(len(pos), n_bytes).copy()
+        margins = np.empty((len(pos), schema_T), np.float32)
+        for name in marg:
+            a = int(name.split("_")[1]) * MARGIN_BLOCK
+            col = table[name].combine_chunks()
+            margins[:, a:a + col.type.list_size] = col.flatten().to_numpy().reshape(len(pos), -1)
+        extra = {c: table[c].to_numpy() for c in extra_cols}
+        return MaskSetData(packed, margins, index.model_id[pos], index.replica[pos], extra)

@@ -1,14 +1,19 @@
-"""The pipeline: masks → train → fit → evaluate, each stage resumable and runnable alone.
+"""The pipeline: masks → train → fit → baselines → evaluate, each resumable and runnable alone.
 
-`run(cfg)` validates everything before Ray starts, then runs the asked stages under one
-MLflow parent run (a nested run per stage) and writes summary.json in the experiment
-directory. The ledger, not this process's memory, is the source of truth.
+`run(cfg)` validates everything and checks every output location before Ray starts, then
+runs the asked stages under one MLflow parent run (a nested run per stage) and writes
+summary.json into the experiment's store. The store, not this process's memory, is the
+source of truth: a driver that dies is replaced by submitting the same command again, and
+drivers running at once share the work through claims in the store.
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import subprocess
+import tempfile
 import time
 
 import numpy as np
@@ -17,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator import config as C
 from orchestrator import baselines_stage, evaluate, fit_stage, train_stage
 from orchestrator import masks as M
-from orchestrator.ledger import Ledger
+from orchestrator.store import Layout, redact
 from orchestrator.tracking import Tracker
 from workers import bits
 
@@ -38,48 +43,42 @@ def code_version() -> str:
     return f"{v}+{sha}" if sha else v
 
 
+def redacted(obj):
+    """A copy of a config container with every URI's credentials redacted."""
+    if isinstance(obj, dict):
+        return {k: redacted(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redacted(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj:
+        return redact(obj)
+    return obj
+
+
 def masks_stage(plan) -> dict:
     """Write the mask sets (bit-packed .npy) for inspection; every other stage regenerates
-    masks from the seed, so this file is a convenience, checked against the ledger."""
+    masks from the seed and the ledger is checked against them."""
     cfg = plan.cfg
     out = {}
-    os.makedirs(os.path.join(plan.exp_dir, "masks"), exist_ok=True)
     for mask_set, count in (("train", int(cfg.masks.n_train)), ("eval", int(cfg.masks.n_eval))):
         X = M.make_masks(int(cfg.exp.seed), mask_set, np.arange(count), plan.n, float(cfg.masks.alpha))
-        np.save(os.path.join(plan.exp_dir, "masks", f"{mask_set}.npy"), bits.pack(X))
+        buf = io.BytesIO()
+        np.save(buf, bits.pack(X))
+        plan.store.write_bytes(Layout.masks(mask_set), buf.getvalue())
         out[mask_set] = count
     out["size"] = M.mask_size(plan.n, float(cfg.masks.alpha))
     return out
 
 
-def check_ledger_masks(plan, sample: int = 8) -> None:
-    """Compare a few ledger masks with their regeneration from the seed."""
-    ledger = Ledger(plan.ledger_path)
-    cfg = plan.cfg
-    for mask_set in ("train", "eval"):
-        try:
-            data = ledger.load(mask_set, n=plan.n, n_targets=plan.n_targets)
-        except Exception:  # noqa: BLE001 - an empty mask set is checked by the stage that needs it
-            continue
-        for row in np.linspace(0, len(data) - 1, min(sample, len(data))).astype(int):
-            want = M.make_mask(int(cfg.exp.seed), mask_set, int(data.model_id[row]), plan.n,
-                               float(cfg.masks.alpha))
-            if not np.array_equal(bits.unpack(data.packed[row:row + 1], plan.n)[0], want):
-                raise C.ConfigError(
-                    f"ledger.path={plan.ledger_path}: mask {mask_set}/{data.model_id[row]} does not match "
-                    f"exp.seed/masks.alpha; point ledger.path at this experiment's ledger")
-
-
-def accuracy_summary(plan) -> dict:
-    ledger = Ledger(plan.ledger_path)
+def accuracy_summary(plan, index) -> dict:
+    """Mean, min and max train/target accuracy per mask set (two columns read, nothing else)."""
     out = {}
     for mask_set in ("train", "eval"):
-        try:
-            d = ledger.load(mask_set)
-        except Exception:  # noqa: BLE001
+        pos = index.select(mask_set)
+        if not len(pos):
             continue
+        t = plan.ledger.read_columns(index, pos, ["target_acc", "train_acc"])
         for key in ("target_acc", "train_acc"):
-            v = d.extra[key]
+            v = t[key].to_numpy()
             out[f"{mask_set}.{key}"] = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
     return out
 
@@ -87,6 +86,8 @@ def accuracy_summary(plan) -> dict:
 def print_table(summary: dict) -> None:
     lines = ["", f"experiment: {summary['experiment_dir']}",
              f"models: train {summary['models'].get('train', 0)}, eval {summary['models'].get('eval', 0)}"]
+    if summary.get("models_failed"):
+        lines.append(f"failed models (not fitted): {summary['models_failed']}")
     lds = summary.get("lds") or {}
     if lds:
         lines.append(f"{'method':<16}{'LDS':>8}   {'95% CI':<18}{'MSE':>10}")
@@ -97,78 +98,107 @@ def print_table(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _previous_summary(store) -> dict:
+    try:
+        return json.loads(store.read_bytes(Layout.SUMMARY))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
     plan = plan or C.validate(cfg)
+    C.check_outputs(plan)
     stage = cfg.stage
-    os.makedirs(plan.exp_dir, exist_ok=True)
-    tracker = Tracker(plan.tracking_uri, cfg.exp.name)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    with open(os.path.join(plan.exp_dir, "config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    summary_path = os.path.join(plan.exp_dir, "summary.json")
-    summary = {"experiment_dir": os.path.abspath(plan.exp_dir), "ledger": plan.ledger_path,
-               "config_hash": plan.config_hash, "stage": stage, "n": plan.n, "n_targets": plan.n_targets,
-               "alpha": float(cfg.masks.alpha), "timings": {}}
+    store = plan.store
+    tracker = Tracker(plan.tracking_uri, cfg.exp.name, bool(cfg.tracking.required),
+                      float(cfg.tracking.timeout_seconds))
+    resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
+    config_text = OmegaConf.to_yaml(OmegaConf.create(resolved))
+    store.write_bytes(Layout.CONFIG, config_text.encode())
+    scratch = tempfile.mkdtemp(prefix="datamodels-")
+    with open(os.path.join(scratch, "config.yaml"), "w") as f:
+        f.write(config_text)
+    summary = _previous_summary(store)
+    summary.update({"experiment_dir": store.where(), "ledger": store.where(Layout.LEDGER),
+                    "config_hash": plan.config_hash, "stage": stage, "n": plan.n, "n_targets": plan.n_targets,
+                    "alpha": float(cfg.masks.alpha)})
+    summary.setdefault("timings", {})
     version = code_version()
     want = (lambda s: stage in ("all", s))
+    needs_ray = stage in ("all", "train", "fit", "baselines")
     with tracker.parent(f"{cfg.exp.name}-{stage}", resolved,
                         {"experiment_dir": summary["experiment_dir"], "config_hash": plan.config_hash,
                          "code_version": version}):
-        tracker.log_artifact(os.path.join(plan.exp_dir, "config.yaml"))
-        if want("masks"):
-            t0 = time.perf_counter()
-            with tracker.stage("masks"):
-                summary["masks"] = masks_stage(plan)
-            summary["timings"]["masks"] = time.perf_counter() - t0
-        if stage in ("all", "train", "fit", "baselines", "evaluate"):
+        tracker.log_artifact(os.path.join(scratch, "config.yaml"))
+        if needs_ray:
             from orchestrator import raycluster
-            check_ledger_masks(plan)
-            if stage in ("all", "train", "fit", "baselines"):
-                raycluster.connect(cfg.cluster)
-        if want("train"):
-            t0 = time.perf_counter()
-            with tracker.stage("train", {"train": resolved["train"]}):
-                st = train_stage.run(plan, tracker, version)
-                tracker.log_metrics({"models_trained": st["models_trained"], "train_seconds": st["seconds"]})
-            summary["train"] = st
-            summary["timings"]["train"] = time.perf_counter() - t0
-        fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
-        if want("fit"):
-            t0 = time.perf_counter()
-            with tracker.stage("fit", {"fit": resolved["fit"]}):
-                st = fit_stage.run(plan, tracker)
-            summary["fit"] = st
-            summary["timings"]["fit"] = time.perf_counter() - t0
-        if want("baselines"):
-            t0 = time.perf_counter()
-            with tracker.stage("baselines", {"baselines": resolved["baselines"]}):
-                summary["baselines"] = baselines_stage.run(plan, tracker)
-            summary["timings"]["baselines"] = time.perf_counter() - t0
-        if want("evaluate"):
-            t0 = time.perf_counter()
-            train_seconds = Ledger(plan.ledger_path).seconds("train")  # one column, not the masks
-            m = len(train_seconds)
-            dm_dir = fit_stage.store_dir(plan.exp_dir, m, fit_cfg)
-            prefixes = fit_stage.prefix_sizes(fit_cfg, m)
-            prefix_dirs = {k: fit_stage.store_dir(plan.exp_dir, k, fit_cfg) for k in prefixes}
-            per_model = float(np.sum(train_seconds)) / max(m, 1)
-            compute = {"models": m, "per_model": per_model,
-                       "datamodels": per_model * m + fit_stage.fit_seconds(dm_dir)}
-            with tracker.stage("evaluate"):
-                ev = evaluate.run(plan, tracker, dm_dir, prefix_dirs, compute)
-            for name, metrics in ev.pop("method_metrics").items():
-                with tracker.stage(f"method:{name}", {"method": name,
-                                                      "params": ev["lds"][name].get("params") or {}}):
-                    tracker.log_metrics(metrics)
-            summary.update(lds=ev["lds"], lds_curve=ev["lds_curve"], eval_masks=ev["eval_masks"])
-            summary["timings"]["evaluate"] = time.perf_counter() - t0
-        ledger = Ledger(plan.ledger_path)
-        summary["models"] = {s: ledger.count(s) for s in ("train", "eval")}
-        summary["accuracy"] = accuracy_summary(plan)
-        if ledger.quarantined:
-            summary["quarantined"] = ledger.quarantined
-        evaluate.write_summary(summary_path, summary)
-        tracker.log_artifact(summary_path)
-        tracker.log_metrics({f"models_{k}": v for k, v in summary["models"].items()})
+            from orchestrator.claims import Claims
+            from orchestrator.store import serve
+            raycluster.connect(cfg.cluster)
+            plan.handle = serve(store)
+            plan.claims = Claims(store, float(cfg.store.lease_seconds)).start()
+        try:
+            if want("masks"):
+                t0 = time.perf_counter()
+                with tracker.stage("masks"):
+                    summary["masks"] = masks_stage(plan)
+                summary["timings"]["masks"] = time.perf_counter() - t0
+            if want("train"):
+                t0 = time.perf_counter()
+                with tracker.stage("train", {"train": resolved["train"]}):
+                    st = train_stage.run(plan, tracker, version)
+                    tracker.log_metrics({"models_trained": st["models_trained"], "train_seconds": st["seconds"]})
+                summary["train"] = st
+                summary["timings"]["train"] = time.perf_counter() - t0
+            fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
+            if want("fit"):
+                t0 = time.perf_counter()
+                with tracker.stage("fit", {"fit": resolved["fit"]}):
+                    summary["fit"] = fit_stage.run(plan, tracker)
+                summary["timings"]["fit"] = time.perf_counter() - t0
+            if want("baselines"):
+                t0 = time.perf_counter()
+                with tracker.stage("baselines", {"baselines": resolved["baselines"]}):
+                    summary["baselines"] = baselines_stage.run(plan, tracker)
+                summary["timings"]["baselines"] = time.perf_counter() - t0
+            index = plan.ledger.index()
+            if want("evaluate"):
+                t0 = time.perf_counter()
+                train_seconds = plan.ledger.seconds("train", index)   # one column, not the masks
+                m = len(train_seconds)
+                dm_dir = fit_stage.store_dir(m, fit_cfg)
+                prefix_dirs = {k: fit_stage.store_dir(k, fit_cfg) for k in fit_stage.prefix_sizes(fit_cfg, m)}
+                per_model = float(np.sum(train_seconds)) / max(m, 1)
+                compute = {"models": m, "per_model": per_model,
+                           "datamodels": per_model * m + fit_stage.fit_seconds(store, dm_dir)}
+                with tracker.stage("evaluate"):
+                    ev = evaluate.run(plan, tracker, dm_dir, prefix_dirs, compute)
+                for name, metrics in ev.pop("method_metrics").items():
+                    with tracker.stage(f"method:{name}", {"method": name,
+                                                          "params": ev["lds"][name].get("params") or {}}):
+                        tracker.log_metrics(metrics)
+                summary.update(lds=ev["lds"], lds_curve=ev["lds_curve"], eval_masks=ev["eval_masks"],
+                               plots=ev["plots"])
+                summary["timings"]["evaluate"] = time.perf_counter() - t0
+            summary["models"] = {s: index.count(s) for s in ("train", "eval")}
+            failed = index.failed_models()
+            summary["models_failed"] = len(failed)
+            if failed:
+                summary["failed"] = failed[:100]
+            summary["duplicate_rows"] = index.duplicates
+            summary["accuracy"] = accuracy_summary(plan, index)
+            if plan.ledger.quarantined:
+                summary["quarantined"] = plan.ledger.quarantined
+            text = json.dumps(summary, indent=2, default=float)
+            store.write_bytes(Layout.SUMMARY, text.encode())
+            with open(os.path.join(scratch, "summary.json"), "w") as f:
+                f.write(text)
+            tracker.log_artifact(os.path.join(scratch, "summary.json"))
+            tracker.log_metrics({f"models_{k}": v for k, v in summary["models"].items()})
+        finally:
+            if plan.claims is not None:
+                plan.claims.close()
+            if plan.handle is not None:
+                plan.handle.close()
     print_table(summary)
     return summary

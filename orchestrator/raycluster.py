@@ -1,6 +1,11 @@
 """Connecting to Ray: a local instance by default, the job's cluster under `ray job submit`.
 
-Only this module decides how Ray is started, so tests, the CLI and benchmarks agree.
+Only this module decides how Ray is started, so tests, the CLI and benchmarks agree. A
+local instance listens on 127.0.0.1 only. Ray 2.60 on Linux replaces a loopback node
+address with the machine's external one (services.resolve_ip_for_localhost, governed by
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER), so every service would listen on all interfaces;
+`loopback_only()` turns that off for this process and the Ray processes it starts. A
+single-machine `ray start` head needs the same variable in its environment (tests do this).
 """
 from __future__ import annotations
 
@@ -9,6 +14,17 @@ import os
 import sys
 
 log = logging.getLogger(__name__)
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Keep a local instance's node address, and so every listening socket, on 127.0.0.1:
+    for this process (Ray's constant, read at call time) and its children (the variable)."""
+    os.environ[LOOPBACK_ENV] = "0"
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def connect(cluster_cfg) -> None:
@@ -33,7 +49,8 @@ def connect(cluster_cfg) -> None:
         kwargs["num_cpus"] = int(cluster_cfg.num_cpus)
     if cluster_cfg.get("num_gpus") is not None:
         kwargs["num_gpus"] = int(cluster_cfg.num_gpus)
-    log.info("starting a local Ray instance")
+    loopback_only()
+    log.info("starting a local Ray instance (listening on 127.0.0.1 only)")
     ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
              _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),

@@ -1,16 +1,28 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
 Only the driver talks to MLflow (workers return small summaries). The default store is
-`sqlite:///mlflow.db`, created here before anything else can write to it. With tracking
-disabled every call is a no-op, so the stages never test for it.
+`sqlite:///mlflow.db`; concurrent drivers create it under a file lock (MLflow's schema
+migration is not safe to race), and its artifacts go beside it (`mlartifacts/`), never into
+the working directory. An HTTP server that does not answer within seconds is an error
+before any work starts (`check_reachable`); one that fails mid-run is a one-line
+`TrackingError`, or, with `tracking.required=false`, a warning after which tracking is off.
+With tracking disabled every call is a no-op, so the stages never test for it.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
 
 log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used (one line: URI, reason, fix)."""
 
 
 def flatten(d, prefix: str = "") -> dict:
@@ -24,61 +36,150 @@ def flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def sqlite_path(uri: str) -> str | None:
+    return os.path.abspath(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError unless the MLflow store at `uri` can be used: an HTTP server
+    answers within `timeout` seconds; a sqlite or file store's directory is writable."""
+    from orchestrator.store import redact
+    path = sqlite_path(uri) or (urllib.parse.urlsplit(uri).path if uri.startswith("file:") else None)
+    if path is not None:
+        from orchestrator.config import _writable_dir
+        why = _writable_dir(os.path.dirname(os.path.abspath(path)))
+        if why:
+            raise TrackingError(f"{redact(uri)} cannot be written ({why}); set tracking.uri to a writable "
+                                f"location or tracking.enabled=false")
+        return
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            urllib.request.urlopen(url, timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return          # it answered
+        except (urllib.error.URLError, socket.timeout, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"{redact(uri)} is unreachable ({reason}) within {timeout:g} s; start the MLflow "
+                                f"server, or set tracking.enabled=false, or tracking.required=false to run "
+                                f"without it") from None
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    import fcntl
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
-    def __init__(self, uri: str | None, experiment: str):
+    def __init__(self, uri: str | None, experiment: str, required: bool = True, timeout: float = 5.0):
         self.enabled = uri is not None
         self.uri = uri
+        self.required = required
         self.parent_id = None
         if not self.enabled:
             return
+        if uri.startswith(("http://", "https://")):
+            # fail in seconds, not after MLflow's default 7 retries with backoff (minutes)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout * 2))))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         import mlflow
         self.mlflow = mlflow
-        if uri.startswith("sqlite:///"):
-            db_dir = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
-            os.makedirs(db_dir, exist_ok=True)
-        # The mlflow logger is chatty about database migrations on first use.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
+        # database migrations and auth chatter are debug-level detail for our users
+        for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        db = sqlite_path(uri)
+        lock = _file_lock(db + ".lock") if db else contextlib.nullcontext()
+        try:
+            with lock:
+                mlflow.set_tracking_uri(uri)
+                if mlflow.get_experiment_by_name(experiment) is None:
+                    artifacts = None
+                    if db:
+                        artifacts = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
+                    try:
+                        mlflow.create_experiment(experiment, artifact_location=artifacts)
+                    except mlflow.exceptions.MlflowException:
+                        pass      # created meanwhile by another driver
+                mlflow.set_experiment(experiment)
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds
+            self._failed("open the tracking store", err)
+
+    def _failed(self, what: str, err: BaseException) -> None:
+        from orchestrator.store import redact
+        line = " ".join(str(err).split())[:300]
+        msg = f"tracking.uri={redact(self.uri)}: cannot {what} ({line})"
+        if self.required:
+            raise TrackingError(msg + "; fix the MLflow store, or set tracking.required=false to continue "
+                                      "without it") from None
+        log.warning("%s; tracking is off for the rest of this run", msg)
+        self.enabled = False
+
+    def _do(self, what: str, fn, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            self._failed(what, err)
+            return None
 
     @contextlib.contextmanager
     def parent(self, run_name: str, params: dict, tags: dict):
         if not self.enabled:
             yield None
             return
-        with self.mlflow.start_run(run_name=run_name, tags=tags) as run:
-            self.parent_id = run.info.run_id
-            self.log_params(params)
+        run = self._do("start a run", self.mlflow.start_run, run_name=run_name, tags=tags)
+        try:
+            if run is not None:
+                self.parent_id = run.info.run_id
+                self.log_params(params)
             yield run
+        except BaseException:
+            self._end("FAILED")
+            raise
+        self._end("FINISHED")
+
+    def _end(self, status: str) -> None:
+        if self.enabled and self.mlflow.active_run() is not None:
+            self._do("end a run", self.mlflow.end_run, status=status)
 
     @contextlib.contextmanager
     def stage(self, name: str, params: dict | None = None):
         if not self.enabled:
             yield None
             return
-        with self.mlflow.start_run(run_name=name, nested=True, tags={"stage": name}) as run:
-            if params:
+        run = self._do("start a run", self.mlflow.start_run, run_name=name, nested=True, tags={"stage": name})
+        try:
+            if run is not None and params:
                 self.log_params(params)
             yield run
+        except BaseException:
+            if run is not None:
+                self._end("FAILED")
+            raise
+        if run is not None:
+            self._end("FINISHED")
 
     def log_params(self, params: dict) -> None:
-        if not self.enabled:
-            return
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):
-            self.mlflow.log_params(dict(items[i:i + 100]))
+            self._do("log parameters", self.mlflow.log_params, dict(items[i:i + 100]))
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        if not self.enabled:
-            return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self.mlflow.log_metrics(clean, step=step)
+        self._do("log metrics", self.mlflow.log_metrics, clean, step=step)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        if self.enabled and os.path.exists(path):
-            self.mlflow.log_artifact(path, artifact_path)
+        if os.path.exists(path):
+            self._do("log an artifact", self.mlflow.log_artifact, path, artifact_path)
 
     def set_tags(self, tags: dict) -> None:
-        if self.enabled:
-            self.mlflow.set_tags(tags)
+        self._do("set tags", self.mlflow.set_tags, tags)

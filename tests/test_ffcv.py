@@ -148,13 +148,14 @@ def test_train_stage_on_ray_with_ffcv_loader(tmp_path):
     """Persistent Ray actors stream from one shared .beton: the ledger fills, a re-run trains nothing."""
     from tests.test_cli import run_cli
     from orchestrator.ledger import Ledger
+    from orchestrator.store import Store
     args = ["experiment=tiny", "stage=train", "masks.n_train=20", "masks.n_eval=4", "train.models_per_unit=10",
             "train.models_per_step=5", "train.loader=ffcv", f"train.ffcv_dir={tmp_path}/beton",
             "tracking.enabled=false"]
     proc = run_cli(args, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (exp,) = [d for d in os.listdir(tmp_path / "runs") if d.startswith("tiny-")]
-    led = Ledger(str(tmp_path / "runs" / exp / "ledger"))
+    led = Ledger(Store(str(tmp_path / "runs" / exp)))
     assert led.count("train") == 20 and led.count("eval") == 4 * 2  # eval.replicas=2 in tiny
     assert len([f for f in os.listdir(tmp_path / "beton") if f.endswith(".beton")]) == 1
     data = led.load("train")

@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator import pipeline
 from orchestrator.ledger import Ledger
+from orchestrator.store import Store
 from tests.conftest import compose
 
 
@@ -79,7 +80,7 @@ def test_planted_model_recovered_and_resume_trains_nothing(tmp_path, ray_local):
 
     # the planted weights are what the fit recovered
     from orchestrator.fit_stage import load_datamodels
-    W, b, _ = load_datamodels(summary["fit"]["dir"], 8)
+    W, b, _ = load_datamodels(Store(summary["experiment_dir"]), summary["fit"]["dir"], 8)
     task = PlantedTask(60, 8)
     assert np.corrcoef(W.ravel(), task.W.ravel())[0, 1] > 0.95
     on = task.W != 0
@@ -110,9 +111,9 @@ def test_stage_alone_and_lost_models_retrained(tmp_path, ray_local):
     assert "fit" not in s and "lds" not in s
     assert s["models"] == {"train": 400, "eval": 80}
     # delete one unit file: exactly its models are retrained on the next run
-    led = Ledger(s["ledger"])
-    victim = [f for f in led.files() if os.path.basename(f).startswith("train-0000060")][0]
-    os.remove(victim)
+    led = Ledger(Store(s["experiment_dir"]))
+    victim = [f for f in led.files() if os.path.basename(f).startswith("train-000001-")][0]
+    os.remove(os.path.join(s["experiment_dir"], victim))
     before = trained(tmp_path / "count")
     s2 = pipeline.run(compose(planted_overrides(tmp_path, extra=["stage=train"]), tmp_path))
     assert s2["train"]["models_trained"] == 60

@@ -1,0 +1,538 @@
+"""The store: every artifact of an experiment under one URI (a local directory, s3://, gs://).
+
+This module alone knows the experiment's layout (`Layout`: where each kind of artifact
+lives) and how to write atomically, list and read through pyarrow filesystems. Parquet
+artifacts carry a digest of every column in their metadata, checked on every read; a file
+that fails the check is `CorruptFile`. Faults of the environment (disk full, permission
+denied, a server that does not answer after retries with backoff) are `StoreError`: one
+line naming the URI (credentials redacted) and what to do.
+
+A local store on a cluster is served to the other nodes by `StoreServer`, an actor pinned
+to the driver's node (`StoreHandle.open()` picks it when a task runs elsewhere), so a task
+never writes to the disk of the node it runs on.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+DIGESTS_KEY = b"datamodels.digests"
+SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token", "password", "token", "sig", "signature"}
+
+
+class StoreError(RuntimeError):
+    """The store cannot be reached, written or read (one line: URI, reason, fix)."""
+
+
+class CorruptFile(RuntimeError):
+    """A file in the store that fails verification (footer, pages, schema, digest, identity)."""
+
+    def __init__(self, rel: str, reason: str):
+        super().__init__(f"{rel}: {reason}")
+        self.rel, self.reason = rel, reason
+
+
+# ----------------------------------------------------------------------------- URIs
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def redact(uri: str) -> str:
+    """The URI with user info and secret query values replaced by ***: safe for logs, MLflow
+    and summary.json."""
+    uri = str(uri)
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
+             for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path,
+                                    urllib.parse.urlencode(query, safe="*:/"), parts.fragment))
+
+
+def join(uri: str, *names: str) -> str:
+    """`uri`/names..., keeping a URI's query string (endpoint options) at the end."""
+    uri = str(uri)
+    if not is_remote(uri):
+        return os.path.join(uri, *names)
+    parts = urllib.parse.urlsplit(uri)
+    path = "/".join([parts.path.rstrip("/")] + [n.strip("/") for n in names])
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
+def open_filesystem(uri: str):
+    """(pyarrow filesystem, root path inside it) for a local path or a URI.
+
+    s3:// URIs take the query options endpoint_override, scheme, region, access_key,
+    secret_key, session_token, anonymous (better: credentials from the environment or the
+    instance role; AWS_ENDPOINT_URL is honoured). Connections time out in seconds, so an
+    unreachable server is an error, never a hang."""
+    uri = str(uri)
+    if not is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "s3":
+        opts = dict(urllib.parse.parse_qsl(parts.query))
+        kwargs = {"connect_timeout": float(opts.pop("connect_timeout", 5)),
+                  "request_timeout": float(opts.pop("request_timeout", 30)),
+                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
+        for key in ("endpoint_override", "scheme", "region", "access_key", "secret_key", "session_token"):
+            if key in opts:
+                kwargs[key] = opts.pop(key)
+        if opts.pop("anonymous", "").lower() in ("1", "true", "yes"):
+            kwargs["anonymous"] = True
+        if opts:
+            raise StoreError(f"{redact(uri)}: unknown S3 option(s) {sorted(opts)}; allowed: endpoint_override, "
+                             f"scheme, region, connect_timeout, request_timeout, anonymous")
+        try:
+            fs = pafs.S3FileSystem(**kwargs)
+        except (OSError, ValueError, TypeError) as err:
+            raise StoreError(f"{redact(uri)}: {_reason(err)}") from None
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        return fs, f"{netloc}{parts.path}".rstrip("/")
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{redact(uri)}: {_reason(err)}") from None
+    return fs, root.rstrip("/")
+
+
+# ----------------------------------------------------------------------------- errors
+_PERMANENT = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY", "InvalidAccessKeyId", "SIGNATURE",
+              "NO_SUCH_BUCKET", "NoSuchBucket", "Forbidden", "403", "credentials")
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return "read-only file system"
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__
+
+
+def _hint(err: BaseException, remote: bool) -> str:
+    text = str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space there or set store.uri to a location with room; finished work is kept"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make it writable or set store.uri to a writable location"
+    if remote and any(p in text for p in _PERMANENT):
+        return ("check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role) "
+                "and that the bucket exists")
+    if remote:
+        return "check that the server is up and reachable (endpoint, network), then re-run to resume"
+    return "check the path"
+
+
+def _transient(err: BaseException, remote: bool) -> bool:
+    """Worth retrying: network and server-side errors of an object store, not a full disk,
+    a permission or a missing bucket."""
+    if not remote or isinstance(err, FileNotFoundError):
+        return False
+    return not any(p in str(err) for p in _PERMANENT)
+
+
+# ----------------------------------------------------------------------------- digests
+def type_name(t: pa.DataType) -> str:
+    """A type's name without its list field names (writers name them item or element)."""
+    return str(t).replace("element: ", "").replace("item: ", "")
+
+
+def column_digest(col) -> str:
+    """sha256 (32 hex) of a column's logical values, independent of chunking and encoding."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    h = hashlib.sha256()
+    t = col.type
+    h.update(type_name(t).encode())
+    h.update(len(col).to_bytes(8, "little"))
+    if pa.types.is_fixed_size_binary(t):
+        width = t.byte_width
+        buf = col.buffers()[1]
+        h.update(memoryview(buf)[col.offset * width:(col.offset + len(col)) * width])
+    elif pa.types.is_fixed_size_list(t):
+        h.update(np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False)).tobytes())
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        for value in col.to_pylist():
+            data = value.encode()
+            h.update(len(data).to_bytes(4, "little"))
+            h.update(data)
+    elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        h.update(np.ascontiguousarray(col.to_numpy(zero_copy_only=False)).tobytes())
+    else:
+        h.update(json.dumps(col.to_pylist(), default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def table_digests(table: pa.Table) -> dict[str, str]:
+    return {name: column_digest(table[name]) for name in table.column_names}
+
+
+def content_digest(digests: dict[str, str]) -> str:
+    """One digest for a whole table: names files by their content."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def verify_table(rel: str, table: pa.Table, digests: dict[str, str]) -> None:
+    """Raise CorruptFile unless every column of `table` is non-null and matches its digest."""
+    for name in table.column_names:
+        if name not in digests:
+            raise CorruptFile(rel, f"no digest for column {name!r}")
+        if table[name].null_count:
+            raise CorruptFile(rel, f"column {name!r} has nulls")
+        if column_digest(table[name]) != digests[name]:
+            raise CorruptFile(rel, f"column {name!r} does not match its digest")
+
+
+def _digests_of(rel: str, schema: pa.Schema) -> dict[str, str]:
+    meta = schema.metadata or {}
+    if DIGESTS_KEY not in meta:
+        raise CorruptFile(rel, "no column digests in its metadata (not written by this project)")
+    try:
+        return json.loads(meta[DIGESTS_KEY])
+    except ValueError:
+        raise CorruptFile(rel, "unreadable column digests") from None
+
+
+# ----------------------------------------------------------------------------- layout
+class Layout:
+    """Where each kind of artifact lives, relative to the experiment's root."""
+
+    LEDGER = "ledger"
+    QUARANTINE = "ledger/_quarantine"
+    CHECKPOINTS = "checkpoints"
+    DATAMODELS = "datamodels"
+    SCORES = "scores"
+    MASKS = "masks"
+    CLAIMS = "claims"
+    SUMMARY = "summary.json"
+    CONFIG = "config.yaml"
+    LDS_PER_TARGET = "lds_per_target.npz"
+
+    @staticmethod
+    def unit(name: str, digest: str) -> str:
+        return f"ledger/{name}-{digest}.parquet"
+
+    @staticmethod
+    def checkpoint(mask_set: str, model_id: int, replica: int) -> str:
+        return f"checkpoints/{mask_set}-{model_id:07d}-r{replica}.pt"
+
+    @staticmethod
+    def datamodels(m: int, backend: str, settings_hash: str) -> str:
+        return f"datamodels/m{m}-{backend}-{settings_hash}"
+
+    @staticmethod
+    def chunk(datamodels_dir: str, start: int, stop: int) -> str:
+        return f"{datamodels_dir}/chunk-{start:06d}-{stop:06d}.parquet"
+
+    @staticmethod
+    def scores(method: str, checkpoints: int, params_hash: str) -> str:
+        return f"scores/{method}-k{checkpoints}-{params_hash}.parquet"
+
+    @staticmethod
+    def masks(mask_set: str) -> str:
+        return f"masks/{mask_set}.npy"
+
+    @staticmethod
+    def plot(name: str) -> str:
+        return f"{name}.png"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str       # base name
+    rel: str        # path relative to the store root
+    size: int
+    mtime: float    # seconds since the epoch, as the store records it
+
+
+# ----------------------------------------------------------------------------- the store
+class Store:
+    """The experiment at `uri`: atomic writes, listings and verified reads, retried with
+    backoff for up to `retry_seconds` when an object store does not answer."""
+
+    def __init__(self, uri: str, retry_seconds: float = 60.0):
+        self.uri = str(uri)
+        self.remote = is_remote(self.uri)
+        self.fs, self.root = open_filesystem(self.uri)
+        self.retry_seconds = float(retry_seconds)
+
+    def __reduce__(self):
+        return (Store, (self.uri, self.retry_seconds))
+
+    def __repr__(self) -> str:
+        return f"Store({redact(self.uri)!r})"
+
+    # ------------------------------------------------------------------ paths
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def where(self, rel: str = "") -> str:
+        """The redacted URI (or absolute path) of `rel`, for messages and summaries."""
+        return redact(join(self.uri, rel)) if rel else redact(self.uri if self.remote else self.root)
+
+    def _call(self, what: str, rel: str, fn):
+        delay, deadline, warned = 0.5, time.monotonic() + self.retry_seconds, False
+        while True:
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except OSError as err:
+                if not _transient(err, self.remote) or time.monotonic() + delay > deadline:
+                    raise StoreError(f"{self.where(rel)}: cannot {what}: {_reason(err)}; "
+                                     f"{_hint(err, self.remote)}") from None
+                if not warned:
+                    log.warning("store: %s %s failed (%s); retrying for up to %.0f s",
+                                what, self.where(rel), _reason(err)[:120], self.retry_seconds)
+                    warned = True
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+
+    # ------------------------------------------------------------------ bytes
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write `data` at `rel` so that no reader ever sees part of it: a temporary name,
+        fsync and rename on a local disk; one PUT (or a completed multipart upload) on an
+        object store. Nothing is left behind when the write fails."""
+        path = self.path(rel)
+        if not self.remote:
+            self._call("write", rel, lambda: self._write_local(path, data))
+        else:
+            def put():
+                with self.fs.open_output_stream(path) as out:
+                    out.write(data)
+            self._call("write", rel, put)
+
+    @staticmethod
+    def _write_local(path: str, data: bytes) -> None:
+        parent, base = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{base}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole object; FileNotFoundError if it is not there."""
+        def get():
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        return self._call("read", rel, get)
+
+    def exists(self, rel: str) -> bool:
+        info = self._call("stat", rel, lambda: self.fs.get_file_info(self.path(rel)))
+        return info.type == pafs.FileType.File
+
+    def list(self, rel_dir: str, suffix: str = "") -> list[Entry]:
+        """Finished files directly under `rel_dir` (not temporary or `_`/`.` names), sorted."""
+        def ls():
+            try:
+                return self.fs.get_file_info(pafs.FileSelector(self.path(rel_dir), recursive=False))
+            except FileNotFoundError:
+                return []
+        out = []
+        for info in self._call("list", rel_dir, ls):
+            if info.type != pafs.FileType.File or info.base_name.startswith((".", "_")):
+                continue
+            if suffix and not info.base_name.endswith(suffix):
+                continue
+            mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+            out.append(Entry(info.base_name, f"{rel_dir}/{info.base_name}", int(info.size or 0), mtime))
+        return sorted(out, key=lambda e: e.name)
+
+    def list_dirs(self, rel_dir: str) -> list[str]:
+        def ls():
+            try:
+                return self.fs.get_file_info(pafs.FileSelector(self.path(rel_dir), recursive=False))
+            except FileNotFoundError:
+                return []
+        return sorted(i.base_name for i in self._call("list", rel_dir, ls)
+                      if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_")))
+
+    def delete(self, rel: str) -> None:
+        try:
+            self._call("delete", rel, lambda: self.fs.delete_file(self.path(rel)))
+        except FileNotFoundError:
+            pass
+
+    def move(self, rel: str, dest_rel: str) -> None:
+        if not self.remote:
+            os.makedirs(os.path.dirname(self.path(dest_rel)), exist_ok=True)
+        self._call("move", rel, lambda: self.fs.move(self.path(rel), self.path(dest_rel)))
+
+    # ------------------------------------------------------------------ Parquet
+    def write_table(self, rel: str, table: pa.Table, digests: dict[str, str] | None = None) -> None:
+        """A verified Parquet file: column digests in its metadata, page checksums on."""
+        digests = digests or table_digests(table)
+        meta = dict(table.schema.metadata or {})
+        meta[DIGESTS_KEY] = json.dumps(digests, sort_keys=True).encode()
+        buf = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd", write_page_checksum=True)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """The columns asked (all by default), verified: a footer, page, checksum, null or
+        digest failure raises CorruptFile; FileNotFoundError if the file is gone."""
+        def get():
+            try:
+                pf = pq.ParquetFile(self.fs.open_input_file(self.path(rel)), page_checksum_verification=True)
+                digests = _digests_of(rel, pf.schema_arrow)
+                table = pf.read(columns=columns)
+            except (CorruptFile, FileNotFoundError):
+                raise
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowKeyError,
+                    pa.ArrowIndexError, pa.ArrowCapacityError, pa.ArrowSerializationError,
+                    OSError, KeyError, ValueError, IndexError, TypeError) as err:
+                if self.remote and isinstance(err, OSError) and _transient(err, True) and _looks_network(err):
+                    raise
+                raise CorruptFile(rel, f"unreadable Parquet ({_reason(err)[:160]})") from None
+            verify_table(rel, table, digests)
+            return table
+        return self._call("read", rel, get)
+
+    def read_schema(self, rel: str) -> pa.Schema:
+        def get():
+            try:
+                return pq.read_schema(self.fs.open_input_file(self.path(rel)))
+            except FileNotFoundError:
+                raise
+            except (pa.ArrowException, OSError, ValueError) as err:
+                if self.remote and isinstance(err, OSError) and _looks_network(err):
+                    raise
+                raise CorruptFile(rel, f"unreadable Parquet footer ({_reason(err)[:160]})") from None
+        return self._call("read", rel, get)
+
+    # ------------------------------------------------------------------ checks
+    def probe(self) -> None:
+        """Check, before any work starts, that the store can be written, listed and read
+        back (a small probe object, deleted again); StoreError otherwise."""
+        if not self.remote:
+            existing = self.root
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing):
+                raise StoreError(f"{self.where()}: {existing} is not a directory; set store.uri to a directory")
+        rel = f"_probe-{uuid.uuid4().hex[:12]}"
+        self.write_bytes(rel, b"probe")
+        try:
+            if self.read_bytes(rel) != b"probe":
+                raise StoreError(f"{self.where()}: a probe object read back differently; check the store")
+        finally:
+            self.delete(rel)
+
+
+def _looks_network(err: BaseException) -> bool:
+    text = str(err)
+    return any(p in text for p in ("NETWORK", "Connection", "connect", "timed out", "Timeout", "curl",
+                                   "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "Unable to"))
+
+
+# ----------------------------------------------------------------------------- serving
+class StoreServer:
+    """A Ray actor on the driver's node that performs store calls for tasks on other nodes
+    when the store is a local directory there (threaded: calls run concurrently)."""
+
+    def __init__(self, uri: str, retry_seconds: float = 60.0):
+        self.store = Store(uri, retry_seconds)
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.store, method)(*args, **kwargs)
+
+
+class RemoteStore:
+    """The `Store` interface, served by a `StoreServer` actor."""
+
+    def __init__(self, server, uri: str):
+        self._server, self.uri, self.remote = server, uri, False
+
+    def __getattr__(self, method: str):
+        import ray
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def call(*args, **kwargs):
+            try:
+                return ray.get(self._server.call.remote(method, *args, **kwargs))
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                if isinstance(cause, (StoreError, CorruptFile, FileNotFoundError)):
+                    raise cause from None
+                raise
+        return call
+
+
+@dataclass
+class StoreHandle:
+    """What a task or actor gets to reach the store: the URI, and for a local store the
+    actor that serves it from the driver's node. `open()` returns a `Store` where the
+    store is reachable directly (an object store, or the driver's own node), else a
+    `RemoteStore`."""
+
+    uri: str
+    server: object = None
+    node_id: str | None = None
+    retry_seconds: float = 60.0
+
+    def open(self):
+        if self.server is not None and not is_remote(self.uri):
+            import ray
+            if ray.is_initialized() and ray.get_runtime_context().get_node_id() != self.node_id:
+                return RemoteStore(self.server, self.uri)
+        return Store(self.uri, self.retry_seconds)
+
+    def close(self) -> None:
+        """Stop the serving actor (the driver does, when its run ends)."""
+        if self.server is not None:
+            import ray
+            try:
+                ray.kill(self.server)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.server = None
+
+
+def serve(store: Store) -> StoreHandle:
+    """The handle that tasks get: for a local store, start the serving actor on this
+    (the driver's) node; an object store needs none."""
+    import ray
+    if store.remote:
+        return StoreHandle(store.uri, retry_seconds=store.retry_seconds)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    node_id = ray.get_runtime_context().get_node_id()
+    server = ray.remote(StoreServer).options(
+        num_cpus=0, max_concurrency=16, max_restarts=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(store.uri, store.retry_seconds)
+    return StoreHandle(store.uri, server, node_id, store.retry_seconds)
