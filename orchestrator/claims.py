@@ -139,6 +139,7 @@ class Claims:
             for _, owner, rel in entries.get(item, []):
                 if owner not in live:
                     self.store.delete(rel)     # a dead owner's claim: taken over
+        log.debug("claims: %s asked %d, won %d", stage, len(items), len(won))
         return won
 
     def held_by_others(self, stage: str, items) -> set[str]:

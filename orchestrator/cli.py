@@ -44,7 +44,25 @@ def runtime_errors() -> tuple:
             FileNotFoundError)
 
 
+def _yaml_error(err: BaseException) -> str | None:
+    """'FILE line L: PROBLEM' for a YAML syntax error anywhere in the exception's chain."""
+    import yaml
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, yaml.MarkedYAMLError):
+            mark = err.problem_mark or err.context_mark
+            where = f"{mark.name} line {mark.line + 1}" if mark is not None else "a config file"
+            what = " ".join(x for x in (err.context, err.problem) if x)
+            return f"{where}: invalid YAML ({what}); fix the file"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _one_line(err: Exception) -> str:
+    bad_yaml = _yaml_error(err)
+    if bad_yaml:
+        return bad_yaml
     text = str(err).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
@@ -93,6 +111,16 @@ def compose(args) -> DictConfig:
     from hydra.types import RunMode
 
     overrides = list(args.overrides)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except Exception as err:  # noqa: BLE001 - Hydra's OverrideParseException
+            from orchestrator.config import ConfigError
+            key = o.split("=", 1)[0]
+            raise ConfigError(f"{o}: Hydra cannot parse this ({str(err).splitlines()[0]}); quote a value that holds "
+                              f"= & ? or spaces: \"{key}='...'\"") from None
     for o in overrides:
         if o.split("=", 1)[0].lstrip("+~").startswith("ledger."):
             from orchestrator.config import ConfigError
@@ -112,7 +140,7 @@ def compose(args) -> DictConfig:
     try:
         h = Hydra.create_main_hydra2(task_name="datamodels", config_search_path=search_path)
         return h.compose_config(args.config_name or "config", overrides,
-                                run_mode=RunMode.MULTIRUN if args.multirun else RunMode.RUN,
+                                run_mode=RunMode.RUN,
                                 with_log_configuration=False)
     finally:
         GlobalHydra.instance().clear()

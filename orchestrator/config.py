@@ -233,7 +233,7 @@ def check_devices(cfg: DictConfig) -> None:
         return
     for key, value in wanted.items():
         if value > gpus:
-            raise ConfigError(f"{key}={value:g} but this machine's local Ray instance has {gpus} GPU(s); "
+            raise ConfigError(f"{key}={value:g} but this machine has {gpus} GPU(s) for a local run; "
                               f"set {key}=0 or run on a cluster with GPUs (cluster.address)")
     for key, value in cuda_dev.items():
         if str(value).startswith("cuda") and gpus == 0:
@@ -400,8 +400,9 @@ def check_outputs(plan: Plan, hydra_dir: str | None = None) -> None:
             check_reachable(plan.tracking_uri, float(cfg.tracking.timeout_seconds))
         except TrackingError as err:
             if cfg.tracking.required:
-                raise ConfigError(f"tracking.uri: {err}") from None
+                raise ConfigError(f"tracking.uri: {err}; fix it (start the MLflow server, a writable path), or set "
+                                  f"tracking.enabled=false, or tracking.required=false to run without it") from None
             import logging
-            logging.getLogger(__name__).warning("tracking: %s; continuing with tracking off "
-                                                "(tracking.required=false)", err)
+            logging.getLogger(__name__).warning("tracking.uri: %s; running without tracking (tracking.required=false)",
+                                                err)
             plan.tracking_uri = None

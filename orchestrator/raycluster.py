@@ -37,6 +37,9 @@ def connect(cluster_cfg) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cluster_cfg.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        if host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            loopback_only()      # a cluster on loopback is one machine: keep Ray from leaving it
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return

@@ -95,6 +95,7 @@ def open_filesystem(uri: str):
         opts = dict(urllib.parse.parse_qsl(parts.query))
         kwargs = {"connect_timeout": float(opts.pop("connect_timeout", 5)),
                   "request_timeout": float(opts.pop("request_timeout", 30)),
+                  "allow_delayed_open": True,      # small objects: one PUT, not a multipart upload
                   "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
         for key in ("endpoint_override", "scheme", "region", "access_key", "secret_key", "session_token"):
             if key in opts:
@@ -143,7 +144,8 @@ def _hint(err: BaseException, remote: bool) -> str:
         return ("check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role) "
                 "and that the bucket exists")
     if remote:
-        return "check that the server is up and reachable (endpoint, network), then re-run to resume"
+        return ("check the endpoint, the network and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                "or the instance role), then re-run to resume")
     return "check the path"
 
 
@@ -445,12 +447,17 @@ class Store:
             if not os.path.isdir(existing):
                 raise StoreError(f"{self.where()}: {existing} is not a directory; set store.uri to a directory")
         rel = f"_probe-{uuid.uuid4().hex[:12]}"
-        self.write_bytes(rel, b"probe")
+        patience, self.retry_seconds = self.retry_seconds, min(self.retry_seconds, 10.0)
         try:
-            if self.read_bytes(rel) != b"probe":
-                raise StoreError(f"{self.where()}: a probe object read back differently; check the store")
+            self.write_bytes(rel, b"probe")
+            try:
+                if self.read_bytes(rel) != b"probe":
+                    raise StoreError(f"{self.where()}: a probe object read back differently; check the store "
+                                     f"and its credentials")
+            finally:
+                self.delete(rel)
         finally:
-            self.delete(rel)
+            self.retry_seconds = patience
 
 
 def _looks_network(err: BaseException) -> bool:

@@ -49,8 +49,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         from orchestrator.config import _writable_dir
         why = _writable_dir(os.path.dirname(os.path.abspath(path)))
         if why:
-            raise TrackingError(f"{redact(uri)} cannot be written ({why}); set tracking.uri to a writable "
-                                f"location or tracking.enabled=false")
+            raise TrackingError(f"{redact(uri)} cannot be written ({why})")
         return
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
@@ -60,9 +59,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             return          # it answered
         except (urllib.error.URLError, socket.timeout, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise TrackingError(f"{redact(uri)} is unreachable ({reason}) within {timeout:g} s; start the MLflow "
-                                f"server, or set tracking.enabled=false, or tracking.required=false to run "
-                                f"without it") from None
+            raise TrackingError(f"{redact(uri)} is unreachable ({reason}) within {timeout:g} s") from None
 
 
 @contextlib.contextmanager
@@ -121,11 +118,12 @@ class Tracker:
         log.warning("%s; tracking is off for the rest of this run", msg)
         self.enabled = False
 
-    def _do(self, what: str, fn, *args, **kwargs):
+    def _do(self, what: str, fn: str, *args, **kwargs):
+        """mlflow.<fn>(*args, **kwargs), unless tracking is off (or has just failed)."""
         if not self.enabled:
             return None
         try:
-            return fn(*args, **kwargs)
+            return getattr(self.mlflow, fn)(*args, **kwargs)
         except Exception as err:  # noqa: BLE001
             self._failed(what, err)
             return None
@@ -135,7 +133,7 @@ class Tracker:
         if not self.enabled:
             yield None
             return
-        run = self._do("start a run", self.mlflow.start_run, run_name=run_name, tags=tags)
+        run = self._do("start a run", "start_run", run_name=run_name, tags=tags)
         try:
             if run is not None:
                 self.parent_id = run.info.run_id
@@ -148,14 +146,14 @@ class Tracker:
 
     def _end(self, status: str) -> None:
         if self.enabled and self.mlflow.active_run() is not None:
-            self._do("end a run", self.mlflow.end_run, status=status)
+            self._do("end a run", "end_run", status=status)
 
     @contextlib.contextmanager
     def stage(self, name: str, params: dict | None = None):
         if not self.enabled:
             yield None
             return
-        run = self._do("start a run", self.mlflow.start_run, run_name=name, nested=True, tags={"stage": name})
+        run = self._do("start a run", "start_run", run_name=name, nested=True, tags={"stage": name})
         try:
             if run is not None and params:
                 self.log_params(params)
@@ -171,15 +169,15 @@ class Tracker:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):
-            self._do("log parameters", self.mlflow.log_params, dict(items[i:i + 100]))
+            self._do("log parameters", "log_params", dict(items[i:i + 100]))
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._do("log metrics", self.mlflow.log_metrics, clean, step=step)
+        self._do("log metrics", "log_metrics", clean, step=step)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         if os.path.exists(path):
-            self._do("log an artifact", self.mlflow.log_artifact, path, artifact_path)
+            self._do("log an artifact", "log_artifact", path, artifact_path)
 
     def set_tags(self, tags: dict) -> None:
-        self._do("set tags", self.mlflow.set_tags, tags)
+        self._do("set tags", "set_tags", tags)

@@ -4,9 +4,11 @@ A stage gives the pool its items and a way to make workers (persistent actors, o
 stateless tasks). The pool claims items in the store (so concurrent drivers split the
 work), keeps a bounded number in flight per worker, and calls the stage back with each
 result. When a worker dies its items go back to the queue, never to the dead worker, and
-it is replaced after a backoff, up to a budget of deaths; the pool grows when nodes join
-and shrinks when they leave. An item fails the run only after failing, for a reason of
-its own, on several different workers; then the error is one line naming it.
+it is replaced after a backoff; the run gives up only when more workers have died than
+the budget allows. The pool grows when nodes join and shrinks when they leave. An item
+fails the run only after failing, for a reason of its own, on several different workers,
+and then the error is one line naming it; a fault of the environment that the store has
+already retried (a full disk, refused credentials) stops the run at once.
 """
 from __future__ import annotations
 
@@ -35,24 +37,23 @@ class Item:
     deaths: int = 0          # workers that died while running it
 
 
-def _system_errors():
+def _system_errors() -> tuple:
+    """Ray's errors for work lost with its worker, node or owner (not the work's own)."""
     import ray.exceptions as E
-    names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
-             "NodeDiedError", "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError",
-             "RaySystemError", "ObjectFetchTimedOutError", "ReferenceCountingAssertionError",
-             "ActorPlacementGroupRemoved", "TaskPlacementGroupRemoved", "OutOfMemoryError",
-             "NodeDiedError", "TaskCancelledError")
+    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
+             "LocalRayletDiedError", "RaySystemError", "ObjectFetchTimedOutError", "OutOfMemoryError",
+             "TaskCancelledError", "ActorPlacementGroupRemoved", "TaskPlacementGroupRemoved")
     return tuple(getattr(E, n) for n in names if hasattr(E, n))
 
 
 def error_line(err: BaseException) -> str:
     """The last meaningful line of an error (the user's exception, not Ray's wrapping)."""
     cause = getattr(err, "cause", None)
-    if cause is not None and cause is not err:
+    if isinstance(cause, BaseException) and cause is not err:
         err = cause
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     text = lines[-1] if lines else type(err).__name__
-    return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+    return text if type(err).__name__ in text else f"{type(err).__name__}: {text}"
 
 
 class Progress:
@@ -87,16 +88,17 @@ class Progress:
 class _Worker:
     wid: int
     handle: Any
+    born: float
     ready: bool = False
     running: list = field(default_factory=list)   # object refs, oldest first
-    failed_items: int = 0                          # consecutive items that failed on it
+    failed_items: int = 0                          # items in a row that failed on it
 
 
 class Pool:
     """Run items on Ray workers until every one is done (by this driver or another).
 
-    spawn(): a new worker handle (an actor), or None for stateless tasks.
-    submit(handle, payload): an ObjectRef for the item's result.
+    spawn(): a new worker (an actor with a `ready()` method), or None for stateless tasks.
+    submit(worker, payload): an ObjectRef for the item's result.
     capacity(): how many workers the cluster can hold now (its resources, the user's cap).
     done(items): the keys among `items` whose outputs are already in the store.
     on_result(item, result): called on the driver for every finished item.
@@ -105,136 +107,158 @@ class Pool:
     def __init__(self, name: str, *, submit: Callable, spawn: Callable | None = None,
                  capacity: Callable[[], int], per_worker: int = 2, claims=None,
                  done: Callable | None = None, on_result: Callable | None = None,
-                 max_deaths: int = 100, item_workers: int = 3, item_deaths: int = 5, unit: str = "item",
-                 poll_seconds: float = 1.0):
+                 max_deaths: int = 100, item_workers: int = 3, unit: str = "item",
+                 poll_seconds: float = 1.0, fatal: tuple | None = None):
+        from orchestrator.store import StoreError
         self.name, self.submit_fn, self.spawn_fn = name, submit, spawn
-        self.capacity, self.per_worker, self.claims = capacity, max(1, int(per_worker)), claims
+        self.capacity_fn, self.per_worker, self.claims = capacity, max(1, int(per_worker)), claims
         self.done_fn, self.on_result = done, on_result
-        self.max_deaths, self.item_workers, self.item_deaths = int(max_deaths), int(item_workers), int(item_deaths)
+        self.max_deaths, self.item_workers = int(max_deaths), max(1, int(item_workers))
         self.unit, self.poll = unit, float(poll_seconds)
+        self.fatal = fatal if fatal is not None else (StoreError,)
         self.stats = {"items": 0, "done_here": 0, "done_elsewhere": 0, "worker_deaths": 0,
                       "item_failures": 0, "resubmitted": 0, "workers_started": 0}
 
+    # ------------------------------------------------------------------ state
+    def _reset(self, items: list[Item]) -> None:
+        self.queue = collections.deque(items)   # ours to run (claimed, or not claimed yet)
+        self.mine: set[str] = set()              # keys this driver holds claims on
+        self.waiting: dict[str, Item] = {}       # held by other live drivers
+        self.workers: dict[int, _Worker] = {}
+        self.refs: dict = {}                     # ref -> ("ready" | "item", wid, item)
+        self.next_wid = 0
+        self.deaths_in_a_row = 0
+        self.start_failures = 0
+        self.next_spawn = 0.0
+        self._capacity = (0.0, 1)
+        self.stats["items"] = len(items)
+
+    def _in_flight(self) -> int:
+        return sum(1 for kind, _, _ in self.refs.values() if kind == "item")
+
+    def _capacity_now(self) -> int:
+        """capacity(), asked at most every 2 s."""
+        at, value = self._capacity
+        if time.monotonic() - at > 2.0:
+            value = int(self.capacity_fn())
+            self._capacity = (time.monotonic(), value)
+        return value
+
     # ------------------------------------------------------------------ workers
-    def _spawn(self, workers: dict, refs: dict) -> None:
-        wid = self._next_wid
-        self._next_wid += 1
+    def _spawn(self) -> None:
+        wid = self.next_wid
+        self.next_wid += 1
         if self.spawn_fn is None:
-            workers[wid] = _Worker(wid, None, ready=True)
+            self.workers[wid] = _Worker(wid, None, time.monotonic(), ready=True)
         else:
             handle = self.spawn_fn()
-            workers[wid] = _Worker(wid, handle)
-            refs[handle.ready.remote()] = ("ready", wid, None)
+            self.workers[wid] = _Worker(wid, handle, time.monotonic())
+            self.refs[handle.ready.remote()] = ("ready", wid, None)
         self.stats["workers_started"] += 1
 
-    def _retire(self, workers: dict, wid: int) -> None:
+    def _retire(self, wid: int) -> list[Item]:
+        """Stop a worker and forget its refs; returns the items it held, oldest first."""
         import ray
-        w = workers.pop(wid, None)
+        w = self.workers.pop(wid, None)
+        held = []
+        for ref, (kind, owner, item) in list(self.refs.items()):
+            if owner == wid:
+                del self.refs[ref]
+                if kind == "item":
+                    held.append((w.running.index(ref) if w and ref in w.running else 0, item))
         if w is not None and w.handle is not None:
             try:
                 ray.kill(w.handle, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        return [item for _, item in sorted(held, key=lambda x: x[0])]
+
+    def _size_pool(self) -> None:
+        """As many workers as the cluster holds and the work left needs (at least one, so
+        that a pending worker is the demand an autoscaler answers)."""
+        left = len(self.queue) + self._in_flight()
+        want = max(1, min(self._capacity_now(), -(-left // self.per_worker)))
+        now = time.monotonic()
+        if len(self.workers) < want and now >= self.next_spawn:
+            for _ in range(want - len(self.workers)):
+                self._spawn()
+        elif len(self.workers) > want:
+            # workers the cluster cannot place (a node left): stop those long pending
+            stale = [w.wid for w in self.workers.values() if not w.ready and now - w.born > 30]
+            for wid in stale[: len(self.workers) - want]:
+                self.queue.extendleft(reversed(self._retire(wid)))
+
+    def _dispatch(self, bar: Progress) -> None:
+        free = [w for w in self.workers.values() if w.ready and len(w.running) < self.per_worker]
+        slots = sum(self.per_worker - len(w.running) for w in free)
+        if not slots or not self.queue:
+            return
+        batch = [self.queue.popleft() for _ in range(min(slots, len(self.queue)))]
+        for item in self._claim(batch, bar):
+            open_ = [w for w in self.workers.values() if w.ready and len(w.running) < self.per_worker]
+            fresh = [w for w in open_ if w.wid not in item.failures] or open_
+            w = min(fresh, key=lambda w: len(w.running))
+            ref = self.submit_fn(w.handle, item.payload)
+            w.running.append(ref)
+            self.refs[ref] = ("item", w.wid, item)
 
     # ------------------------------------------------------------------ main loop
     def run(self, items: list[Item]) -> dict:
         import ray
         system_errors = _system_errors()
-        self._next_wid, self._start_failures = 0, 0
-        self.stats["items"] = len(items)
-        queue = collections.deque(items)          # claimed by us or not yet claimed
-        mine: set[str] = set()                    # keys we hold claims on
-        waiting: dict[str, Item] = {}             # held by other live drivers
-        workers: dict[int, _Worker] = {}
-        refs: dict = {}                           # ref -> ("ready"|"item", wid, item)
-        deaths_in_a_row, next_spawn = 0, 0.0
+        self._reset(items)
+        bar = Progress(sum(it.size for it in items), self.name, self.unit)
         last_check = 0.0
-        total = sum(it.size for it in items)
-        bar = Progress(total, self.name, self.unit)
         try:
-            while queue or waiting or any(kind == "item" for kind, _, _ in refs.values()):
-                now = time.monotonic()
-                in_flight = sum(1 for kind, _, _ in refs.values() if kind == "item")
-                # -- size the pool to the cluster and the work left
-                # at least one, so that a pending worker is the demand an autoscaler answers
-                want = max(1, min(self.capacity(), -(-(len(queue) + in_flight) // self.per_worker)))
-                if len(workers) < want and now >= next_spawn:
-                    for _ in range(want - len(workers)):
-                        self._spawn(workers, refs)
-                elif len(workers) > want:
-                    for wid in [w.wid for w in workers.values() if not w.running][: len(workers) - want]:
-                        if not workers[wid].ready or self.spawn_fn is None:
-                            self._retire(workers, wid)
-                # -- claim and dispatch
-                free = [w for w in workers.values() if w.ready and len(w.running) < self.per_worker]
-                slots = sum(self.per_worker - len(w.running) for w in free)
-                if slots and queue:
-                    batch = []
-                    while queue and len(batch) < slots:
-                        batch.append(queue.popleft())
-                    batch = self._claim(batch, mine, waiting)
-                    for item in batch:
-                        w = min((w for w in workers.values() if w.ready and len(w.running) < self.per_worker
-                                 and w.wid not in item.failures),
-                                key=lambda w: len(w.running), default=None)
-                        if w is None:
-                            w = min((w for w in workers.values() if w.ready and len(w.running) < self.per_worker),
-                                    key=lambda w: len(w.running))
-                        ref = self.submit_fn(w.handle, item.payload)
-                        w.running.append(ref)
-                        refs[ref] = ("item", w.wid, item)
-                # -- wait for something to happen
-                if not refs:
-                    if waiting and now - last_check >= self.poll:
-                        last_check = now
-                        self._check_waiting(waiting, queue, mine, bar)
-                    time.sleep(self.poll if waiting else 0.05)
+            while self.queue or self.waiting or self._in_flight():
+                self._size_pool()
+                self._dispatch(bar)
+                if self.waiting and time.monotonic() - last_check >= max(self.poll, 2.0):
+                    last_check = time.monotonic()
+                    self._check_waiting(bar)
+                if not self.refs:
+                    time.sleep(self.poll if self.waiting else 0.05)
                     continue
-                ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.poll)
+                ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=self.poll)
                 for ref in ready:
-                    kind, wid, item = refs.pop(ref)
-                    w = workers.get(wid)
+                    if ref not in self.refs:       # dropped with a retired worker
+                        continue
+                    kind, wid, item = self.refs.pop(ref)
+                    w = self.workers.get(wid)
                     if w is not None and ref in w.running:
                         w.running.remove(ref)
                     try:
                         out = ray.get(ref)
                     except system_errors as err:
-                        deaths_in_a_row += 1
-                        next_spawn = time.monotonic() + min(30.0, 0.5 * 2 ** min(deaths_in_a_row, 6))
-                        self._worker_died(workers, refs, wid, item, err, queue)
+                        self._worker_died(wid, item, err, kind)
                         continue
                     except ray.exceptions.RayTaskError as err:
-                        if kind == "ready":       # the worker's constructor raised: a death
-                            deaths_in_a_row += 1
-                            next_spawn = time.monotonic() + min(30.0, 0.5 * 2 ** min(deaths_in_a_row, 6))
-                            self._worker_died(workers, refs, wid, None, err, queue)
-                            continue
-                        self._item_failed(workers, wid, item, err, queue)
+                        if kind == "ready":
+                            self._worker_died(wid, None, err, kind)
+                        else:
+                            self._item_failed(wid, item, err)
                         continue
                     if kind == "ready":
                         if w is not None:
                             w.ready = True
-                        self._start_failures = 0
+                        self.start_failures = 0
                         continue
-                    deaths_in_a_row = 0
+                    self.deaths_in_a_row = 0
                     if w is not None:
                         w.failed_items = 0
                     self.stats["done_here"] += 1
                     bar.update(item.size)
                     if self.on_result is not None:
                         self.on_result(item, out)
-                    if self.claims is not None and item.key in mine:
+                    if self.claims is not None and item.key in self.mine:
                         self.claims.release(self.name, item.key)
-                        mine.discard(item.key)
-                if waiting and time.monotonic() - last_check >= max(self.poll, 2.0):
-                    last_check = time.monotonic()
-                    self._check_waiting(waiting, queue, mine, bar)
+                        self.mine.discard(item.key)
         finally:
             bar.close()
-            for wid in list(workers):
-                self._retire(workers, wid)
+            for wid in list(self.workers):
+                self._retire(wid)
             if self.claims is not None:
-                for key in mine:
+                for key in self.mine:
                     try:
                         self.claims.release(self.name, key)
                     except Exception:  # noqa: BLE001 - the lease expires anyway
@@ -242,86 +266,92 @@ class Pool:
         return self.stats
 
     # ------------------------------------------------------------------ claims
-    def _claim(self, batch: list[Item], mine: set, waiting: dict) -> list[Item]:
-        """The items of `batch` this driver may run now; the others wait in `waiting`."""
+    def _claim(self, batch: list[Item], bar: Progress) -> list[Item]:
+        """The items of `batch` this driver may run now; the others wait. An item won is
+        checked against the store once more (another driver may have finished it since this
+        one planned its work): with the claim held, nobody else can be producing it."""
         if self.claims is None:
             return batch
-        todo = [it for it in batch if it.key not in mine]
-        won = set(self.claims.claim(self.name, [it.key for it in todo])) if todo else set()
+        todo = [it.key for it in batch if it.key not in self.mine]
+        won = set(self.claims.claim(self.name, todo)) if todo else set()
+        fresh = [it for it in batch if it.key in won]
+        finished = set(self.done_fn(fresh)) if fresh and self.done_fn is not None else set()
         out = []
         for it in batch:
-            if it.key in mine or it.key in won:
-                mine.add(it.key)
+            if it.key in finished:
+                self.claims.release(self.name, it.key)
+                self.stats["done_elsewhere"] += 1
+                bar.update(it.size)
+            elif it.key in self.mine or it.key in won:
+                self.mine.add(it.key)
                 out.append(it)
             else:
-                waiting[it.key] = it
+                self.waiting[it.key] = it
         return out
 
-    def _check_waiting(self, waiting: dict, queue, mine: set, bar: Progress) -> None:
+    def _check_waiting(self, bar: Progress) -> None:
         """Items held by other drivers: drop those now done, take back those whose owner died."""
-        items = list(waiting.values())
+        items = list(self.waiting.values())
         done = set(self.done_fn(items)) if self.done_fn is not None else set()
         others = self.claims.held_by_others(self.name, [it.key for it in items]) if self.claims else set()
         for it in items:
             if it.key in done:
-                del waiting[it.key]
+                del self.waiting[it.key]
                 self.stats["done_elsewhere"] += 1
                 bar.update(it.size)
             elif it.key not in others:
-                del waiting[it.key]
-                queue.append(it)      # its owner is gone: claim it again
+                del self.waiting[it.key]
+                self.queue.append(it)      # its owner is gone: ours to claim again
 
     # ------------------------------------------------------------------ failures
-    def _worker_died(self, workers, refs, wid, item, err, queue) -> None:
-        self.stats["worker_deaths"] += 1
-        w = workers.get(wid)
-        if w is not None and not w.ready:
-            # a worker that never started: its constructor (or its node) fails it
-            self._start_failures = getattr(self, "_start_failures", 0) + 1
-            if self._start_failures >= 3:
+    def _worker_died(self, wid: int, item: Item | None, err: BaseException, kind: str) -> None:
+        if wid not in self.workers:
+            if item is not None:
+                self.queue.appendleft(item)
+            return
+        w = self.workers[wid]
+        if getattr(err, "actor_init_failed", False) or (kind == "ready" and not w.ready
+                                                        and not isinstance(err, _system_errors())):
+            # its constructor raised: a broken setup, not a lost machine
+            self.start_failures += 1
+            if self.start_failures >= 3:
                 raise PoolError(f"{self.name}: workers fail to start ({error_line(err)[:400]})")
-        lost = []
-        if item is not None:
-            lost.append(item)
-        if w is not None:
-            for ref in list(w.running):       # its other items go back too (never to it)
-                kind, _, other = refs.pop(ref, (None, None, None))
-                if kind == "item":
-                    lost.append(other)
-            w.running.clear()
-        self._retire(workers, wid)
-        running = lost[0] if lost else None
-        if running is not None:
-            running.deaths += 1
+        self.stats["worker_deaths"] += 1
+        self.deaths_in_a_row += 1
+        self.next_spawn = time.monotonic() + min(30.0, 0.25 * 2 ** min(self.deaths_in_a_row, 7))
+        lost = ([item] if item is not None else []) + self._retire(wid)
+        if lost:
+            lost[0].deaths += 1
         log.warning("%s: worker %d died (%s); %d item(s) back to the queue", self.name, wid,
-                    error_line(err)[:200], len(lost))
+                    error_line(err)[:160], len(lost))
         if self.stats["worker_deaths"] > self.max_deaths:
-            raise PoolError(f"{self.name}: {self.stats['worker_deaths']} workers died (budget {self.max_deaths}; "
-                            f"last: {error_line(err)[:300]}); finished work is in the store, re-run to resume")
-        if running is not None and running.deaths >= self.item_deaths:
-            raise PoolError(f"{self.name}: {running.key} was running on {running.deaths} workers that died "
-                            f"(last: {error_line(err)[:300]}); it may be killing them (out of memory?)")
+            worst = max(lost, key=lambda it: it.deaths, default=None)
+            hint = f"; {worst.key} was running on {worst.deaths} of them" if worst and worst.deaths > 1 else ""
+            raise PoolError(f"{self.name}: {self.stats['worker_deaths']} workers died, over the budget of "
+                            f"{self.max_deaths} (last: {error_line(err)[:200]}){hint}; finished work is in the "
+                            f"store: fix the cause and re-run to resume")
         self.stats["resubmitted"] += len(lost)
-        for it in reversed(lost):
-            queue.appendleft(it)
+        self.queue.extendleft(reversed(lost))
 
-    def _item_failed(self, workers, wid, item, err, queue) -> None:
+    def _item_failed(self, wid: int, item: Item, err: BaseException) -> None:
         self.stats["item_failures"] += 1
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, self.fatal):
+            raise PoolError(f"{self.name}: {item.key}: {' '.join(str(cause).split())[:600]}")
         line = error_line(err)
         item.failures[wid] = line
-        w = workers.get(wid)
+        item.tries += 1
+        w = self.workers.get(wid)
         if w is not None:
             w.failed_items += 1
             if w.failed_items >= self.item_workers and self.spawn_fn is not None:
                 log.warning("%s: worker %d failed %d items in a row; replacing it", self.name, wid, w.failed_items)
-                self._retire(workers, wid)
-        item.tries += 1
-        distinct = len(item.failures)
-        if distinct >= self.item_workers or item.tries >= 2 * self.item_workers:
-            raise PoolError(f"{self.name}: {item.key} failed on {distinct} worker(s): {line[:400]}")
+                self.queue.extendleft(reversed(self._retire(wid)))
+        if len(item.failures) >= self.item_workers or item.tries >= 2 * self.item_workers:
+            raise PoolError(f"{self.name}: {item.key} failed on {len(item.failures)} worker(s): {line[:400]}")
         log.warning("%s: %s failed on worker %d (%s); retrying on another", self.name, item.key, wid, line[:200])
         self.stats["resubmitted"] += 1
-        queue.appendleft(item)
+        self.queue.appendleft(item)
 
 
 def shuffled(items: list[Item], seed: str) -> list[Item]:

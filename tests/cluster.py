@@ -84,6 +84,7 @@ class Node:
     name: str
     proc: subprocess.Popen
     temp: str
+    node_id: str = ""
 
 
 class Cluster:
@@ -133,7 +134,8 @@ class Cluster:
         raise RuntimeError("the Ray head's dashboard did not come up in 180 s")
 
     def add_worker(self, cpus: int = 1, wait: bool = True) -> Node:
-        name = f"worker{len(self.nodes) + 1}"
+        self._count = getattr(self, "_count", 0) + 1
+        name = f"worker{self._count}"
         temp = os.path.join(self.root, f"{name}-tmp")
         os.makedirs(temp, exist_ok=True)
         nm, om, metrics, agent_http, agent_grpc, runtime_env = free_ports(6)
@@ -153,17 +155,18 @@ class Cluster:
         self.nodes.append(node)
         if wait:
             deadline = time.time() + 120
-            while self.alive_workers() <= before:
+            while not self.alive_workers() - before:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} failed to start: {proc.stderr.read()[-2000:]}")
                 if time.time() > deadline:
                     raise RuntimeError(f"{name} did not join in 120 s")
                 time.sleep(1)
+            node.node_id = sorted(self.alive_workers() - before)[0]
         return node
 
-    def alive_workers(self) -> int:
-        """Worker nodes the head counts as alive (CPU nodes; the head has 0 CPUs), from the
-        dashboard's state API."""
+    def alive_workers(self) -> set[str]:
+        """Ids of the worker nodes the head counts as alive (CPU nodes; the head has 0 CPUs),
+        from the dashboard's state API."""
         import urllib.request
         with open(self.env["RAY_AUTH_TOKEN_PATH"]) as f:
             token = f.read().strip()
@@ -173,9 +176,9 @@ class Cluster:
             with urllib.request.urlopen(req, timeout=30) as r:
                 data = json.loads(r.read())
         except OSError:
-            return 0
-        nodes = data["data"]["result"]["result"]
-        return sum(1 for n in nodes if n.get("state") == "ALIVE" and (n.get("resources_total") or {}).get("CPU", 0) > 0)
+            return set()
+        return {n["node_id"] for n in data["data"]["result"]["result"]
+                if n.get("state") == "ALIVE" and (n.get("resources_total") or {}).get("CPU", 0) > 0}
 
     def kill_node(self, node: Node) -> None:
         kill_group(node.proc, signal.SIGKILL)
@@ -211,9 +214,10 @@ class Cluster:
     def job_status(self, sid: str) -> str:
         r = subprocess.run([RAY, "job", "status", "--address", self.url, sid], env=self.env,
                            capture_output=True, text=True)
-        for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if word in r.stdout:
-                return word
+        text, sid = (r.stdout + r.stderr).lower(), sid.lower()
+        for word in ("succeeded", "failed", "stopped", "running", "pending"):
+            if f"job '{sid}' {word}" in text or f"status for job '{sid}': {word}" in text:
+                return word.upper()
         return "UNKNOWN"
 
     def job_logs(self, sid: str) -> str:
@@ -265,23 +269,102 @@ def is_loopback(ip: str) -> bool:
     return a.is_loopback
 
 
-class S3Server:
-    """moto's standalone S3 server on 127.0.0.1 (a real process speaking HTTP)."""
+class TcpProxy:
+    """A TCP relay on 127.0.0.1 in front of a server, that a test can take down (the listener
+    closed and every connection cut: clients see "connection refused") and bring back."""
 
-    def __init__(self, root: str):
+    def __init__(self, target_port: int):
+        import threading
+        self.target = target_port
         self.port = free_ports(1)[0]
-        self.log = open(os.path.join(root, "moto.log"), "w")
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener = None
+        self.up()
+
+    def up(self) -> None:
+        import threading
+        lst = socket.socket()
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("127.0.0.1", self.port))
+        lst.listen(64)
+        self._listener = lst
+        threading.Thread(target=self._accept, args=(lst,), daemon=True).start()
+
+    def down(self) -> None:
+        lst, self._listener = self._listener, None
+        if lst is not None:
+            try:
+                lst.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            lst.close()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, lst: socket.socket) -> None:
+        import threading
+        while True:
+            try:
+                client, _ = lst.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1 (a real process speaking HTTP), reached
+    through a TcpProxy so that a test can take the endpoint down without losing its data."""
+
+    def __init__(self, root: str, enforce_auth: bool = False):
+        self.port = free_ports(1)[0]
+        self.log = open(os.path.join(root, f"moto-{self.port}.log"), "w")
+        env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0") if enforce_auth else None
         self.proc = subprocess.Popen([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.endpoint = f"127.0.0.1:{self.port}"
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + 60
-        while time.time() < deadline:
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                break
             except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("moto server did not start") from None
                 time.sleep(0.3)
-        raise RuntimeError("moto server did not start")
+        self.proxy = TcpProxy(self.port)
+        self.endpoint = f"127.0.0.1:{self.proxy.port}"
 
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
@@ -294,7 +377,7 @@ class S3Server:
         import pyarrow.fs as pafs
         for k, v in self.env.items():
             os.environ.setdefault(k, v)
-        fs = pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", region="us-east-1",
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1",
                                allow_bucket_creation=True, access_key="testing", secret_key="testing")
         fs.create_dir(bucket)
 
@@ -309,6 +392,7 @@ class S3Server:
             self.resume()
         except ProcessLookupError:
             pass
+        self.proxy.down()
         kill_group(self.proc, signal.SIGTERM, wait=10)
         self.log.close()
 

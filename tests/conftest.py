@@ -36,3 +36,15 @@ def ray_local():
     raycluster.connect(OmegaConf.create({"address": None, "num_cpus": 2, "num_gpus": None}))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1 for the session;
+    the test process gets its credentials in the environment, as a cluster node would."""
+    from tests.cluster import S3Server
+    server = S3Server(str(tmp_path_factory.mktemp("s3")))
+    for k, v in server.env.items():
+        os.environ[k] = v
+    yield server
+    server.stop()

@@ -33,6 +33,19 @@ def run_cli(args, tmp_path, timeout=120):
     (["stage=trian"], "stage"),
     (["fit.backend=lars"], "fit.backend"),
     (["train.loader=dali"], "train.loader"),
+    # values that used to pass validation and make no sense
+    (["train.lr=nan"], "train.lr"),
+    (["train.workers=-1"], "train.workers"),
+    (["exp.seed=-1"], "exp.seed"),
+    (["eval.bootstrap=-1"], "eval.bootstrap"),
+    (["train.cpus_per_worker=-1"], "train.cpus_per_worker"),
+    (["train.max_retries=-1"], "train.max_retries"),
+    (["task.model.hidden=[-5]"], "task.model.hidden"),
+    (["exp.name=../up"], "exp.name"),
+    (["train.gpus_per_worker=1"], "train.gpus_per_worker"),
+    (["experiment=tinyy"], "experiment=tinyy"),
+    (["ledger.path=/tmp/x"], "store.uri"),
+    (["store.uri=s3://bucket/x?bogus=1"], "store.uri"),
 ])
 def test_bad_input_one_line_nothing_written(args, needle, tmp_path):
     t0 = time.time()
@@ -77,3 +90,44 @@ def test_sweep_runs_one_pipeline_per_point(tmp_path):
     exp = client.get_experiment_by_name("sweep")
     parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.data.params["masks.alpha"] for r in parents) == ["0.3", "0.6"]
+
+
+PRESET = """# @package _global_
+defaults:
+  - override /task: digits_mlp
+exp:
+  name: mine
+masks:
+  n_train: 20
+  n_eval: 4
+"""
+
+
+@pytest.mark.parametrize("spelling", ["space", "equals"])
+def test_config_dir_in_both_spellings_goes_through_the_same_checks(spelling, tmp_path):
+    extra = tmp_path / "extra"
+    (extra / "experiment").mkdir(parents=True)
+    (extra / "experiment" / "mine.yaml").write_text(PRESET)
+    (extra / "experiment" / "broken.yaml").write_text("masks: {alpha: [unclosed\n")
+    (extra / "experiment" / "impossible.yaml").write_text("# @package _global_\nmasks:\n  alpha: 2.0\n")
+    flag = ["--config-dir", str(extra)] if spelling == "space" else [f"--config-dir={extra}"]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
+
+    def cli(args, cwd):     # Hydra's flags come before the overrides
+        return subprocess.run([sys.executable, "-m", "orchestrator", *flag, f"exp.root={cwd}/runs",
+                               f"tracking.uri=sqlite:///{cwd}/mlflow.db", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    ok = cli(["experiment=mine", "stage=masks", "tracking.enabled=false"], work)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert any(d.startswith("mine-") for d in os.listdir(work / "runs"))
+    for preset, needle in (("broken", "broken"), ("impossible", "masks.alpha")):
+        bad = tmp_path / f"bad-{preset}"
+        bad.mkdir()
+        proc = cli([f"experiment={preset}"], bad)
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("datamodels: error:") and needle in lines[0], proc.stderr
+        assert os.listdir(bad) == []

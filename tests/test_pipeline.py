@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,11 +18,13 @@ from tests.conftest import compose
 class PlantedTask:
     """A user-defined task: margin_t(S) = w_t · 1_S + b_t + noise, with sparse planted w.
 
-    Every call to train() leaves a file in `counter_dir`, so a test can count trainings
-    across Ray worker processes."""
+    Every call to train() leaves a file in `counter_dir` naming the model seeds it trained,
+    so a test can count trainings (and models trained twice) across Ray worker processes.
+    `delay` seconds per model make a run last long enough to inject faults; every model whose
+    seed is divisible by `diverge_every` gets NaN margins (a diverged run)."""
 
     def __init__(self, n: int, n_targets: int, nonzeros: int = 5, noise: float = 0.05,
-                 counter_dir: str | None = None):
+                 counter_dir: str | None = None, delay: float = 0.0, diverge_every: int = 0):
         self.n, self.n_targets = int(n), int(n_targets)
         rng = np.random.default_rng(1234)
         self.W = np.zeros((self.n_targets, self.n), np.float32)
@@ -31,6 +34,8 @@ class PlantedTask:
         self.b = rng.normal(size=self.n_targets).astype(np.float32)
         self.noise = noise
         self.counter_dir = counter_dir
+        self.delay = float(delay)
+        self.diverge_every = int(diverge_every)
 
     def check(self):
         if self.n < 10:
@@ -43,19 +48,32 @@ class PlantedTask:
         k = len(masks)
         noise = np.stack([np.random.default_rng(int(s)).normal(0, self.noise, self.n_targets) for s in seeds])
         margins = masks.astype(np.float32) @ self.W.T + self.b + noise.astype(np.float32)
+        if self.diverge_every:
+            margins[np.asarray(seeds) % self.diverge_every == 0] = np.nan
+        if self.delay:
+            time.sleep(self.delay * k)
         if self.counter_dir:
             os.makedirs(self.counter_dir, exist_ok=True)
-            with open(os.path.join(self.counter_dir, f"{os.getpid()}-{int(seeds[0])}-{k}"), "w") as f:
-                f.write(str(k))
+            with open(os.path.join(self.counter_dir, f"{os.getpid()}-{int(seeds[0])}-{k}-{time.time_ns()}"), "w") as f:
+                f.write(",".join(str(int(x)) for x in seeds))
         ones = np.ones(k, np.float32)
         return SimpleNamespace(margins=margins, train_acc=ones, target_acc=ones, loss=0 * ones,
                                state_dicts=None)
 
 
-def trained(counter_dir) -> int:
+def trained_seeds(counter_dir) -> list[int]:
+    """The seed of every model trained so far (a model trained twice appears twice)."""
     if not os.path.isdir(counter_dir):
-        return 0
-    return sum(int(open(os.path.join(counter_dir, f)).read()) for f in os.listdir(counter_dir))
+        return []
+    out = []
+    for f in os.listdir(counter_dir):
+        text = open(os.path.join(counter_dir, f)).read()
+        out += [int(x) for x in text.split(",") if x]
+    return out
+
+
+def trained(counter_dir) -> int:
+    return len(trained_seeds(counter_dir))
 
 
 def planted_overrides(tmp_path, n=60, T=8, extra=()):
