@@ -46,6 +46,7 @@ class Claims:
         self._stop = threading.Event()
         self._thread = None
         self._owners_dir = f"{Layout.CLAIMS}/owners"
+        self.others_seen = False     # has another live driver been seen on this store?
 
     # ------------------------------------------------------------------ heartbeat
     def start(self) -> "Claims":
@@ -96,6 +97,7 @@ class Claims:
             if host == self.host and pid is not None and not _pid_alive(pid):
                 continue
             live.add(e.name)
+            self.others_seen = True
         live.add(self.owner)
         return live
 

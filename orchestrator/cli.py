@@ -15,6 +15,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+# Registers hydra/launcher=parallel. Hydra finds plugins by scanning the hydra_plugins
+# namespace on sys.path, which an editable install does not expose; importing it here works
+# from any directory and for any kind of install.
+import hydra_plugins.datamodels_launcher  # noqa: F401,E402
+
 
 def _conf_dir() -> str:
     """The repository's conf/ (source checkout, editable install), else the packaged copy."""

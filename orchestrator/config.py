@@ -261,11 +261,6 @@ class Plan:
         return Identity(self.config_hash, float(self.cfg.masks.alpha), int(self.cfg.exp.seed), self.n,
                         self.n_targets)
 
-    @property
-    def exp_dir(self) -> str:
-        """The experiment's location for people: a redacted URI or an absolute path."""
-        return self.store.where()
-
 
 def ledger_identity(cfg: DictConfig) -> dict:
     """The config parts that define the ledger's rows (not how many, not how fast)."""

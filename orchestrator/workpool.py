@@ -267,15 +267,17 @@ class Pool:
 
     # ------------------------------------------------------------------ claims
     def _claim(self, batch: list[Item], bar: Progress) -> list[Item]:
-        """The items of `batch` this driver may run now; the others wait. An item won is
-        checked against the store once more (another driver may have finished it since this
-        one planned its work): with the claim held, nobody else can be producing it."""
+        """The items of `batch` this driver may run now; the others wait. Once another driver
+        has been seen on the store, an item won is checked against the store once more (that
+        driver may have finished it since this one planned its work): with the claim held,
+        nobody else can be producing it. A driver alone skips that check."""
         if self.claims is None:
             return batch
         todo = [it.key for it in batch if it.key not in self.mine]
         won = set(self.claims.claim(self.name, todo)) if todo else set()
         fresh = [it for it in batch if it.key in won]
-        finished = set(self.done_fn(fresh)) if fresh and self.done_fn is not None else set()
+        check = fresh and self.done_fn is not None and self.claims.others_seen
+        finished = set(self.done_fn(fresh)) if check else set()
         out = []
         for it in batch:
             if it.key in finished:

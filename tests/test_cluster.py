@@ -112,6 +112,7 @@ def test_job_with_the_store_on_the_heads_disk(cluster):
         assert store.exists(rel)
     assert len(s["train"]["hosts"]) == 2                  # both worker nodes trained
     RESULTS["local"] = s
+    RESULTS["local_wall"] = wall
     # every listening socket of the cluster is on loopback
     exposed = [row for row in listening_addresses(cluster.processes()) if not is_loopback(row[0])]
     assert not exposed, exposed
@@ -143,6 +144,22 @@ def test_job_with_the_store_on_s3(cluster, s3):
     report("tiny, store on S3", wall_s=round(wall, 1), models=TINY)
 
 
+def test_slow_run_without_faults(cluster, s3):
+    """The fault tests' configuration, undisturbed: the baseline of their wall-time cost."""
+    t0 = time.time()
+    r = cluster.submit(entry(cluster, SLOW + [s3_store(s3, "calm")], "calm"))
+    RESULTS["slow_wall"] = time.time() - t0
+    assert r.returncode == 0, r.stdout[-4000:]
+    index = Ledger(s3_experiment(s3, "calm")).index()
+    assert index.count("train") == 300 and index.count("eval") == 60 and index.duplicates == 0
+    report("slow tiny train stage, no faults", wall_s=round(RESULTS["slow_wall"], 1))
+
+
+def overhead(wall: float) -> str:
+    base = RESULTS.get("slow_wall")
+    return f"{wall - base:+.1f} s" if base else "n/a"
+
+
 def test_worker_node_lost_and_another_joins_mid_training(cluster, s3):
     """SIGKILL one worker node's process group while it trains; a new node joins: the job
     finishes with every model once, and the new node trains some of them."""
@@ -170,7 +187,8 @@ def test_worker_node_lost_and_another_joins_mid_training(cluster, s3):
     s = summary_of(store)
     report("worker node SIGKILLed mid-training + a node joins", killed_at_s=round(killed_at, 1),
            models_lost=TINY - index.count("train") - index.count("eval"), duplicate_rows=index.duplicates,
-           worker_deaths=s["train"]["pool"]["worker_deaths"], models_on_new_node=on_new, wall_s=round(wall, 1))
+           worker_deaths=s["train"]["pool"]["worker_deaths"], models_on_new_node=on_new, wall_s=round(wall, 1),
+           overhead=overhead(wall))
     assert index.count("train") == 300 and index.count("eval") == 60
     assert index.duplicates == 0
     assert on_new > 0, hosts
@@ -208,7 +226,7 @@ def test_s3_endpoint_down_mid_training(cluster, s3):
     report("S3 endpoint down 8 s, then frozen 6 s, mid-training",
            models_lost=TINY - index.count("train") - index.count("eval"), duplicate_rows=index.duplicates,
            quarantined=len(led.quarantined) + len(s.get("quarantined", [])),
-           retry_warnings=logs.count("retrying for up to"), wall_s=round(wall, 1))
+           retry_warnings=logs.count("retrying for up to"), wall_s=round(wall, 1), overhead=overhead(wall))
     assert index.count("train") == 300 and index.count("eval") == 60
     assert not led.quarantined and not s.get("quarantined")
     assert "retrying for up to" in logs              # the outage was seen, and ridden out
@@ -243,6 +261,7 @@ def test_driver_killed_and_job_submitted_again(cluster):
     t1 = time.time()
     r = cluster.submit(args)
     wall = time.time() - t1
+    total = time.time() - t0
     assert r.returncode == 0, r.stdout[-4000:]
     store = experiment(root)
     s = summary_of(store)
@@ -250,7 +269,8 @@ def test_driver_killed_and_job_submitted_again(cluster):
     report("driver SIGKILLed, job submitted again", models_before_kill=before,
            trained_after=s["train"]["models_trained"], models_lost=TINY - index.count("train") - index.count("eval"),
            models_trained_twice=before + s["train"]["models_trained"] - TINY, duplicate_rows=index.duplicates,
-           resubmit_wall_s=round(wall, 1))
+           resubmit_wall_s=round(wall, 1), total_wall_s=round(total, 1),
+           overhead=f"{total - RESULTS['local_wall']:+.1f} s" if "local_wall" in RESULTS else "n/a")
     assert index.count("train") == 300 and index.count("eval") == 60
     assert s["train"]["models_trained"] <= TINY - before + 20     # at most the units in flight at the kill
     assert index.duplicates == 0

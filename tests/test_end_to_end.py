@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from mlflow.tracking import MlflowClient
 
 from orchestrator import pipeline
@@ -38,3 +40,10 @@ def test_tiny_real_run_all_stages_tracked(tmp_path, ray_local):
     assert parents[0].data.params["masks.alpha"] == "0.5"
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"summary.json", "config.yaml"} <= arts
+
+    # a baseline whose scores vanished is an error at evaluate, never a silent omission
+    from orchestrator.baselines_stage import BaselinesError
+    trak = [f for f in os.listdir(os.path.join(summary["experiment_dir"], "scores")) if f.startswith("trak-")]
+    os.remove(os.path.join(summary["experiment_dir"], "scores", trak[0]))
+    with pytest.raises(BaselinesError, match="trak"):
+        pipeline.run(compose(["experiment=tiny", "stage=evaluate"], tmp_path))

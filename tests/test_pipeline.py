@@ -140,6 +140,15 @@ def test_stage_alone_and_lost_models_retrained(tmp_path, ray_local):
     assert s3["fit"]["chunks_fit"] == 2 and "lds" not in s3
     s4 = pipeline.run(compose(planted_overrides(tmp_path, extra=["stage=evaluate"]), tmp_path))
     assert s4["lds"]["datamodels"]["mean"] > 0.9
+    # a fit chunk is done when it reads back verified, not because its name exists
+    chunk = os.path.join(s["experiment_dir"], s3["fit"]["dir"], "chunk-000000-000004.parquet")
+    data = bytearray(open(chunk, "rb").read())
+    data[len(data) // 2: len(data) // 2 + 8] = b"\xff" * 8
+    open(chunk, "wb").write(bytes(data))
+    s5 = pipeline.run(compose(planted_overrides(tmp_path, extra=["stage=fit"]), tmp_path))
+    assert s5["fit"]["chunks_fit"] == 1
+    # summary.json keeps what earlier stages wrote
+    assert "lds" in s5 and s5["lds"]["datamodels"]["mean"] == pytest.approx(s4["lds"]["datamodels"]["mean"])
 
 
 def test_torch_backend_through_the_fit_stage(tmp_path, ray_local):

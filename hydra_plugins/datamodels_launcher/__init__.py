@@ -73,7 +73,7 @@ class ParallelLauncher(Launcher):
         print(f"sweep: {len(points)} points, {min(limit, len(points))} at a time, on Ray at {env['RAY_ADDRESS']}",
               flush=True)
         for idx, overrides in points:
-            print(f"  [point {idx}] {' '.join(filter_overrides(overrides))}", flush=True)
+            print(f"  [point {idx}] {_shown(overrides)}", flush=True)
         running: Dict[int, Tuple[subprocess.Popen, threading.Thread, float]] = {}
         results: Dict[int, Tuple[int, float, float]] = {}
         queue = list(points)
@@ -97,7 +97,7 @@ class ParallelLauncher(Launcher):
             rc, t0, t1 = results[idx]
             status = JobStatus.COMPLETED if rc == 0 else JobStatus.FAILED
             if rc != 0:
-                failed.append(f"point {idx} ({' '.join(filter_overrides(overrides))}) exit {rc}")
+                failed.append(f"point {idx} ({_shown(overrides)}) exit {rc}")
             print(f"sweep: point {idx} {'finished' if rc == 0 else 'FAILED'} in {t1 - t0:.0f} s "
                   f"(start {time.strftime('%H:%M:%S', time.localtime(t0))}, "
                   f"end {time.strftime('%H:%M:%S', time.localtime(t1))})", flush=True)
@@ -109,6 +109,12 @@ class ParallelLauncher(Launcher):
                   file=sys.stderr, flush=True)
             sys.exit(1)
         return returns
+
+
+def _shown(overrides: Sequence[str]) -> str:
+    """A point's overrides for people: credentials in URIs redacted."""
+    from orchestrator.store import redact
+    return " ".join(redact(o) if "://" in o else o for o in filter_overrides(overrides))
 
 
 def _relay(proc: subprocess.Popen, prefix: str) -> None:
