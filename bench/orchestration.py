@@ -83,7 +83,7 @@ def main() -> None:
     try:
         for kind in args.stores.split(","):
             if kind == "s3" and s3 is None:
-                s3 = S3Server(tmp)
+                s3 = S3Server(tmp, relay=False)     # moto itself, no test relay in between
                 s3.make_bucket("ceiling")
             for models in (int(x) for x in args.sizes.split(",")):
                 root = os.path.join(tmp, f"{kind}-{models}")

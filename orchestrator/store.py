@@ -347,10 +347,21 @@ class Store:
             raise
 
     def read_bytes(self, rel: str) -> bytes:
-        """The whole object; FileNotFoundError if it is not there."""
+        """The whole object; FileNotFoundError if it is not there. On an object store the
+        length is checked against the object's size, so a reply cut short is retried."""
         def get():
-            with self.fs.open_input_stream(self.path(rel)) as f:
-                return f.read()
+            path = self.path(rel)
+            size = None
+            if self.remote:
+                info = self.fs.get_file_info(path)
+                if info.type == pafs.FileType.NotFound:
+                    raise FileNotFoundError(path)
+                size = info.size
+            with self.fs.open_input_stream(path) as f:
+                data = f.read()
+            if size is not None and len(data) != size:
+                raise OSError(f"short read: {len(data)} of {size} bytes (connection cut?)")
+            return data
         return self._call("read", rel, get)
 
     def exists(self, rel: str) -> bool:
@@ -406,34 +417,46 @@ class Store:
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         """The columns asked (all by default), verified: a footer, page, checksum, null or
-        digest failure raises CorruptFile; FileNotFoundError if the file is gone."""
+        digest failure raises CorruptFile; FileNotFoundError if the file is gone. On an
+        object store a file that does not parse is fetched whole once more before it is
+        called corrupt, so that a connection cut mid-read is retried, never quarantined."""
+        def parse(source):
+            pf = pq.ParquetFile(source, page_checksum_verification=True)
+            return pf.read(columns=columns), _digests_of(rel, pf.schema_arrow)
+
         def get():
             try:
-                pf = pq.ParquetFile(self.fs.open_input_file(self.path(rel)), page_checksum_verification=True)
-                digests = _digests_of(rel, pf.schema_arrow)
-                table = pf.read(columns=columns)
+                table, digests = parse(self.fs.open_input_file(self.path(rel)))
             except (CorruptFile, FileNotFoundError):
                 raise
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowKeyError,
-                    pa.ArrowIndexError, pa.ArrowCapacityError, pa.ArrowSerializationError,
-                    OSError, KeyError, ValueError, IndexError, TypeError) as err:
-                if self.remote and isinstance(err, OSError) and _transient(err, True) and _looks_network(err):
-                    raise
-                raise CorruptFile(rel, f"unreadable Parquet ({_reason(err)[:160]})") from None
+            except _PARSE_ERRORS as err:
+                if not self.remote:
+                    raise CorruptFile(rel, f"unreadable Parquet ({_reason(err)[:160]})") from None
+                data = self.read_bytes(rel)          # network faults: retried, then StoreError
+                try:
+                    table, digests = parse(pa.BufferReader(data))
+                except _PARSE_ERRORS as err2:
+                    raise CorruptFile(rel, f"unreadable Parquet ({_reason(err2)[:160]})") from None
             verify_table(rel, table, digests)
             return table
         return self._call("read", rel, get)
 
     def read_schema(self, rel: str) -> pa.Schema:
+        """The Parquet schema (with metadata) of `rel`; CorruptFile if the footer does not
+        parse (on an object store, after fetching the whole file once more)."""
         def get():
             try:
                 return pq.read_schema(self.fs.open_input_file(self.path(rel)))
             except FileNotFoundError:
                 raise
-            except (pa.ArrowException, OSError, ValueError) as err:
-                if self.remote and isinstance(err, OSError) and _looks_network(err):
-                    raise
-                raise CorruptFile(rel, f"unreadable Parquet footer ({_reason(err)[:160]})") from None
+            except _PARSE_ERRORS as err:
+                if not self.remote:
+                    raise CorruptFile(rel, f"unreadable Parquet footer ({_reason(err)[:160]})") from None
+                data = self.read_bytes(rel)
+                try:
+                    return pq.read_schema(pa.BufferReader(data))
+                except _PARSE_ERRORS as err2:
+                    raise CorruptFile(rel, f"unreadable Parquet footer ({_reason(err2)[:160]})") from None
         return self._call("read", rel, get)
 
     # ------------------------------------------------------------------ checks
@@ -460,10 +483,7 @@ class Store:
             self.retry_seconds = patience
 
 
-def _looks_network(err: BaseException) -> bool:
-    text = str(err)
-    return any(p in text for p in ("NETWORK", "Connection", "connect", "timed out", "Timeout", "curl",
-                                   "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "Unable to"))
+_PARSE_ERRORS = (pa.ArrowException, OSError, KeyError, ValueError, IndexError, TypeError)
 
 
 # ----------------------------------------------------------------------------- serving

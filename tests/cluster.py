@@ -280,7 +280,14 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener = None
+        self._cuts: list[int] = []      # byte budgets of the next connections' replies
         self.up()
+
+    def cut_next(self, after_bytes: int, connections: int = 1) -> None:
+        """Cut the next `connections` connections after `after_bytes` bytes of the server's
+        reply have been relayed (a connection reset in the middle of a download)."""
+        with self._lock:
+            self._cuts += [after_bytes] * connections
 
     def up(self) -> None:
         import threading
@@ -323,16 +330,22 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                budget = self._cuts.pop(0) if self._cuts else None
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, budget), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(src: socket.socket, dst: socket.socket, budget: int | None) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if budget is not None:
+                    if len(data) >= budget:
+                        dst.sendall(data[:budget])
+                        break
+                    budget -= len(data)
                 dst.sendall(data)
         except OSError:
             pass
@@ -348,7 +361,7 @@ class S3Server:
     """moto's standalone S3 server on 127.0.0.1 (a real process speaking HTTP), reached
     through a TcpProxy so that a test can take the endpoint down without losing its data."""
 
-    def __init__(self, root: str, enforce_auth: bool = False):
+    def __init__(self, root: str, enforce_auth: bool = False, relay: bool = True):
         self.port = free_ports(1)[0]
         self.log = open(os.path.join(root, f"moto-{self.port}.log"), "w")
         env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0") if enforce_auth else None
@@ -363,8 +376,8 @@ class S3Server:
                 if time.time() > deadline:
                     raise RuntimeError("moto server did not start") from None
                 time.sleep(0.3)
-        self.proxy = TcpProxy(self.port)
-        self.endpoint = f"127.0.0.1:{self.proxy.port}"
+        self.proxy = TcpProxy(self.port) if relay else None
+        self.endpoint = f"127.0.0.1:{self.proxy.port if relay else self.port}"
 
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
@@ -392,7 +405,8 @@ class S3Server:
             self.resume()
         except ProcessLookupError:
             pass
-        self.proxy.down()
+        if self.proxy is not None:
+            self.proxy.down()
         kill_group(self.proc, signal.SIGTERM, wait=10)
         self.log.close()
 

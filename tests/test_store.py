@@ -83,6 +83,19 @@ def test_s3_writes_ride_out_an_endpoint_outage(s3_server):
     assert "\n" not in str(err.value)
 
 
+def test_a_connection_cut_mid_read_is_retried_not_called_corrupt(s3_server):
+    s3_server.make_bucket("cuts")
+    st = Store(s3_server.uri("cuts", "p"), retry_seconds=20)
+    table = pa.table({"a": list(range(20000)), "b": [f"row {i}" for i in range(20000)]})
+    st.write_table("t.parquet", table)
+    for after in (300, 5000, 40000):
+        s3_server.proxy.cut_next(after, connections=2)
+        got = st.read_table("t.parquet")
+        assert got.equals(table)
+        s3_server.proxy.cut_next(after)
+        assert st.read_schema("t.parquet").names == ["a", "b"]
+
+
 def test_credentials_in_the_uri_never_reach_logs_mlflow_or_summary(tmp_path, s3_server):
     from mlflow.tracking import MlflowClient
 
