@@ -5,6 +5,15 @@ One Ray task per method builds the task's data, reads the first K checkpoints fr
 store, and writes a verified Parquet file of scores (train example × target) with the
 method, its parameters and its compute time. A method whose file reads back verified for
 the same parameters and checkpoints is not recomputed.
+
+Checkpoint budgets: the checkpoint ensembles (TRAK, TracIn: workers.attribution.STEPS) are
+also scored with their first k checkpoints for every k in baselines.budget_checkpoints below
+K, from the same pass over the checkpoints (the per-checkpoint terms are running sums, so a
+budget costs only forming its ensemble from the sums so far). Each budget is its own scores
+file, the very file a run with baselines.checkpoints=k would write (`scores_file(method,
+params, k)`), its metadata carrying the seconds of those k checkpoints' share of the scoring.
+A method is done when its K file and every budget file read back verified; when only budget
+files are missing, the task scores just the checkpoints those need and writes only them.
 """
 from __future__ import annotations
 
@@ -39,6 +48,40 @@ def expected_files(cfg) -> dict[str, str]:
     n_ckpt = int(bcfg["checkpoints"])
     return {m: scores_file(m, dict((bcfg.get("params") or {}).get(m) or {}), n_ckpt)
             for m in bcfg.get("methods") or []}
+
+
+def budget_sizes(cfg) -> list[int]:
+    """The checkpoint budgets k < baselines.checkpoints (K) at which the checkpoint ensembles
+    are also scored: baselines.budget_checkpoints, sorted, values >= K left out (K itself is
+    the method's own file)."""
+    from omegaconf import OmegaConf
+    bcfg = OmegaConf.to_container(cfg.baselines, resolve=True)
+    raw = bcfg.get("budget_checkpoints") or []
+    if not isinstance(raw, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                            for k in raw):
+        from orchestrator.config import ConfigError
+        raise ConfigError(f"baselines.budget_checkpoints={raw!r} must be a list of checkpoint counts >= 1, "
+                          f"e.g. baselines.budget_checkpoints=[1,2]")
+    return sorted({k for k in raw if k < int(bcfg["checkpoints"])})
+
+
+def budget_files(cfg) -> dict[str, dict[int, str]]:
+    """method -> {k: scores file of its first k checkpoints} for every budget k < K, for the
+    configured methods that are checkpoint ensembles (workers.attribution.STEPS)."""
+    from omegaconf import OmegaConf
+
+    from workers.attribution import STEPS
+    bcfg = OmegaConf.to_container(cfg.baselines, resolve=True)
+    ks = budget_sizes(cfg)
+    return {m: {k: scores_file(m, dict((bcfg.get("params") or {}).get(m) or {}), k) for k in ks}
+            for m in bcfg.get("methods") or [] if m in STEPS and ks}
+
+
+def wanted_files(cfg) -> dict[str, dict[int, str]]:
+    """method -> {checkpoints: scores file} of every file the config asks for (K and budgets)."""
+    n_ckpt = int(cfg.baselines.checkpoints)
+    budgets = budget_files(cfg)
+    return {m: {**budgets.get(m, {}), n_ckpt: rel} for m, rel in expected_files(cfg).items()}
 
 
 def scores_table(scores: np.ndarray, meta: dict) -> pa.Table:
@@ -94,28 +137,51 @@ def load_checkpoints(store, k: int) -> list[dict]:
     return out
 
 
-def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, rel: str, threads: int,
+def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files, threads: int,
                    store_handle) -> dict:
-    """Runs in a Ray task: build the task, load checkpoints, score, write the file."""
+    """Runs in a Ray task: build the task, load checkpoints, score, write the file(s).
+
+    files: the scores file to write, or {k: file} for the checkpoint budgets k to write (a
+    checkpoint ensemble, workers.attribution.STEPS; k = n_ckpt is the method's own file).
+    Returns {k: metadata written}."""
     import torch
     from hydra.utils import instantiate
 
-    from workers.attribution import compute_scores
+    from workers.attribution import STEPS, budget_scores, compute_scores
     torch.set_num_threads(max(1, threads))
+    if isinstance(files, str):
+        files = {n_ckpt: files}
     store = store_handle.open()
     task = instantiate(task_cfg, _convert_="all")
     model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
-    ckpts = load_checkpoints(store, n_ckpt)
-    t0 = time.perf_counter()
-    scores = compute_scores(method, model_fn, ckpts, x_tr, y_tr, x_tg, y_tg, dict(params),
-                            margin_kind=getattr(task, "margin", "logsumexp"))
-    seconds = time.perf_counter() - t0
-    if not np.all(np.isfinite(scores)):
-        raise BaselinesError(f"{method}: {int((~np.isfinite(scores)).sum())} non-finite scores; "
-                             f"check baselines.params.{method}")
-    meta = {"method": method, "params": params, "checkpoints": n_ckpt, "seconds": seconds}
-    store.write_table(rel, scores_table(scores, meta))
-    return meta
+    ckpts = load_checkpoints(store, n_ckpt)    # all K even for smaller budgets: params (tracin lrs) are per K
+    margin_kind = getattr(task, "margin", "logsumexp")
+    from workers.logs import repeats_summarised
+    with repeats_summarised():          # a solver warning per target block is printed once, with a count
+        if set(files) == {n_ckpt} and method not in STEPS:
+            t0 = time.perf_counter()
+            scores = compute_scores(method, model_fn, ckpts, x_tr, y_tr, x_tg, y_tg, dict(params),
+                                    margin_kind=margin_kind)
+            results = {n_ckpt: (scores, time.perf_counter() - t0, None)}
+        else:
+            b = budget_scores(method, model_fn, ckpts, x_tr, y_tr, x_tg, y_tg, dict(params), sorted(files),
+                              margin_kind=margin_kind)
+            results = {k: (b.scores[k], b.seconds[k], b.checkpoint_seconds[:k]) for k in sorted(files)}
+    for k, (scores, _, _) in results.items():
+        if not np.all(np.isfinite(scores)):
+            raise BaselinesError(f"{method}: {int((~np.isfinite(scores)).sum())} non-finite scores with "
+                                 f"{k} checkpoints; check baselines.params.{method}")
+    written = {}
+    for k in sorted(results, reverse=True):      # the method's own file first
+        scores, seconds, per_ckpt = results[k]
+        meta = {"method": method, "params": params, "checkpoints": k, "seconds": seconds}
+        if per_ckpt is not None:
+            meta["checkpoint_seconds"] = per_ckpt
+        if k != n_ckpt:
+            meta["budget_of"] = n_ckpt           # the first k of the n_ckpt checkpoints' pass
+        store.write_table(files[k], scores_table(scores, meta))
+        written[k] = meta
+    return written
 
 
 def run(plan, tracker) -> dict:
@@ -131,35 +197,65 @@ def run(plan, tracker) -> dict:
         raise BaselinesError(f"baselines.methods={methods}: task {type(plan.task).__name__} has no "
                              f"attribution_inputs(); set baselines.methods=[]")
     n_ckpt = int(bcfg["checkpoints"])
-    missing = missing_checkpoints(store, n_ckpt)
-    if missing:
+    budget_sizes(cfg)                          # a malformed budget list fails before any work
+    lost = missing_checkpoints(store, n_ckpt)
+    if lost:
         raise BaselinesError(f"baselines need {n_ckpt} checkpoints in {store.where(Layout.CHECKPOINTS)} "
-                             f"({len(missing)} missing); run stage=train (it saves baselines.checkpoints of them)")
+                             f"({len(lost)} missing); run stage=train (it saves baselines.checkpoints of them)")
     import ray
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     threads = int(bcfg.get("cpus_per_task") or 1)
     gpus = float(bcfg.get("gpus_per_task") or 0)
     remote = ray.remote(compute_method).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
-    files = expected_files(cfg)
+    files = wanted_files(cfg)                  # method -> {checkpoints: file}
+
+    metas: dict[str, dict[int, dict]] = {m: {} for m in methods}   # verified files' metadata
+
+    def missing(method):
+        """{k: file} of the method's files that do not read back verified (the others' metadata
+        is kept in `metas`)."""
+        todo = {}
+        for k, rel in files[method].items():
+            meta = scores_ok(store, rel, plan.n, plan.n_targets)
+            if meta is None:
+                todo[k] = rel
+            else:
+                metas[method][k] = meta
+        return todo
+
+    def summary(method, cached):
+        meta = metas[method][n_ckpt]
+        out = meta | {"file": files[method][n_ckpt], "cached": cached}
+        budgets = {k: {"file": files[method][k], "seconds": metas[method][k].get("seconds")}
+                   for k in sorted(files[method]) if k != n_ckpt}
+        if budgets:
+            out["budgets"] = budgets
+        return out
+
     out, items = {}, []
     for method in methods:
-        meta = scores_ok(store, files[method], plan.n, plan.n_targets)
-        if meta is not None:
-            out[method] = meta | {"file": files[method], "cached": True}
+        todo = missing(method)
+        if not todo:
+            out[method] = summary(method, True)
         else:
             params = dict((bcfg.get("params") or {}).get(method) or {})
-            items.append(Item(f"{method}-{files[method].rsplit('-', 1)[1][:-8]}", (method, params)))
+            key = files[method][n_ckpt].rsplit('-', 1)[1][:-8]
+            items.append(Item(f"{method}-{key}", (method, params, todo)))
 
     def submit(_, payload):
-        method, params = payload
-        return remote.remote(task_cfg, method, params, n_ckpt, files[method], threads, plan.handle)
+        method, params, todo = payload
+        return remote.remote(task_cfg, method, params, n_ckpt, todo, threads, plan.handle)
 
     def done(its):
-        return [it.key for it in its if scores_ok(store, files[it.payload[0]], plan.n, plan.n_targets)]
+        return [it.key for it in its if not missing(it.payload[0])]
 
-    def on_result(item, meta):
-        out[item.payload[0]] = meta | {"file": files[item.payload[0]], "cached": False}
-        log.info("baselines: %s done in %.1f s", item.payload[0], meta["seconds"])
+    def on_result(item, written):
+        method = item.payload[0]
+        metas[method].update(written)
+        if set(metas[method]) == set(files[method]):
+            out[method] = summary(method, n_ckpt not in written)
+        log.info("baselines: %s done (%s checkpoints) in %s s", method, ", ".join(str(k) for k in sorted(written)),
+                 ", ".join(f"{written[k]['seconds']:.1f}" for k in sorted(written)))
 
     if items:
         Pool("baselines", submit=submit, capacity=lambda: max(1, worker_slots(threads, gpus)), per_worker=1,
@@ -167,9 +263,11 @@ def run(plan, tracker) -> dict:
              max_deaths=int(cfg.train.max_worker_deaths)).run(items)
     for method in methods:       # computed elsewhere (another driver): read what it wrote
         if method not in out:
-            meta = scores_ok(store, files[method], plan.n, plan.n_targets)
-            if meta is None:
-                raise BaselinesError(f"baselines: {method} has no scores in {store.where(files[method])}; "
+            todo = missing(method)
+            if todo:
+                k = max(todo)
+                what = "" if k == n_ckpt else f" for its first {k} checkpoints"
+                raise BaselinesError(f"baselines: {method} has no scores{what} in {store.where(todo[k])}; "
                                      f"run stage=baselines")
-            out[method] = meta | {"file": files[method], "cached": True}
+            out[method] = summary(method, True)
     return {"methods": out}

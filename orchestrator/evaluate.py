@@ -74,6 +74,52 @@ def score_method(X: np.ndarray, Y: np.ndarray, weights: np.ndarray, intercept, n
     return out, per_target
 
 
+# ----------------------------------------------------------------------------- names and order
+
+# Class names of the shipped datasets (workers.data.DATASETS), by label index.
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "digits": ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"),
+}
+
+
+def class_names(dataset: str | None, num_classes: int) -> list[str]:
+    """Names of labels 0..num_classes-1 of `dataset` (a workers.data name); the integer
+    labels themselves for a dataset without known names."""
+    names = CLASS_NAMES.get(dataset or "")
+    if names is None or len(names) != num_classes:
+        return [str(i) for i in range(num_classes)]
+    return list(names)
+
+
+def task_class_names(task, num_classes: int) -> list[str]:
+    """Class names of a task's labels: its own `class_names` if it has them (a user task),
+    else those of its dataset (task.data_cfg["name"]), else the integer labels."""
+    own = getattr(task, "class_names", None)
+    own = own() if callable(own) else own
+    if own is not None and len(own) == num_classes:
+        return [str(c) for c in own]
+    data = getattr(task, "data_cfg", None) or {}
+    return class_names(data.get("name") if isinstance(data, dict) else None, num_classes)
+
+
+def method_order(names) -> list[str]:
+    """datamodels first, then the other methods alphabetically: the order of every plot."""
+    names = list(names)
+    return (["datamodels"] if "datamodels" in names else []) + sorted(n for n in names if n != "datamodels")
+
+
+def method_colors(names) -> dict[str, str]:
+    """One colour per method, by its place in method_order (the same in every plot)."""
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan", "tab:gray"]
+    return {n: palette[i % len(palette)] for i, n in enumerate(method_order(names))}
+
+
+# ----------------------------------------------------------------------------- plots
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -81,47 +127,147 @@ def _plt():
     return plt
 
 
+DPI = 100          # every plot is saved at this dpi; no text is smaller than 8 pt
+
+
+def _save(fig, path: str) -> None:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
+    _plt().close(fig)
+
+
+def _ci_err(r: dict) -> list[list[float]]:
+    lo, hi = r["ci95"]
+    return [[max(r["mean"] - lo, 0.0)], [max(hi - r["mean"], 0.0)]]
+
+
 def plot_lds(results: dict, per_target: dict, path: str) -> None:
-    """Bar chart of LDS per method (95% CI) and the histogram of per-target LDS."""
+    """One row per method (datamodels first, then the baselines alphabetically): a dot per
+    target at its LDS, and the mean over targets with its 95% bootstrap CI; the right axis
+    prints the mean, the CI and the number of targets."""
     plt = _plt()
-    names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    means = [results[k]["mean"] for k in names]
-    err = np.array([[results[k]["mean"] - results[k]["ci95"][0], results[k]["ci95"][1] - results[k]["mean"]]
-                    for k in names]).T
-    axes[0].bar(names, means, yerr=err, capsize=4, color="tab:blue")
-    axes[0].set_ylabel("LDS (mean over targets, 95% CI)")
-    axes[0].set_title("Linear Datamodeling Score")
-    axes[0].tick_params(axis="x", rotation=30)
+    names = method_order(results)
+    colors = method_colors(names)
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.75 * len(names)))
+    rng = np.random.default_rng(0)
+    rows = {k: len(names) - 1 - i for i, k in enumerate(names)}    # the first method on top
     for k in names:
-        v = per_target[k]
-        axes[1].hist(v[np.isfinite(v)], bins=30, alpha=0.5, label=k)
-    axes[1].set_xlabel("LDS per target")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        v = np.asarray(per_target[k], dtype=float)
+        v = v[np.isfinite(v)]
+        y = rows[k]
+        ax.scatter(v, y + rng.uniform(-0.25, 0.25, len(v)), s=12, color=colors[k], alpha=0.5, linewidths=0,
+                   zorder=2)
+        r = results[k]
+        ax.errorbar([r["mean"]], [y], xerr=_ci_err(r), fmt="D", color="black", markersize=7, capsize=6,
+                    elinewidth=2, zorder=4)
+    ax.axvline(0, color="gray", linestyle="--", linewidth=1, zorder=1)
+    ax.set_yticks([rows[k] for k in names])
+    ax.set_yticklabels(names, fontsize=10)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_ylabel("method", fontsize=10)
+    ax.set_xlabel("LDS of one target (Spearman correlation over the eval masks)", fontsize=10)
+    ax.tick_params(axis="x", labelsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks([rows[k] for k in names])
+    right.set_yticklabels([f"{results[k]['mean']:.3f}  [{results[k]['ci95'][0]:.3f}, {results[k]['ci95'][1]:.3f}]"
+                           f"  n={results[k].get('targets', len(per_target[k]))}" for k in names], fontsize=9)
+    right.set_ylabel("mean LDS  [95% CI],  targets", fontsize=10)
+    from matplotlib.lines import Line2D
+    ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color="gray", alpha=0.6, label="one target"),
+                       Line2D([], [], marker="D", color="black", label="mean over targets, 95% bootstrap CI")],
+              fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    ax.set_title("Linear Datamodeling Score per method", fontsize=11, pad=24)
+    _save(fig, path)
 
 
-def plot_lds_vs_compute(results: dict, curve: dict, path: str) -> None:
-    """LDS against compute seconds, log x (the TRAK paper's Figure 1 format)."""
+def plot_lds_vs_compute(results: dict, curve: dict, path: str, budgets: dict | None = None,
+                        per_model: float | None = None) -> None:
+    """Mean LDS (95% CI) against the compute each method costs, log x (the TRAK paper's
+    Figure 1 format). Counted: datamodels = training the m models used + fitting the lasso
+    (`curve`: one point per prefix fit of the first m models); a baseline = training its k
+    checkpoint models (k × seconds per trained model) + its own scoring seconds (`budgets`:
+    method -> {k: {mean, ci95, seconds}}, one point per checkpoint budget; a method without
+    budgets is its single point in `results`). Points without seconds are left out; the
+    caption gives `per_model`, the seconds charged per trained model, when known."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        if r.get("seconds"):
-            ax.errorbar([r["seconds"]], [r["mean"]],
-                        yerr=[[r["mean"] - r["ci95"][0]], [r["ci95"][1] - r["mean"]]], fmt="o", capsize=3, label=name)
-    if curve:
-        ms = sorted(curve)
-        ax.plot([curve[m]["seconds"] for m in ms], [curve[m]["mean"] for m in ms], "-", color="gray", alpha=0.6,
-                label="datamodels (prefixes)")
+    names = method_order(results)
+    colors = method_colors(names)
+    budgets = budgets or {}
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    drawn, labels = 0, []
+    for name in names:
+        r = results[name]
+        if name == "datamodels" and curve:
+            pts = sorted((int(m), c) for m, c in curve.items() if c.get("seconds"))
+            tags = [f"m={m}" for m, _ in pts]
+            label = f"datamodels: train m models + fit lasso (m = {', '.join(str(m) for m, _ in pts)})"
+        elif name in budgets and budgets[name]:
+            pts = sorted((int(k), c) for k, c in budgets[name].items() if c.get("seconds"))
+            tags = [f"k={k}" for k, _ in pts]
+            label = f"{name}: train k checkpoints + score (k = {', '.join(str(k) for k, _ in pts)})"
+        else:
+            if not r.get("seconds"):
+                continue
+            k = r.get("checkpoints")
+            pts = [(k, r)]
+            tags = [f"k={k}" if k else ""]
+            label = (f"{name}: train {k} checkpoints + score" if k else
+                     "datamodels: train m models + fit lasso" if name == "datamodels" else name)
+        if not pts:
+            continue
+        xs = [c["seconds"] for _, c in pts]
+        ys = [c["mean"] for _, c in pts]
+        err = np.array([_ci_err(c) for _, c in pts])[:, :, 0].T
+        ax.errorbar(xs, ys, yerr=err, fmt="-o" if len(pts) > 1 else "o", color=colors[name], capsize=3,
+                    markersize=6, linewidth=1.8, label=label)
+        labels += [(x, y, tag, colors[name]) for x, y, tag in zip(xs, ys, tags) if tag]
+        drawn += 1
     ax.set_xscale("log")
-    ax.set_xlabel("compute (seconds, this machine)")
-    ax.set_ylabel("LDS")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plain_log_ticks(ax)
+    _place_tags(ax, labels)
+    ax.set_xlabel("compute (seconds on this machine: training counted models + fitting/scoring)", fontsize=10)
+    ax.set_ylabel("LDS (mean over targets, 95% CI)", fontsize=10)
+    ax.tick_params(labelsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("LDS against compute", fontsize=11)
+    if drawn:
+        note = ("Compute counted: training seconds = trained models × mean seconds per trained model"
+                + (f" ({per_model:.3g} s)" if per_model else "")
+                + ";\nm = models the datamodels were fit on, k = checkpoints (trained models) a baseline uses; "
+                  "fitting and scoring seconds as measured.")
+        ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False,
+                  title=note, title_fontsize=8.5)
+    _save(fig, path)
+
+
+def _place_tags(ax, tags, fontsize: float = 8) -> None:
+    """Annotate points (x, y, text, colour) to their right, each tag moved down until it
+    overlaps no tag placed before it (points of one method often lie close together)."""
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    scale = 72.0 / ax.figure.dpi                 # display pixels -> points
+    placed = []                                  # (x0, x1, y) of placed tags, in points
+    for x, y, text, color in sorted(tags, key=lambda t: -t[1]):
+        px, py = (v * scale for v in ax.transData.transform((x, y)))
+        x0, x1 = px + 6, px + 6 + 0.62 * fontsize * len(text)
+        dy = 3.0
+        while any(a < x1 and x0 < b and abs(py + dy - q) < fontsize + 2 for a, b, q in placed):
+            dy -= fontsize + 2
+        placed.append((x0, x1, py + dy))
+        ax.annotate(text, (x, y), xytext=(6, dy), textcoords="offset points", fontsize=fontsize, color=color,
+                    va="bottom" if dy > 0 else "center")
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log-x tick labels as plain numbers (0.5, 2, 30, 1000), minor ones too over a short range."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    lo, hi = ax.get_xlim()
+    if lo > 0 and hi / lo < 1000:      # up to three decades: ticks at 1, 2, 5 × 10^j
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(fmt)
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_lds_vs_models(curve: dict, path: str) -> None:
@@ -138,57 +284,128 @@ def plot_lds_vs_models(curve: dict, path: str) -> None:
     ax.set_ylabel("LDS")
     ax.set_title("Datamodels: LDS against number of models")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def plot_top_examples(weights: dict, images, target_images, targets, path: str, top: int = 5) -> None:
-    """For a few targets: the target image, then per method the `top` most positive and most
-    negative training images by score."""
+def _show(ax, img) -> None:
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[0] in (1, 3):
+        img = img.transpose(1, 2, 0)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255 if img.dtype == np.uint8 else None, interpolation="nearest")
+    else:
+        ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_top_examples(weights: dict, images, target_images, targets, path: str, top: int = 5, *,
+                      train_labels=None, target_labels=None, names=None) -> None:
+    """For each shown target, one row per method (datamodels first): the target image, then the
+    `top` training images with the most positive scores (+1 the largest) and the `top` with the
+    most negative (−1 the smallest). Every image is captioned with its class (the target's true
+    class; a training image's label, green when it is the target's class) and a training image
+    with its score; a header row per target names the columns."""
     if images is None:
         return
     plt = _plt()
-    methods = list(weights)
-    rows = len(targets) * len(methods)
-    fig, axes = plt.subplots(rows, 1 + 2 * top, figsize=(1.3 * (1 + 2 * top), 1.4 * rows), squeeze=False)
-
-    def show(ax, img):
-        img = np.asarray(img)
-        if img.shape[0] in (1, 3):
-            img = img.transpose(1, 2, 0)
-        ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 or img.ndim == 2 else None)
-        ax.set_xticks([])
-        ax.set_yticks([])
-
+    methods = method_order(weights)
+    n_cols = 1 + 2 * top
+    label = (lambda y: names[int(y)] if names is not None and 0 <= int(y) < len(names) else str(int(y)))
+    cell_w, cell_h, head_h = 1.05, 1.32, 0.42
+    widths = [1.0, 0.3] + [1.0] * top + [0.3] + [1.0] * top
+    heights = []
+    for _ in targets:
+        heights += [head_h / cell_h] + [1.0] * len(methods)
+    fig = plt.figure(figsize=(cell_w * sum(widths) + 1.2, cell_h * sum(heights) + 0.6))
+    gs = fig.add_gridspec(len(heights), len(widths), width_ratios=widths, height_ratios=heights,
+                          wspace=0.08, hspace=0.12, left=1.2 / (cell_w * sum(widths) + 1.2), right=0.99,
+                          top=1 - 0.5 / (cell_h * sum(heights) + 0.6), bottom=0.01)
+    col_of = [0] + [2 + j for j in range(top)] + [3 + top + j for j in range(top)]
+    fig.suptitle(f"Top {top} training images by score, per target and method.  +k: k-th most positive score "
+                 f"(including the image raises the target's margin); −k: k-th most negative.\n"
+                 f"Captions: the image's class (green: the target's class) and its score.", fontsize=9,
+                 y=1 - 0.08 / (cell_h * sum(heights) + 0.6), va="top")
     r = 0
     for t in targets:
+        tclass = label(target_labels[t]) if target_labels is not None else None
+        heads = ["target"] + [f"+{j + 1}" for j in range(top)] + [f"−{j + 1}" for j in range(top)]
+        for c, text in zip(col_of, heads):
+            hax = fig.add_subplot(gs[r, c])
+            hax.axis("off")
+            hax.text(0.5, 0.15, text, ha="center", va="bottom", fontsize=10, fontweight="bold",
+                     transform=hax.transAxes)
+        hax = fig.add_subplot(gs[r, 0])
+        hax.axis("off")
+        hax.text(-0.12, 0.15, f"target #{t}", ha="right", va="bottom", fontsize=10, fontweight="bold",
+                 transform=hax.transAxes)
+        r += 1
         for name in methods:
-            w = weights[name][t]
-            order = np.argsort(w)
-            show(axes[r, 0], target_images[t])
-            axes[r, 0].set_ylabel(f"t{t}\n{name}", fontsize=7)
-            for j, i in enumerate(order[::-1][:top]):
-                show(axes[r, 1 + j], images[i])
-                axes[r, 1 + j].set_title(f"+{w[i]:.2g}", fontsize=6)
-            for j, i in enumerate(order[:top]):
-                show(axes[r, 1 + top + j], images[i])
-                axes[r, 1 + top + j].set_title(f"{w[i]:.2g}", fontsize=6)
+            w = np.asarray(weights[name][t])
+            order = np.argsort(w, kind="stable")
+            ax = fig.add_subplot(gs[r, 0])
+            _show(ax, target_images[t])
+            ax.set_title(tclass if tclass is not None else "", fontsize=8.5, fontweight="bold", pad=2)
+            ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10, labelpad=8)
+            shown = list(order[::-1][:top]) + list(order[:top])
+            for c, i in zip(col_of[1:], shown):
+                ax = fig.add_subplot(gs[r, c])
+                _show(ax, images[i])
+                cls = label(train_labels[i]) if train_labels is not None else ""
+                same = train_labels is not None and target_labels is not None and \
+                    int(train_labels[i]) == int(target_labels[t])
+                ax.set_title(f"{cls}\n{w[i]:+.3g}".strip(), fontsize=8, pad=2,
+                             color="darkgreen" if same else "black", fontweight="bold" if same else "normal")
             r += 1
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- compute accounting
+
+def baseline_compute(scoring_seconds, checkpoints, per_model) -> tuple[float | None, dict]:
+    """(total seconds, parts) of a baseline scored from `checkpoints` trained models: training
+    them (checkpoints × per_model, the mean seconds of one trained model) + its own scoring
+    seconds. The total is None when either part is unknown."""
+    train = None if per_model is None or checkpoints is None else float(per_model) * int(checkpoints)
+    parts = {"checkpoints": train, "scoring": None if scoring_seconds is None else float(scoring_seconds)}
+    total = None if train is None or parts["scoring"] is None else train + parts["scoring"]
+    return total, parts
+
+
+def datamodels_compute(models, per_model, fitting_seconds) -> tuple[float | None, dict]:
+    """(total seconds, parts) of datamodels fit on `models` trained models: training them
+    (models × per_model) + fitting the lasso (worker-seconds of the fit)."""
+    train = None if per_model is None or models is None else float(per_model) * int(models)
+    parts = {"training": train, "fitting": None if fitting_seconds is None else float(fitting_seconds)}
+    total = None if train is None or parts["fitting"] is None else train + parts["fitting"]
+    return total, parts
+
+
 def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, compute: dict | None = None) -> dict:
-    """LDS of the datamodels, of each datamodels prefix and of every configured baseline.
-    Plots are drawn in a local scratch directory, then written to the store and MLflow."""
+    """LDS of the datamodels, of each datamodels prefix and of every configured baseline
+    (and of each checkpoint budget of the checkpoint ensembles, baselines.budget_checkpoints).
+    Plots are drawn in a local scratch directory, then written to the store and MLflow.
+
+    compute: {"models": m, "per_model": seconds per trained model, "datamodels": per_model·m +
+    fit seconds}. The compute counted for each method (result["seconds"], its parts in
+    result["seconds_parts"]):
+      datamodels (and each prefix of m models): m × per_model (training) + the fit's seconds;
+      a baseline with k checkpoints: k × per_model (training the checkpoint models, which
+        are train-set models like the others) + its measured scoring seconds (for a budget
+        k < K, the seconds of those k checkpoints' share of the scoring pass).
+    """
     import tempfile
 
-    from orchestrator.baselines_stage import BaselinesError, expected_files, read_scores
+    from orchestrator.baselines_stage import BaselinesError, budget_files, expected_files, read_scores
     from orchestrator.fit_stage import fit_seconds, load_datamodels
     from orchestrator.store import CorruptFile, Layout
     cfg, store = plan.cfg, plan.store
     compute = compute or {}
+    per_model = compute.get("per_model")
     X, Y, counts = eval_set(plan.ledger, plan.n, plan.n_targets)
     if len(X) < 3:
         raise LedgerError(f"only {len(X)} eval masks in the ledger; LDS needs more (masks.n_eval)")
@@ -196,45 +413,71 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     n_boot, seed = int(cfg.eval.bootstrap), int(cfg.eval.bootstrap_seed)
     results, per_target, weights = {}, {}, {"datamodels": W}
     results["datamodels"], per_target["datamodels"] = score_method(X, Y, W, b, n_boot, seed)
-    results["datamodels"]["seconds"] = compute.get("datamodels")
+    dm_fit = None
+    if compute.get("datamodels") is not None and per_model is not None and compute.get("models") is not None:
+        dm_fit = float(compute["datamodels"]) - float(per_model) * int(compute["models"])
+    _, dm_parts = datamodels_compute(compute.get("models"), per_model, dm_fit)
+    results["datamodels"].update(seconds=compute.get("datamodels"), seconds_parts=dm_parts)
 
     curve = {}
     for m, d in sorted((prefix_dirs or {}).items()):
         Wm, bm, _ = load_datamodels(store, d, plan.n_targets)
         curve[int(m)], _ = score_method(X, Y, Wm, bm, n_boot, seed)
-        curve[int(m)]["seconds"] = compute.get("per_model", 0.0) * int(m) + fit_seconds(store, d)
+        total, parts = datamodels_compute(int(m), compute.get("per_model", 0.0), fit_seconds(store, d))
+        curve[int(m)].update(seconds=total, seconds_parts=parts)
     if curve and compute.get("models"):
         curve[int(compute["models"])] = dict(results["datamodels"])
 
-    for name, rel in sorted(expected_files(cfg).items()):
+    def scores(name, rel, what=""):
         try:
             S, meta = read_scores(store, rel)
         except (FileNotFoundError, CorruptFile) as err:
-            raise BaselinesError(f"evaluate: baseline {name} has no valid scores at {store.where(rel)} "
+            raise BaselinesError(f"evaluate: baseline {name} has no valid scores{what} at {store.where(rel)} "
                                  f"({type(err).__name__}); run stage=baselines") from None
         if S.shape != (plan.n, plan.n_targets):
-            raise BaselinesError(f"evaluate: {store.where(rel)} has shape {S.shape}, expected "
+            raise BaselinesError(f"evaluate: {store.where(rel)} ({name}{what}) has shape {S.shape}, expected "
                                  f"({plan.n}, {plan.n_targets}); run stage=baselines")
+        return S, meta
+
+    budget_rel = budget_files(cfg)
+    lds_budget = {}
+    for name, rel in sorted(expected_files(cfg).items()):
+        S, meta = scores(name, rel)
         results[name], per_target[name] = score_method(X, Y, S.T, None, n_boot, seed)
-        results[name].update(seconds=meta.get("seconds"), params=meta.get("params"),
+        total, parts = baseline_compute(meta.get("seconds"), meta.get("checkpoints"), per_model)
+        results[name].update(seconds=total, seconds_parts=parts, params=meta.get("params"),
                              checkpoints=meta.get("checkpoints"))
         weights[name] = S.T
+        if name in budget_rel:
+            curve_k = {}
+            for k, brel in sorted(budget_rel[name].items()):
+                Sk, mk = scores(name, brel, f" for its first {k} checkpoints (baselines.budget_checkpoints)")
+                rk, _ = score_method(X, Y, Sk.T, None, n_boot, seed)
+                total_k, parts_k = baseline_compute(mk.get("seconds"), k, per_model)
+                curve_k[k] = {**rk, "seconds": total_k, "seconds_parts": parts_k}
+            r = results[name]
+            curve_k[int(meta.get("checkpoints") or 0)] = {key: r[key] for key in
+                                                          ("mean", "ci95", "median", "targets", "seconds",
+                                                           "seconds_parts")}
+            lds_budget[name] = {str(k): v for k, v in sorted(curve_k.items())}
+            results[name]["budget"] = lds_budget[name]
 
     scratch = tempfile.mkdtemp(prefix="datamodels-plots-")
     plots = {"lds": os.path.join(scratch, "lds.png"), "lds_vs_compute": os.path.join(scratch, "lds_vs_compute.png")}
     plot_lds(results, per_target, plots["lds"])
-    plot_lds_vs_compute(results, curve, plots["lds_vs_compute"])
+    plot_lds_vs_compute(results, curve, plots["lds_vs_compute"], lds_budget, per_model)
     if len(curve) > 1:
         plots["lds_vs_models"] = os.path.join(scratch, "lds_vs_models.png")
         plot_lds_vs_models(curve, plots["lds_vs_models"])
     try:
-        x_tr, _, x_tg, _, _ = plan.task.arrays()
+        x_tr, y_tr, x_tg, y_tg, num_classes = plan.task.arrays()
     except (AttributeError, TypeError, ValueError):
         x_tr = x_tg = None
     if x_tr is not None and int(cfg.eval.get("show_targets") or 0) > 0:
         k = min(int(cfg.eval.show_targets), plan.n_targets)
         plots["top_examples"] = os.path.join(scratch, "top_examples.png")
-        plot_top_examples(weights, x_tr, x_tg, list(range(k)), plots["top_examples"])
+        plot_top_examples(weights, x_tr, x_tg, list(range(k)), plots["top_examples"], train_labels=y_tr,
+                          target_labels=y_tg, names=task_class_names(plan.task, int(num_classes)))
     npz = os.path.join(scratch, "lds_per_target.npz")
     np.savez(npz, **per_target)
     stored = {}
@@ -250,14 +493,20 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
         metrics = {"lds": r["mean"], "lds_ci_lo": r["ci95"][0], "lds_ci_hi": r["ci95"][1]}
         if r.get("seconds") is not None:
             metrics["compute_seconds"] = r["seconds"]
+        for part, v in (r.get("seconds_parts") or {}).items():
+            if v is not None:
+                metrics[f"compute_seconds_{part}"] = v
         if "mse" in r:
             metrics["mse"] = r["mse"]
         method_metrics[name] = metrics
         tracker.log_metrics({f"lds_{name}": r["mean"]})
     for m, r in sorted(curve.items()):
         tracker.log_metrics({"lds_datamodels_curve": r["mean"]}, step=m)
+    for name, bk in lds_budget.items():
+        for k, r in bk.items():
+            tracker.log_metrics({f"lds_{name}_budget": r["mean"]}, step=int(k))
     for path in plots.values():
         tracker.log_artifact(path)
-    return {"lds": results, "lds_curve": {str(m): r for m, r in curve.items()}, "method_metrics": method_metrics,
-            "eval_masks": int(len(X)), "replicas_mean": float(counts.mean()), "plots": stored,
-            "scratch": scratch}
+    return {"lds": results, "lds_curve": {str(m): r for m, r in curve.items()}, "lds_budget": lds_budget,
+            "method_metrics": method_metrics, "eval_masks": int(len(X)), "replicas_mean": float(counts.mean()),
+            "plots": stored, "scratch": scratch}

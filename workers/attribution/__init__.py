@@ -1,17 +1,22 @@
 """Attribution baselines scored against datamodels by LDS: influence functions (exact,
-CG, LiSSA), TRAK, TracIn and representer points. One entry point, `compute_scores`.
+CG, LiSSA), TRAK, TracIn and representer points. One entry point, `compute_scores`, and
+`budget_scores` for the checkpoint ensembles (TRAK, TracIn): the scores of the first k
+checkpoints for several k from one pass over the checkpoints, with each checkpoint's seconds.
 
 Sign convention shared by every method: score[i, t] > 0 means including training example
 i INCREASES target t's margin (the sign of a datamodel weight), so LDS is comparable.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 
 from .influence import if_cg, if_exact, if_lissa
 from .representer import representer_scores
-from .tracin import tracin_scores
-from .trak import trak_scores
+from .tracin import tracin_scores, tracin_steps
+from .trak import trak_scores, trak_steps
 
 METHODS = {
     "if_exact": if_exact,
@@ -20,6 +25,13 @@ METHODS = {
     "trak": trak_scores,
     "tracin": tracin_scores,
     "representer": representer_scores,
+}
+
+# Methods whose score over K checkpoints is a running combination (sum, mean) of one term per
+# checkpoint: their step generators yield after each checkpoint the scores of those so far.
+STEPS = {
+    "trak": trak_steps,
+    "tracin": tracin_steps,
 }
 
 
@@ -39,3 +51,57 @@ def compute_scores(method: str, model_fn, checkpoints: list[dict], x_train, y_tr
                              params, margin_kind)
     assert scores.shape == (len(x_train), len(x_target)), scores.shape
     return scores
+
+
+@dataclass
+class BudgetScores:
+    """Scores of the first k checkpoints for each asked k (budget), from one pass.
+
+    scores[k]: float32 [n_train, n_targets], equal to compute_scores(checkpoints[:k]).
+    checkpoint_seconds[c]: wall seconds of checkpoint c's share of the work (the first also
+    carries the method's setup). seconds[k] = sum(checkpoint_seconds[:k]) + the seconds of
+    forming budget k's scores from the running sums.
+    """
+
+    scores: dict[int, np.ndarray]
+    seconds: dict[int, float]
+    checkpoint_seconds: list[float]
+
+
+def budget_scores(method: str, model_fn, checkpoints: list[dict], x_train, y_train,
+                  x_target, y_target, params: dict, budgets, margin_kind="logsumexp") -> BudgetScores:
+    """Scores of `method` (a key of STEPS) with the first k checkpoints for every k in
+    `budgets` (1 <= k <= len(checkpoints)); checkpoints after max(budgets) are not touched.
+    Scores with k = len(checkpoints) are exactly compute_scores' (the same code path)."""
+    if method not in STEPS:
+        raise ValueError(f"attribution method {method!r} has no per-checkpoint budgets; "
+                         f"only {sorted(STEPS)} have")
+    if not checkpoints:
+        raise ValueError(f"attribution method {method!r}: no checkpoints given")
+    wanted = sorted({int(k) for k in budgets})
+    if not wanted or wanted[0] < 1 or wanted[-1] > len(checkpoints):
+        raise ValueError(f"{method}: checkpoint budgets {wanted} must lie in [1, {len(checkpoints)}]")
+    out = BudgetScores({}, {}, [])
+    steps = STEPS[method](model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+                          margin_kind)
+    t = time.perf_counter()
+    for k, finish in enumerate(steps, 1):
+        _sync()     # GPU work is asynchronous: charge it to the checkpoint that queued it
+        out.checkpoint_seconds.append(time.perf_counter() - t)
+        if k in wanted:
+            t0 = time.perf_counter()
+            scores = np.array(finish(), dtype=np.float32, copy=True)  # the running sum moves on
+            out.seconds[k] = sum(out.checkpoint_seconds) + time.perf_counter() - t0
+            assert scores.shape == (len(x_train), len(x_target)), scores.shape
+            out.scores[k] = scores
+        if k == wanted[-1]:
+            steps.close()
+            break
+        t = time.perf_counter()
+    return out
+
+
+def _sync() -> None:
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

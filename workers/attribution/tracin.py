@@ -11,6 +11,8 @@ with the same seeded matrix per checkpoint (an unbiased estimate of the dot prod
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -20,9 +22,12 @@ from .common import (load_checkpoint, make_projector, per_example_grads, resolve
 DEFAULTS = {"layer": "all", "lrs": None, "proj_dim": None, "proj_type": "gaussian"}
 
 
-def tracin_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
-                  margin_kind="logsumexp") -> np.ndarray:
-    """TracIn-CP scores float32 [n_train, n_targets]."""
+def tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+                 margin_kind="logsumexp"):
+    """Yields once per checkpoint, in order: after checkpoint c (1-based), a function that
+    returns the sum of the first c checkpoints' terms, float32 [n_train, n_targets] — what
+    tracin_scores(checkpoints[:c]) with params.lrs[:c] returns. The array it returns may
+    share memory with the running sum: copy it before asking for the next checkpoint."""
     p = resolve_params("tracin", params, DEFAULTS)
     lrs = p["lrs"] if p["lrs"] is not None else [1.0] * len(checkpoints)
     if len(lrs) != len(checkpoints):
@@ -37,4 +42,14 @@ def tracin_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, p
         for rows, G in per_example_grads(fm, x_train, y_train, "loss", margin_kind,
                                          p["batch_size"], "train grads"):
             total[rows] -= float(lr) * ((proj(G) if proj is not None else G) @ Gt.T)
-    return to_numpy_scores(total)
+        yield partial(to_numpy_scores, total)
+
+
+def tracin_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+                  margin_kind="logsumexp") -> np.ndarray:
+    """TracIn-CP scores float32 [n_train, n_targets]."""
+    finish = None
+    for finish in tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+                               margin_kind):
+        pass
+    return finish()

@@ -15,6 +15,7 @@ stored in float16: scores are the formula above, with the kernel solved in param
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 import torch
@@ -62,9 +63,12 @@ def features(fm, x, y, margin_kind, batch_size, projector):
     return stacked_grads(fm, x, y, "margin", margin_kind, batch_size, projector)
 
 
-def trak_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
-                margin_kind="logsumexp") -> np.ndarray:
-    """TRAK scores float32 [n_train, n_targets]; checkpoint k uses projection seed (seed, k)."""
+def trak_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+               margin_kind="logsumexp"):
+    """Yields once per checkpoint, in order: after checkpoint k (1-based), a function that
+    returns the TRAK scores of checkpoints 1..k, float32 [n_train, n_targets] — exactly what
+    trak_scores(checkpoints[:k]) returns (same projections, same sums, same order). The
+    work of checkpoint k is done before its yield; the function only forms the ensemble."""
     p = resolve_params("trak", params, DEFAULTS)
     dtype = resolve_dtype(p["dtype"], "trak")
     S_sum = Q_sum = None
@@ -82,4 +86,18 @@ def trak_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, par
         S_sum = S if S_sum is None else S_sum + S
         Q_sum = 1 - prob if Q_sum is None else Q_sum + (1 - prob)
         del Phi, phi_t, S
-    return to_numpy_scores(ensemble(S_sum, Q_sum, len(checkpoints), p["soft_threshold"]))
+        yield partial(_finish, S_sum, Q_sum, k + 1, p["soft_threshold"])
+
+
+def _finish(S_sum: Tensor, Q_sum: Tensor, K: int, soft_threshold) -> np.ndarray:
+    return to_numpy_scores(ensemble(S_sum, Q_sum, K, soft_threshold))
+
+
+def trak_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+                margin_kind="logsumexp") -> np.ndarray:
+    """TRAK scores float32 [n_train, n_targets]; checkpoint k uses projection seed (seed, k)."""
+    finish = None
+    for finish in trak_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+                             margin_kind):
+        pass
+    return finish()
