@@ -195,5 +195,11 @@ def app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if "--version" in sys.argv[1:] or "-V" in sys.argv[1:]:
+        from orchestrator.pipeline import code_version
+        print(f"datamodels {code_version()}")
+        return
+    from workers.logs import plain_when_not_a_terminal
+    plain_when_not_a_terminal()
     preflight(sys.argv[1:])
     app()

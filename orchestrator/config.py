@@ -254,6 +254,7 @@ class Plan:
     ledger: object = None        # orchestrator.ledger.Ledger, verified against `identity`
     handle: object = None        # StoreHandle for tasks (set once Ray is connected)
     claims: object = None        # orchestrator.claims.Claims (set by the pipeline)
+    artifact_root: str | None = None   # tracking.artifact_root as a URI (file:// for a local path)
 
     @property
     def identity(self):
@@ -304,6 +305,9 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
 
     from orchestrator import store as S
     check_rules(cfg)
+    if OmegaConf.select(cfg, "baselines") is not None:
+        from orchestrator.baselines_stage import budget_sizes
+        budget_sizes(cfg)          # a malformed baselines.budget_checkpoints, before any work
     alpha = _number(cfg, "masks.alpha")
     methods = list(cfg.baselines.get("methods") or [])
     if methods:
@@ -352,6 +356,10 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     from orchestrator.ledger import Ledger
     plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store)
     plan.ledger = Ledger(store, plan.identity)
+    root = cfg.tracking.get("artifact_root")
+    if root:
+        root = str(root)
+        plan.artifact_root = root if "://" in root else "file://" + os.path.abspath(root)
     return plan
 
 
@@ -401,3 +409,8 @@ def check_outputs(plan: Plan, hydra_dir: str | None = None) -> None:
             logging.getLogger(__name__).warning("tracking.uri: %s; running without tracking (tracking.required=false)",
                                                 err)
             plan.tracking_uri = None
+    if plan.tracking_uri and plan.artifact_root and plan.artifact_root.startswith("file://"):
+        why = _writable_dir(plan.artifact_root[len("file://"):])
+        if why:
+            raise ConfigError(f"tracking.artifact_root={cfg.tracking.artifact_root}: cannot be written ({why}); "
+                              f"set it to a writable directory, or null for the default beside the MLflow store")

@@ -65,8 +65,10 @@ def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_i
         torch.set_num_threads(max(1, int(fit_cfg.get("cpus_per_task") or 1)))
     except ImportError:
         pass
+    from workers.logs import repeats_summarised
     t0 = time.perf_counter()
-    res = fit_lasso(packed, Y, lasso_config(fit_cfg), n=n)
+    with repeats_summarised():          # a solver warning per target is printed once, with a count
+        res = fit_lasso(packed, Y, lasso_config(fit_cfg), n=n)
     seconds = time.perf_counter() - t0
     store_handle.open().write_table(rel, datamodel_table(target_ids, res, seconds))
     return {"targets": len(target_ids), "seconds": seconds,

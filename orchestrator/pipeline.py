@@ -83,19 +83,75 @@ def accuracy_summary(plan, index) -> dict:
     return out
 
 
-def print_table(summary: dict) -> None:
-    lines = ["", f"experiment: {summary['experiment_dir']}",
-             f"models: train {summary['models'].get('train', 0)}, eval {summary['models'].get('eval', 0)}"]
+def table_lines(summary: dict) -> list[str]:
+    """The LDS table: a line per method (LDS, its 95% interval, MSE where it predicts margins)."""
+    lds = summary.get("lds") or {}
+    if not lds:
+        return []
+    lines = [f"{'method':<16}{'LDS':>8}   {'95% CI':<18}{'MSE':>10}"]
+    for name, r in lds.items():
+        ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+        mse = f"{r['mse']:.4f}" if "mse" in r else "-"
+        lines.append(f"{name:<16}{r['mean']:>8.3f}   {ci:<18}{mse:>10}")
+    return lines
+
+
+def print_table(summary: dict, evaluated: bool = True, ui: str | None = None) -> None:
+    """The run's last words: model counts, the LDS table, and where to read the rest."""
+    lines = ["", f"models: train {summary['models'].get('train', 0)}, eval {summary['models'].get('eval', 0)}"]
     if summary.get("models_failed"):
         lines.append(f"failed models (not fitted): {summary['models_failed']}")
-    lds = summary.get("lds") or {}
-    if lds:
-        lines.append(f"{'method':<16}{'LDS':>8}   {'95% CI':<18}{'MSE':>10}")
-        for name, r in lds.items():
-            ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-            mse = f"{r['mse']:.4f}" if "mse" in r else "-"
-            lines.append(f"{name:<16}{r['mean']:>8.3f}   {ci:<18}{mse:>10}")
+    table = table_lines(summary)
+    if table and not evaluated:
+        lines.append("LDS from the last evaluation (stage=evaluate was not run this time):")
+    lines += table
+    where = summary["experiment_dir"]
+    lines.append(f"results:  {where}")
+    files = ["summary.json"] + sorted(os.path.basename(p) for p in (summary.get("plots") or {}).values())
+    lines.append(f"          {', '.join(files)}")
+    if ui:
+        lines.append(f"MLflow:   {ui}")
     print("\n".join(lines), flush=True)
+
+
+# Set by the sweep launcher (hydra_plugins.datamodels_launcher) for each point's driver.
+SWEEP_ID_ENV, SWEEP_POINT_ENV = "DATAMODELS_SWEEP_ID", "DATAMODELS_SWEEP_POINT"
+
+
+def sweep_point() -> tuple[str | None, dict]:
+    """(the sweep's id, {key: value} of the keys that vary across its points) or (None, {})."""
+    try:
+        point = json.loads(os.environ.get(SWEEP_POINT_ENV) or "{}")
+    except ValueError:
+        point = {}
+    return os.environ.get(SWEEP_ID_ENV), point if isinstance(point, dict) else {}
+
+
+def run_name(cfg: DictConfig, stage: str, point: dict) -> str:
+    """What tells this run from its neighbours, e.g. `fmnist_mlp α=0.25 m=4000`."""
+    parts = [str(cfg.exp.name), f"α={float(cfg.masks.alpha):g}", f"m={int(cfg.masks.n_train)}"]
+    parts += [f"{k}={v}" for k, v in point.items() if k.lstrip("+~") not in ("masks.alpha", "masks.n_train", "exp.name")]
+    if stage != "all":
+        parts.append(f"stage={stage}")
+    return " ".join(parts)
+
+
+def headline(summary: dict, evaluated: bool) -> dict:
+    """The parent run's metrics: every method's LDS with its interval, compute, model counts
+    and stage seconds, so that MLflow's compare view needs the parent runs alone."""
+    out = {f"models.{k}": v for k, v in summary["models"].items()}
+    out["models.failed"] = summary.get("models_failed", 0)
+    if evaluated:
+        for name, r in (summary.get("lds") or {}).items():
+            out[f"lds.{name}"] = r["mean"]
+            out[f"lds.{name}.ci_lo"], out[f"lds.{name}.ci_hi"] = r["ci95"]
+            if "mse" in r:
+                out[f"mse.{name}"] = r["mse"]
+            if r.get("seconds") is not None:
+                out[f"compute_seconds.{name}"] = r["seconds"]
+    for stage_name, seconds in summary.get("timings", {}).items():
+        out[f"seconds.{stage_name}"] = seconds
+    return out
 
 
 def _previous_summary(store) -> dict:
@@ -111,7 +167,7 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
     stage = cfg.stage
     store = plan.store
     tracker = Tracker(plan.tracking_uri, cfg.exp.name, bool(cfg.tracking.required),
-                      float(cfg.tracking.timeout_seconds))
+                      float(cfg.tracking.timeout_seconds), plan.artifact_root)
     resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
     config_text = OmegaConf.to_yaml(OmegaConf.create(resolved))
     store.write_bytes(Layout.CONFIG, config_text.encode())
@@ -119,16 +175,21 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
     with open(os.path.join(scratch, "config.yaml"), "w") as f:
         f.write(config_text)
     summary = _previous_summary(store)
-    summary.update({"experiment_dir": store.where(), "ledger": store.where(Layout.LEDGER),
-                    "config_hash": plan.config_hash, "stage": stage, "n": plan.n, "n_targets": plan.n_targets,
-                    "alpha": float(cfg.masks.alpha)})
+    summary.update({"experiment_dir": store.where(), "paths": "relative to experiment_dir",
+                    "ledger": Layout.LEDGER, "config_hash": plan.config_hash, "stage": stage, "n": plan.n,
+                    "n_targets": plan.n_targets, "alpha": float(cfg.masks.alpha)})
     summary.setdefault("timings", {})
     version = code_version()
     want = (lambda s: stage in ("all", s))
     needs_ray = stage in ("all", "train", "fit", "baselines")
-    with tracker.parent(f"{cfg.exp.name}-{stage}", resolved,
-                        {"experiment_dir": summary["experiment_dir"], "config_hash": plan.config_hash,
-                         "code_version": version}):
+    sweep_id, point = sweep_point()
+    tags = {"experiment_dir": summary["experiment_dir"], "config_hash": plan.config_hash,
+            "code_version": version, "stage": stage}
+    if sweep_id:
+        tags["sweep"] = sweep_id
+        tags.update({f"sweep.{k.lstrip('+~')}": str(v) for k, v in point.items()})
+    evaluated = False
+    with tracker.parent(run_name(cfg, stage, point), resolved, tags):
         tracker.log_artifact(os.path.join(scratch, "config.yaml"))
         if needs_ray:
             from orchestrator import raycluster
@@ -180,12 +241,19 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
                 summary.update(lds=ev["lds"], lds_curve=ev["lds_curve"], eval_masks=ev["eval_masks"],
                                plots=ev["plots"])
                 summary["timings"]["evaluate"] = time.perf_counter() - t0
+                evaluated = True
+                for name in sorted(os.listdir(ev["scratch"])):
+                    if name.endswith(".png"):       # the plots, on the parent run itself
+                        tracker.log_artifact(os.path.join(ev["scratch"], name), "plots")
             summary["models"] = {s: index.count(s) for s in ("train", "eval")}
             failed = index.failed_models()
             summary["models_failed"] = len(failed)
             if failed:
                 summary["failed"] = failed[:100]
             summary["duplicate_rows"] = index.duplicates
+            if tracker.enabled and tracker.parent_id:
+                summary["mlflow"] = {"tracking_uri": redact(tracker.uri), "experiment_id": tracker.experiment_id,
+                                     "run_id": tracker.parent_id, "page": tracker.ui_page()}
             summary["accuracy"] = accuracy_summary(plan, index)
             if plan.ledger.quarantined:
                 summary["quarantined"] = plan.ledger.quarantined
@@ -194,11 +262,13 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
             with open(os.path.join(scratch, "summary.json"), "w") as f:
                 f.write(text)
             tracker.log_artifact(os.path.join(scratch, "summary.json"))
-            tracker.log_metrics({f"models_{k}": v for k, v in summary["models"].items()})
+            tracker.log_metrics(headline(summary, evaluated))
+            if evaluated:        # the run page's description: the table as the terminal shows it
+                tracker.set_tags({"mlflow.note.content": "```\n" + "\n".join(table_lines(summary)) + "\n```"})
         finally:
             if plan.claims is not None:
                 plan.claims.close()
             if plan.handle is not None:
                 plan.handle.close()
-    print_table(summary)
+    print_table(summary, evaluated, tracker.ui_hint())
     return summary

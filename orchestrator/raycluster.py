@@ -34,6 +34,8 @@ def connect(cluster_cfg) -> None:
 
     if ray.is_initialized():
         return
+    from workers.logs import quiet_libraries
+    quiet_libraries()           # Ray's notice that token auth is on, unless hydra.verbose
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cluster_cfg.get("address") or os.environ.get("RAY_ADDRESS")
     if address:

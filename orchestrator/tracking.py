@@ -21,6 +21,11 @@ import urllib.request
 log = logging.getLogger(__name__)
 
 
+# The experiment tag MLflow 3's UI reads to choose an experiment's first page: a classic
+# training experiment opens on its runs, not on the GenAI "Traces" page.
+KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 class TrackingError(RuntimeError):
     """The MLflow store cannot be used (one line: URI, reason, fix)."""
 
@@ -75,11 +80,13 @@ def _file_lock(path: str):
 
 
 class Tracker:
-    def __init__(self, uri: str | None, experiment: str, required: bool = True, timeout: float = 5.0):
+    def __init__(self, uri: str | None, experiment: str, required: bool = True, timeout: float = 5.0,
+                 artifact_root: str | None = None):
         self.enabled = uri is not None
         self.uri = uri
         self.required = required
         self.parent_id = None
+        self.experiment_id = None
         if not self.enabled:
             return
         if uri.startswith(("http://", "https://")):
@@ -88,23 +95,30 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         import mlflow
         self.mlflow = mlflow
-        # database migrations and auth chatter are debug-level detail for our users
-        for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        from workers.logs import quiet_libraries
+        quiet_libraries()          # database migrations are debug-level detail for our users
         db = sqlite_path(uri)
         lock = _file_lock(db + ".lock") if db else contextlib.nullcontext()
         try:
             with lock:
                 mlflow.set_tracking_uri(uri)
                 if mlflow.get_experiment_by_name(experiment) is None:
-                    artifacts = None
-                    if db:
+                    artifacts = artifact_root
+                    if artifacts is None and db:
                         artifacts = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
                     try:
                         mlflow.create_experiment(experiment, artifact_location=artifacts)
                     except mlflow.exceptions.MlflowException:
                         pass      # created meanwhile by another driver
-                mlflow.set_experiment(experiment)
+                exp = mlflow.set_experiment(experiment)
+                self.experiment_id = exp.experiment_id
+                if artifact_root and exp.artifact_location.rstrip("/") != artifact_root.rstrip("/"):
+                    log.warning("MLflow experiment %r keeps its artifacts in %s (set when it was created); "
+                                "tracking.artifact_root applies to new experiments only", experiment,
+                                exp.artifact_location)
+                if KIND_TAG not in (exp.tags or {}):
+                    # MLflow 3 opens an experiment without this tag on its GenAI traces page
+                    mlflow.set_experiment_tag(KIND_TAG, KIND_TRAINING)
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds
             self._failed("open the tracking store", err)
 
@@ -174,6 +188,29 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._do("log metrics", "log_metrics", clean, step=step)
+
+    def ui_page(self) -> str | None:
+        """This run's page in the MLflow UI (relative to the server's address). MLflow 3.17's
+        UI starts in its GenAI view whatever the experiment's kind; the query selects the
+        model-training view, where an experiment opens on its runs."""
+        if not self.enabled or self.experiment_id is None:
+            return None
+        run = f"/runs/{self.parent_id}" if self.parent_id else ""
+        return f"#/experiments/{self.experiment_id}{run}?workflowType=machine_learning"
+
+    def ui_hint(self) -> str | None:
+        """The command that opens this run in the MLflow UI, and the page to open."""
+        page = self.ui_page()
+        if page is None:
+            return None
+        if self.uri.startswith(("http://", "https://")):
+            from orchestrator.store import redact
+            return f"open {redact(self.uri).rstrip('/')}/{page}"
+        import shutil
+        import sys
+        exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        exe = exe if os.path.exists(exe) else (shutil.which("mlflow") or "mlflow")
+        return f"{exe} ui --backend-store-uri {self.uri}   then open http://127.0.0.1:5000/{page}"
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         if os.path.exists(path):

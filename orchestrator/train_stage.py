@@ -163,7 +163,7 @@ def run(plan, tracker, code_version: str) -> dict:
     done_before = len(all_keys) - len([k for k in all_keys if k not in present])
     stats = {"models_expected": len(all_keys), "models_present": done_before, "models_trained": 0,
              "models_failed": 0, "units": 0, "seconds": 0.0, "duplicates_before": index.duplicates,
-             "checkpoints": plan.store.where(Layout.CHECKPOINTS) if n_ckpt else None}
+             "checkpoints": Layout.CHECKPOINTS if n_ckpt else None}
     if not pending:
         log.info("train: all %d models are in the ledger; nothing to train", len(all_keys))
         return stats

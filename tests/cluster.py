@@ -100,6 +100,8 @@ class Cluster:
                         RAY_AUTH_TOKEN_PATH=token, **LOOPBACK, **(env_extra or {}))
         self.env.pop("RAY_ADDRESS", None)
         self.env["PYTHONPATH"] = REPO
+        # `python` and `ray` on every node's PATH are this virtualenv's, as in the image
+        self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
         self.nodes: list[Node] = []
         self.head = None
         self.url = None

@@ -90,6 +90,33 @@ def test_sweep_runs_one_pipeline_per_point(tmp_path):
     exp = client.get_experiment_by_name("sweep")
     parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.data.params["masks.alpha"] for r in parents) == ["0.3", "0.6"]
+    # the parent runs alone compare the points: names and tags say what differs, metrics hold LDS
+    assert sorted(r.info.run_name for r in parents) == ["sweep α=0.3 m=60", "sweep α=0.6 m=60"]
+    assert sorted(r.data.tags["sweep.masks.alpha"] for r in parents) == ["0.3", "0.6"]
+    assert len({r.data.tags["sweep"] for r in parents}) == 1
+    assert all("sweep.masks.n_train" not in r.data.tags for r in parents)      # not varied
+    for r in parents:
+        assert {"lds.datamodels", "lds.datamodels.ci_lo", "lds.datamodels.ci_hi", "models.train"} <= set(r.data.metrics)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # not a terminal: no colour codes, no library chatter, and the run ends saying where things are
+    assert "\x1b[" not in proc.stdout + proc.stderr
+    assert "Token authentication is enabled" not in proc.stdout + proc.stderr
+    assert proc.stdout.count("results:  ") == 2 and proc.stdout.count("MLflow:   ") == 2
+
+
+def test_help_and_version(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    help_ = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=120)
+    assert help_.returncode == 0, help_.stderr
+    for text in ("stage=", "baselines", "experiment: tiny", "fit: glmnet, torch", "task: cifar10_resnet9",
+                 "store.uri=", "tracking.uri=", "summary.json", "MLflow"):
+        assert text in help_.stdout, text
+    version = subprocess.run([sys.executable, "-m", "orchestrator", "--version"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=120)
+    from importlib.metadata import version as installed
+    assert version.returncode == 0 and version.stdout.startswith(f"datamodels {installed('datamodels')}")
+    assert os.listdir(tmp_path) == []
 
 
 PRESET = """# @package _global_

@@ -127,6 +127,38 @@ def test_job_with_the_store_on_the_heads_disk(cluster):
            lds=round(s["lds"]["datamodels"]["mean"], 3))
 
 
+def readme_tiny_job() -> str:
+    """The README's `ray job submit` of the tiny preset, as written (continuations joined)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        blocks = f.read().split("```")
+    for block in blocks[1::2]:
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            if "ray job submit" in line and "experiment=tiny" in line:
+                return " ".join(line.split())
+    raise AssertionError("README.md has no `ray job submit` of experiment=tiny")
+
+
+def test_the_readme_job_runs_as_written(cluster, tmp_path):
+    """The README's tiny job, from the repository root, with only the head's address and the
+    experiment directory replaced: it ships the code with --working-dir and finishes."""
+    command = readme_tiny_job()
+    assert "RAY_AUTH_MODE=token" in command and "--working-dir ." in command
+    where = os.path.join(cluster.exp_root, "readme")
+    command = command.replace("http://127.0.0.1:8265", cluster.url).replace("/srv/datamodels", where)
+    env = dict(cluster.env, PATH=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("RAY_AUTH_MODE", None)                         # the command sets it itself
+    import subprocess
+    r = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    store = experiment(where)
+    s = summary_of(store)
+    assert s["models"] == {"train": 300, "eval": 60}
+    assert set(s["lds"]) == {"datamodels", "trak", "tracin", "representer", "if_cg"}
+    assert os.path.exists(os.path.join(where, "mlflow.db"))
+    report("the README's tiny job as written", lds=round(s["lds"]["datamodels"]["mean"], 3))
+
+
 def test_job_with_the_store_on_s3(cluster, s3):
     t0 = time.time()
     r = cluster.submit(entry(cluster, ["experiment=tiny", s3_store(s3, "full")], "s3"))

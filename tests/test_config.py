@@ -78,3 +78,13 @@ def test_every_baseline_param_rule_accepts_the_shipped_values(tmp_path):
 def test_rules_describe_themselves():
     assert "(0, 1)" in RULES["masks.alpha"].describe()
     assert RULES["exp.seed"].describe().startswith("an integer in [0,")
+
+
+@pytest.mark.parametrize("value", ["[0]", "[1.5]", "'abc'", "[true]"])
+def test_malformed_budget_checkpoints_is_one_line_before_any_work(value, tmp_path):
+    import os
+
+    from orchestrator.config import validate
+    with pytest.raises(ConfigError, match="baselines.budget_checkpoints"):
+        validate(compose(["experiment=tiny", f"baselines.budget_checkpoints={value}"], tmp_path))
+    assert not os.path.exists(tmp_path / "runs")

@@ -32,11 +32,16 @@ def report(name: str, **figures) -> None:
 
 
 def train_workers() -> list[psutil.Process]:
-    out = []
+    """The training actors of this test's own Ray instance (descendants of this process),
+    never those of another Ray on the machine."""
+    out, me = [], os.getpid()
     for p in psutil.process_iter(["cmdline"]):
         cl = p.info["cmdline"] or []
-        if cl and cl[0].startswith("ray::TrainWorker"):
-            out.append(p)
+        try:
+            if cl and cl[0].startswith("ray::TrainWorker") and me in {q.pid for q in p.parents()}:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
     return out
 
 

@@ -9,6 +9,7 @@ is relayed line by line with a `[point i]` prefix; a point that fails does not s
 others, and the sweep then ends with one line naming those that failed.
 """
 
+import json
 import logging
 import os
 import subprocess
@@ -70,6 +71,9 @@ class ParallelLauncher(Launcher):
         env = dict(os.environ, RAY_ADDRESS=address)
         limit = self.max_parallel or len(job_overrides)
         points = list(enumerate(job_overrides, start=initial_job_idx))
+        varied = _varied(job_overrides)
+        from orchestrator.pipeline import SWEEP_ID_ENV, SWEEP_POINT_ENV
+        env[SWEEP_ID_ENV] = os.path.basename(os.path.normpath(sweep_dir))
         print(f"sweep: {len(points)} points, {min(limit, len(points))} at a time, on Ray at {env['RAY_ADDRESS']}",
               flush=True)
         for idx, overrides in points:
@@ -81,7 +85,9 @@ class ParallelLauncher(Launcher):
             while queue and len(running) < limit:
                 idx, overrides = queue.pop(0)
                 run_dir = os.path.join(sweep_dir, str(idx))
-                proc = subprocess.Popen(self._command(overrides, run_dir), env=env, stdout=subprocess.PIPE,
+                point = {k: v for k, v in _pairs(overrides).items() if k in varied}
+                proc = subprocess.Popen(self._command(overrides, run_dir),
+                                        env=dict(env, **{SWEEP_POINT_ENV: json.dumps(point)}), stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1)
                 relay = threading.Thread(target=_relay, args=(proc, f"[point {idx}] "), daemon=True)
                 relay.start()
@@ -109,6 +115,24 @@ class ParallelLauncher(Launcher):
                   file=sys.stderr, flush=True)
             sys.exit(1)
         return returns
+
+
+def _pairs(overrides: Sequence[str]) -> Dict[str, str]:
+    """{key: value} of a point's overrides, credentials in URIs redacted."""
+    from orchestrator.store import redact
+    out = {}
+    for o in filter_overrides(overrides):
+        if "=" in o:
+            key, value = o.split("=", 1)
+            out[key] = redact(value) if "://" in value else value
+    return out
+
+
+def _varied(job_overrides: Sequence[Sequence[str]]) -> List[str]:
+    """The keys whose value differs between the points of the sweep."""
+    pairs = [_pairs(o) for o in job_overrides]
+    keys = dict.fromkeys(k for p in pairs for k in p)
+    return [k for k in keys if len({p.get(k) for p in pairs}) > 1]
 
 
 def _shown(overrides: Sequence[str]) -> str:
