@@ -8,7 +8,11 @@
   deploy/cluster.yaml sets RAY_AUTH_MODE=token; every one that runs the orchestrator puts the
   experiment in `store.uri`; and every `python -m orchestrator ...` / `datamodels ...` there
   and in rayjob.yaml's entrypoint parses with Hydra's own argument parser and composes
-  against conf/ (each point of a -m sweep), so a misspelled key or group fails here.
+  against conf/ (each point of a -m sweep), so a misspelled key or group fails here;
+* deploy/Dockerfile.dockerignore: the build context it implies (Docker's matching rules,
+  implemented here) holds what the Dockerfile copies and no run outputs at any depth;
+* constraints.txt (the lock) is what the Makefile and the Dockerfile install from, and
+  pyproject.toml's lower bounds are its versions; every apt-get waits for apt's lock.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import itertools
 import json
 import os
 import re
+import shutil
+import subprocess
+import tomllib
 
 import jsonschema
 import pytest
@@ -473,3 +480,483 @@ def test_compose_errors_catch_mistakes(args):
 def test_compose_accepts_a_sweep_and_an_endpoint_query():
     assert not compose_errors(["-m", "task=digits_mlp", "masks.alpha=0.25,0.5",
                                "store.uri='s3://b/d?endpoint_override=h:9000&scheme=http'"])
+
+
+# ----------------------------------------------------------------------------- Docker build context
+# Docker's .dockerignore rules (moby/patternmatcher and its ignorefile reader, used by BuildKit):
+# a line starting with # is a comment; a pattern is trimmed, cleaned like Go's filepath.Clean
+# and loses a leading /; it matches a path relative to the context root with filepath.Match
+# syntax (* and ? stop at /), where ** matches any number of directories; a path is excluded
+# when it or one of its parent directories matches; the last matching pattern wins, and
+# !pattern includes again.
+DOCKERFILE = os.path.join(DEPLOY, "Dockerfile")
+DOCKERIGNORE = os.path.join(DEPLOY, "Dockerfile.dockerignore")
+LOCK = os.path.join(REPO, "constraints.txt")
+
+
+def go_clean(path: str) -> str:
+    """Go's filepath.Clean for slash-separated paths."""
+    rooted = path.startswith("/")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts and parts[-1] != "..":
+                parts.pop()
+            elif not rooted:
+                parts.append("..")
+            continue
+        parts.append(part)
+    out = "/".join(parts)
+    return "/" + out if rooted else (out or ".")
+
+
+def go_dir(path: str) -> str:
+    """Go's filepath.Dir: everything before the last slash, cleaned."""
+    return go_clean(path[:path.rfind("/") + 1])
+
+
+def dockerignore_patterns(text: str) -> list[str]:
+    """The patterns of a .dockerignore file as Docker reads them."""
+    patterns = []
+    for n, line in enumerate(text.split("\n")):
+        if n == 0:
+            line = line.removeprefix("\ufeff")
+        if line.startswith("#"):
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        invert = line.startswith("!")
+        if invert:
+            line = line[1:].strip()
+        if line:
+            line = go_clean(line)
+            if len(line) > 1 and line.startswith("/"):
+                line = line[1:]
+        patterns.append("!" + line if invert else line)
+    return patterns
+
+
+class DockerPattern:
+    """One pattern compiled the way patternmatcher does: an exact, prefix (`dir/**`) or suffix
+    (`**/name`) comparison, else a regular expression."""
+
+    def __init__(self, pattern: str):
+        p = go_clean(pattern.strip())
+        self.exclusion = p.startswith("!")
+        if self.exclusion:
+            if len(p) == 1:
+                raise ValueError('illegal exclusion pattern: "!"')
+            p = p[1:]
+        self.cleaned = p
+        self.kind, self.regex = self._compile(p)
+
+    @staticmethod
+    def _compile(p: str):
+        regex, kind, i, step = "^", "exact", 0, 0
+        while i < len(p):
+            ch = p[i]
+            i += 1
+            if ch == "*":
+                if p[i:i + 1] == "*":
+                    i += 1
+                    if p[i:i + 1] == "/":
+                        i += 1
+                    if i >= len(p):
+                        if kind == "exact":
+                            kind = "prefix"
+                        else:
+                            regex, kind = regex + ".*", "regexp"
+                    else:
+                        regex, kind = regex + "(.*/)?", "regexp"
+                    if step == 0:
+                        kind = "suffix"
+                else:
+                    regex, kind = regex + "[^/]*", "regexp"
+            elif ch == "?":
+                regex, kind = regex + "[^/]", "regexp"
+            elif ch in ".+()|{}$":
+                regex += "\\" + ch
+            elif ch == "\\":
+                if i < len(p):
+                    regex, kind, i = regex + "\\" + p[i], "regexp", i + 1
+                else:
+                    regex += "\\\\"
+            elif ch in "[]":
+                regex, kind = regex + ch, "regexp"
+            else:
+                regex += ch
+            step += 1
+        return kind, (re.compile(regex + "$") if kind == "regexp" else None)
+
+    def match(self, path: str) -> bool:
+        if self.kind == "exact":
+            return path == self.cleaned
+        if self.kind == "prefix":
+            return path.startswith(self.cleaned[:-2])
+        if self.kind == "suffix":
+            suffix = self.cleaned[2:]
+            return path.endswith(suffix) or (suffix.startswith("/") and path == suffix[1:])
+        return self.regex.search(path) is not None
+
+
+class DockerIgnore:
+    def __init__(self, patterns: list[str]):
+        self.patterns = [DockerPattern(p) for p in patterns if p.strip()]
+        self.exclusions = any(p.exclusion for p in self.patterns)
+
+    def excludes(self, path: str) -> bool:
+        """Whether `path` (relative to the context root, slash-separated) stays out."""
+        matched = False
+        parent = go_dir(path)
+        parents = parent.split("/")
+        for pattern in self.patterns:
+            if pattern.exclusion != matched:
+                continue
+            match = pattern.match(path)
+            if not match and parent != ".":
+                match = any(pattern.match("/".join(parents[:i + 1])) for i in range(len(parents)))
+            if match:
+                matched = not pattern.exclusion
+        return matched
+
+
+def build_context(root: str, ignore: DockerIgnore) -> set[str]:
+    """The files of `root` that a build with this ignore file sends, as relative paths. An
+    excluded directory is not entered unless some !pattern may include something in it."""
+    files = set()
+    for top, dirs, names in os.walk(root):
+        rel_top = os.path.relpath(top, root).replace(os.sep, "/")
+        rel = (lambda name: name) if rel_top == "." else (lambda name: f"{rel_top}/{name}")
+        if not ignore.exclusions:
+            dirs[:] = [d for d in dirs if not ignore.excludes(rel(d))]
+        files |= {rel(n) for n in names if not ignore.excludes(rel(n))}
+    return files
+
+
+@pytest.mark.parametrize("pattern,path,excluded", [
+    ("runs", "runs", True),
+    ("runs", "runs/x/summary.json", True),            # a matching directory takes its contents
+    ("runs", "sub/runs/x", False),                    # root only
+    ("/runs/", "runs/x", True),                       # leading and trailing / cleaned away
+    ("./a/../runs", "runs/x", True),
+    ("**/runs", "runs/x", True),                      # **/ matches zero directories too
+    ("**/runs", "sub/dir/runs/y/summary.json", True),
+    ("**/runs", "myruns/x", False),
+    ("**/runs", "orchestrator/runs.py", False),
+    ("*.parquet", "a.parquet", True),
+    ("*.parquet", "x/a.parquet", False),              # * does not cross /
+    ("**/*.parquet", "x/y/a.parquet", True),
+    ("**/mlflow.db*", "tests/tmp/mlflow.db.lock", True),
+    ("**/mlflow.db*", "mlflow.db", True),
+    ("dir/**", "dir/a/b", True),
+    ("abc/**", "abc", False),
+    ("a/**/b", "a/b", True),
+    ("a/**/b", "a/x/y/b", True),
+    ("**file", "dir/dir/file", True),
+    ("**/dir2/*", "dir/dir2/file", True),
+    ("a**/*.txt", "a/dir/dir/file.txt", True),
+    ("a/*.txt", "a/dir/file.txt", False),
+    ("?uns", "runs", True),
+    ("abc.def", "abcZdef", False),                    # . is literal
+    ("a(b)c/def", "a(b)c/def", True),
+    ("a[b-d]e", "ace", True),
+    ("a[^b-d]e", "ace", False),
+    (".*", ".foo", True),
+    (".*", "foo", False),
+    ("a\\*b", "a*b", True),
+    ("**/.foo", "bar.foo", False),
+])
+def test_dockerignore_pattern(pattern, path, excluded):
+    assert DockerIgnore(dockerignore_patterns(pattern)).excludes(path) is excluded
+
+
+def test_dockerignore_reading_and_negation():
+    text = "\ufeff# a comment\n  runs/  \n\n#runs is not a pattern here\n! runs/keep \n/abs/../top\n  # not a comment\n"
+    assert dockerignore_patterns(text) == ["runs", "!runs/keep", "top", "# not a comment"]
+    ignore = DockerIgnore(dockerignore_patterns(text))
+    assert ignore.excludes("runs/x.json") and ignore.excludes("top/y")
+    assert not ignore.excludes("runs/keep") and not ignore.excludes("runs/keep/z.json")
+    assert not ignore.excludes("# a comment") and ignore.excludes("# not a comment")
+    assert DockerIgnore(["!runs/keep", "runs"]).excludes("runs/keep")         # the last match wins
+    assert not DockerIgnore(["**/*.pyc", "!keep.pyc"]).excludes("keep.pyc")
+    assert DockerIgnore(["**/*.pyc", "!keep.pyc"]).excludes("a/keep.pyc")
+    assert DockerIgnore(["**", "!util/web", "util/web/foo"]).excludes("util/web/foo")
+    assert not DockerIgnore(["**", "!util/web"]).excludes("util/web/foo")
+    with pytest.raises(ValueError):
+        DockerIgnore(["!"])
+
+
+# run outputs planted at several depths of the context
+PLANTED_OUTPUTS = [
+    "runs/fmnist_mlp-1a2b/ledger/train-00.parquet",
+    "runs/fmnist_mlp-1a2b/summary.json",
+    "runs/hydra/2025-01-01_00-00-00/.hydra/config.yaml",
+    "sub/dir/runs/y/summary.json",
+    "outputs/2025-01-01/12-00-00/main.log",
+    "bench/outputs/x/main.log",
+    "multirun/2025-01-01/0/main.log",
+    "examples/multirun/0/log",
+    "mlruns/0/meta.yaml",
+    "bench/mlruns/1/meta.yaml",
+    "mlartifacts/1/abc/artifacts/lds.png",
+    "a/b/mlartifacts/1/x.png",
+    "mlflow.db",
+    "mlflow.db.lock",
+    "tests/tmp/mlflow.db",
+    "tests/tmp/mlflow.db.lock",
+    "store/exp-1/ledger/unit-00.parquet",
+    "store/exp-1/ledger/_quarantine/bad.parquet",
+    "store/exp-1/checkpoints/train-0000001-r0.pt",
+    "store/exp-1/masks/train.npy",
+    "store/exp-1/lds_per_target.npz",
+    "ledger/old.parquet",
+    "x.parquet",
+    ".venv/bin/python",
+    "a/.venv/bin/python",
+    "venv/bin/python",
+    "orchestrator/__pycache__/cli.cpython-311.pyc",
+    "tests/.pytest_cache/v/cache/lastfailed",
+    ".pytest_cache/v/cache/lastfailed",
+    "datamodels.egg-info/PKG-INFO",
+    ".git/HEAD",
+    "data/cifar10/batch_1.bin",
+]
+
+
+def pyproject() -> dict:
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def dockerfile_copy_sources() -> list[str]:
+    """The context paths of the Dockerfile's COPY lines, `.` (the whole context) left out."""
+    with open(DOCKERFILE, encoding="utf-8") as f:
+        lines = logical_lines(f.read())
+    sources = []
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["COPY"]:
+            args = [w for w in words[1:] if not w.startswith("--")]
+            sources += [a for a in args[:-1] if a != "."]
+    return sources
+
+
+def needed_in_context(files: list[str]) -> set[str]:
+    """What the image build reads from the context: the COPY sources, pyproject.toml's
+    readme and every file of the packages it lists."""
+    setuptools = pyproject()["tool"]["setuptools"]
+    dirs = [setuptools.get("package-dir", {}).get(p, p.replace(".", "/")) for p in setuptools["packages"]]
+    needed = {"pyproject.toml", pyproject()["project"]["readme"], *dockerfile_copy_sources()}
+    return needed | {f for f in files if any(f.startswith(d + "/") for d in dirs)}
+
+
+def repo_files() -> list[str]:
+    """The repository's files: tracked ones and new ones git does not ignore."""
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(REPO, ".git")):
+        pytest.skip("needs a git checkout")
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                         cwd=REPO, capture_output=True, check=True).stdout.decode()
+    return sorted(f for f in out.split("\0") if f)
+
+
+def plant_tree(root, files) -> None:
+    for rel in files:
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+
+
+def context_problems(ignore_text: str, tmp_path) -> list[str]:
+    files = repo_files()
+    plant_tree(tmp_path, files + PLANTED_OUTPUTS)
+    context = build_context(str(tmp_path), DockerIgnore(dockerignore_patterns(ignore_text)))
+    problems = [f"run output in the build context: {f}" for f in PLANTED_OUTPUTS if f in context]
+    problems += [f"needed by the image but not in the build context: {f}"
+                 for f in sorted(needed_in_context(files)) if f not in context]
+    return problems
+
+
+def test_build_context_has_the_sources_and_no_run_outputs(tmp_path):
+    with open(DOCKERIGNORE, encoding="utf-8") as f:
+        text = f.read()
+    needed = needed_in_context(repo_files())
+    assert {"pyproject.toml", "constraints.txt", "README.md", "conf/config.yaml",
+            "orchestrator/ledger.py", "workers/checkpoints.py",
+            "hydra_plugins/datamodels_launcher/__init__.py"} <= needed
+    problems = context_problems(text, tmp_path)
+    assert not problems, "deploy/Dockerfile.dockerignore:\n" + "\n".join(problems)
+
+
+def test_root_only_patterns_leak_nested_outputs(tmp_path):
+    """The same file with every `**/` taken out (root-only patterns, as before) fails."""
+    with open(DOCKERIGNORE, encoding="utf-8") as f:
+        root_only = f.read().replace("**/", "")
+    problems = context_problems(root_only, tmp_path)
+    leaked = {p.split(": ", 1)[1] for p in problems if p.startswith("run output")}
+    assert {"sub/dir/runs/y/summary.json", "tests/tmp/mlflow.db", "examples/multirun/0/log",
+            "a/b/mlartifacts/1/x.png", "a/.venv/bin/python"} <= leaked
+
+
+# ----------------------------------------------------------------------------- the lock
+def read_lock() -> dict[str, str]:
+    """constraints.txt as {normalized name: version}."""
+    from packaging.utils import canonicalize_name
+    pins = {}
+    with open(LOCK, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][^\s;+]*)", line)
+            assert m, f"constraints.txt: not a plain name==version pin: {line!r}"
+            name = canonicalize_name(m.group(1))
+            assert name not in pins, f"constraints.txt: {name} pinned twice"
+            pins[name] = m.group(2)
+    return pins
+
+
+def make_variable(name: str) -> str:
+    with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
+        m = re.search(rf"^{name}\s*[:?]?=\s*(\S+)\s*$", f.read(), flags=re.M)
+    assert m, f"Makefile sets no {name}"
+    return m.group(1)
+
+
+def dockerfile_arg(name: str) -> str:
+    with open(DOCKERFILE, encoding="utf-8") as f:
+        m = re.search(rf"^ARG {name}=(\S+)\s*$", f.read(), flags=re.M)
+    assert m, f"deploy/Dockerfile has no ARG {name}"
+    return m.group(1)
+
+
+def test_lock_is_plain_pins_and_leaves_torch_out():
+    with open(LOCK, encoding="utf-8") as f:
+        header = f.read().split("\n", 8)[:8]
+    assert any("make lock" in line for line in header if line.startswith("#"))
+    pins = read_lock()
+    assert "torch" not in pins                 # pinned by the Makefile and the Dockerfile instead
+    assert {"ray", "numpy", "mlflow", "pytest", "playwright", "boto3"} <= set(pins)
+    assert pins["ray"] == dockerfile_arg("RAY_VERSION")
+    assert make_variable("TORCH") == dockerfile_arg("TORCH_VERSION")
+
+
+def test_lower_bounds_are_the_locked_versions():
+    """Each dependency's lower bound is the version the tests ran with: its pin in the lock
+    (torch: the Makefile's TORCH), and the pin satisfies the whole range."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+    pins = read_lock()
+    project = pyproject()["project"]
+    problems = []
+    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        locked = make_variable("TORCH") if name == "torch" else pins.get(name)
+        lower = [s.version for s in req.specifier if s.operator == ">="]
+        if locked is None:
+            problems.append(f"{spec}: not in constraints.txt")
+        elif len(lower) != 1 or Version(lower[0]) != Version(locked):
+            problems.append(f"{spec}: the lower bound should be >={locked}, the locked version")
+        elif not req.specifier.contains(locked, prereleases=True):
+            problems.append(f"{spec}: excludes the locked {locked}")
+    assert not problems, "pyproject.toml (after `make lock`, update its bounds):\n" + "\n".join(problems)
+
+
+def make_dry_run(*args: str) -> str:
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    return subprocess.run(["make", "-n", "-B", *args], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def make_prerequisites() -> dict[str, list[str]]:
+    """target -> prerequisites, from make's own database."""
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    out = subprocess.run(["make", "-p", "-n", "-q", "--no-builtin-rules"], cwd=REPO,
+                         capture_output=True, text=True).stdout
+    rules = {}
+    for line in out.splitlines():
+        m = re.match(r"^([^\s#:=][^:=]*):(?!=)\s*(.*)$", line)
+        if m and not line.startswith("\t"):
+            rules.setdefault(m.group(1).strip(), m.group(2).split())
+    return rules
+
+
+def test_make_and_docker_install_from_the_lock():
+    rules = make_prerequisites()
+    stamp = make_variable("VENV") + "/.installed"
+    assert "constraints.txt" in rules[stamp]          # a new lock reinstalls
+    assert "browser" in rules["test"] and "browser" not in rules["demo"]
+    pip_lines = [ln for ln in make_dry_run("install").splitlines() if "pip install" in ln]
+    assert len(pip_lines) >= 2
+    assert all("-c constraints.txt" in ln for ln in pip_lines), pip_lines
+    assert any('"torch==' + make_variable("TORCH") + '"' in ln for ln in pip_lines)
+
+    with open(DOCKERFILE, encoding="utf-8") as f:
+        steps = logical_lines(f.read())
+    copies = [i for i, ln in enumerate(steps) if ln.startswith("COPY")]
+    lock_copy = next(i for i in copies if "constraints.txt" in steps[i].split())
+    code_copy = next(i for i in copies if steps[i].split()[-2] == ".")
+    assert "pyproject.toml" in steps[lock_copy].split() and lock_copy < code_copy
+    installs = [ln for ln in steps[lock_copy:code_copy] if "pip install -c /tmp/constraints.txt" in ln]
+    assert installs and all(w in installs[0] for w in ('"torch==${TORCH_VERSION}"', '"ray[default]==${RAY_VERSION}"'))
+
+
+def test_every_apt_get_waits_for_the_lock():
+    with open(DOCKERFILE, encoding="utf-8") as f:
+        docker = f.read()
+    for where, text in (("Makefile", make_dry_run("data", "browser")), ("deploy/Dockerfile", docker)):
+        calls = re.findall(r"(?<!command -v )apt-get(?: -o \S+)*(?= (?:update|install)\b)", text)
+        assert len(calls) >= 2, where
+        assert all("-o DPkg::Lock::Timeout=" in c for c in calls), f"{where}: {calls}"
+
+
+FAKE_APT = """#!/bin/sh
+# stands in for apt-get: `update` finds the lists locked the first $BUSY times
+echo "$*" >> "$LOG"
+case "$*" in
+  *" update"*)
+    n=$(grep -c " update" "$LOG")
+    if [ "$n" -le "$BUSY" ]; then
+      echo "$ERROR" >&2; exit 100
+    fi;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.skipif(os.name != "posix" or not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="as non-root the Makefile goes through sudo")
+@pytest.mark.parametrize("busy,error,ok", [
+    (2, "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 1 (apt-get)", True),
+    (50, "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 1 (apt-get)", False),
+    (1, "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease", False),
+])
+def test_make_browser_retries_apt_get_update_while_apt_is_busy(tmp_path, busy, error, ok):
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(FAKE_APT)
+    (bin_dir / "apt-get").chmod(0o755)
+    log = tmp_path / "apt.log"
+    log.touch()
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log), BUSY=str(busy), ERROR=error)
+    run = subprocess.run(["make", "--no-print-directory", "browser", f"CHROMIUM={tmp_path}/no-chromium",
+                          "APT_RETRY_S=0.2", "APT_LOCK_TIMEOUT=2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    updates = [c for c in calls if c.endswith(" update -qq")]
+    installs = [c for c in calls if " install " in c]
+    assert all("-o DPkg::Lock::Timeout=2 " in c for c in calls), calls
+    if ok:
+        assert run.returncode == 0, run.stderr
+        assert len(updates) == busy + 1 and len(installs) == 1 and installs[0].endswith("chromium")
+    else:
+        assert run.returncode != 0 and not installs and error in run.stderr
+        assert len(updates) == 1 if "lock" not in error else 2 <= len(updates) < busy
