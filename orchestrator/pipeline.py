@@ -1,30 +1,26 @@
 """The pipeline: masks → train → fit → baselines → evaluate, each resumable and runnable alone.
 
 `run(cfg)` validates everything and checks every output location before Ray starts, then
-runs the asked stages under one MLflow parent run (a nested run per stage) and writes
+runs the asked stages (a loop over `orchestrator.stages.STAGES`) under one MLflow parent
+run (a nested run per stage) and writes
 summary.json into the experiment's store. The store, not this process's memory, is the
 source of truth: a driver that dies is replaced by submitting the same command again, and
 drivers running at once share the work through claims in the store.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import subprocess
 import tempfile
-import time
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator import config as C
-from orchestrator import baselines_stage, evaluate, fit_stage, train_stage
-from orchestrator import masks as M
+from orchestrator import stages
 from orchestrator.store import Layout, redact
 from orchestrator.tracking import Tracker
-from workers import bits
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +48,6 @@ def redacted(obj):
     if isinstance(obj, str) and "://" in obj:
         return redact(obj)
     return obj
-
-
-def masks_stage(plan) -> dict:
-    """Write the mask sets (bit-packed .npy) for inspection; every other stage regenerates
-    masks from the seed and the ledger is checked against them."""
-    cfg = plan.cfg
-    out = {}
-    for mask_set, count in (("train", int(cfg.masks.n_train)), ("eval", int(cfg.masks.n_eval))):
-        X = M.make_masks(int(cfg.exp.seed), mask_set, np.arange(count), plan.n, float(cfg.masks.alpha))
-        buf = io.BytesIO()
-        np.save(buf, bits.pack(X))
-        plan.store.write_bytes(Layout.masks(mask_set), buf.getvalue())
-        out[mask_set] = count
-    out["size"] = M.mask_size(plan.n, float(cfg.masks.alpha))
-    return out
 
 
 def accuracy_summary(plan, index) -> dict:
@@ -180,18 +161,17 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
                     "n_targets": plan.n_targets, "alpha": float(cfg.masks.alpha)})
     summary.setdefault("timings", {})
     version = code_version()
-    want = (lambda s: stage in ("all", s))
-    needs_ray = stage in ("all", "train", "fit", "baselines")
+    todo = stages.selected(stage)
     sweep_id, point = sweep_point()
     tags = {"experiment_dir": summary["experiment_dir"], "config_hash": plan.config_hash,
             "code_version": version, "stage": stage}
     if sweep_id:
         tags["sweep"] = sweep_id
         tags.update({f"sweep.{k.lstrip('+~')}": str(v) for k, v in point.items()})
-    evaluated = False
+    evaluated = any(st.name == "evaluate" for st in todo)
     with tracker.parent(run_name(cfg, stage, point), resolved, tags):
         tracker.log_artifact(os.path.join(scratch, "config.yaml"))
-        if needs_ray:
+        if any(st.needs_ray for st in todo):
             from orchestrator import raycluster
             from orchestrator.claims import Claims
             from orchestrator.store import serve
@@ -199,52 +179,10 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
             plan.handle = serve(store)
             plan.claims = Claims(store, float(cfg.store.lease_seconds)).start()
         try:
-            if want("masks"):
-                t0 = time.perf_counter()
-                with tracker.stage("masks"):
-                    summary["masks"] = masks_stage(plan)
-                summary["timings"]["masks"] = time.perf_counter() - t0
-            if want("train"):
-                t0 = time.perf_counter()
-                with tracker.stage("train", {"train": resolved["train"]}):
-                    st = train_stage.run(plan, tracker, version)
-                    tracker.log_metrics({"models_trained": st["models_trained"], "train_seconds": st["seconds"]})
-                summary["train"] = st
-                summary["timings"]["train"] = time.perf_counter() - t0
-            fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
-            if want("fit"):
-                t0 = time.perf_counter()
-                with tracker.stage("fit", {"fit": resolved["fit"]}):
-                    summary["fit"] = fit_stage.run(plan, tracker)
-                summary["timings"]["fit"] = time.perf_counter() - t0
-            if want("baselines"):
-                t0 = time.perf_counter()
-                with tracker.stage("baselines", {"baselines": resolved["baselines"]}):
-                    summary["baselines"] = baselines_stage.run(plan, tracker)
-                summary["timings"]["baselines"] = time.perf_counter() - t0
-            index = plan.ledger.index()
-            if want("evaluate"):
-                t0 = time.perf_counter()
-                train_seconds = plan.ledger.seconds("train", index)   # one column, not the masks
-                m = len(train_seconds)
-                dm_dir = fit_stage.store_dir(m, fit_cfg)
-                prefix_dirs = {k: fit_stage.store_dir(k, fit_cfg) for k in fit_stage.prefix_sizes(fit_cfg, m)}
-                per_model = float(np.sum(train_seconds)) / max(m, 1)
-                compute = {"models": m, "per_model": per_model,
-                           "datamodels": per_model * m + fit_stage.fit_seconds(store, dm_dir)}
-                with tracker.stage("evaluate"):
-                    ev = evaluate.run(plan, tracker, dm_dir, prefix_dirs, compute)
-                for name, metrics in ev.pop("method_metrics").items():
-                    with tracker.stage(f"method:{name}", {"method": name,
-                                                          "params": ev["lds"][name].get("params") or {}}):
-                        tracker.log_metrics(metrics)
-                summary.update(lds=ev["lds"], lds_curve=ev["lds_curve"], eval_masks=ev["eval_masks"],
-                               plots=ev["plots"])
-                summary["timings"]["evaluate"] = time.perf_counter() - t0
-                evaluated = True
-                for name in sorted(os.listdir(ev["scratch"])):
-                    if name.endswith(".png"):       # the plots, on the parent run itself
-                        tracker.log_artifact(os.path.join(ev["scratch"], name), "plots")
+            ctx = stages.Context(plan, tracker, resolved, version, summary, scratch)
+            for st in todo:
+                stages.run_stage(st, ctx)
+            index = ctx.ledger_index()
             summary["models"] = {s: index.count(s) for s in ("train", "eval")}
             failed = index.failed_models()
             summary["models_failed"] = len(failed)
