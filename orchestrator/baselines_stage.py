@@ -156,7 +156,9 @@ def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files
     model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
     ckpts = load_checkpoints(store, n_ckpt)    # all K even for smaller budgets: params (tracin lrs) are per K
     margin_kind = getattr(task, "margin", "logsumexp")
+    from orchestrator.raycluster import worker_logging
     from workers.logs import repeats_summarised
+    worker_logging()
     with repeats_summarised():          # a solver warning per target block is printed once, with a count
         if set(files) == {n_ckpt} and method not in STEPS:
             t0 = time.perf_counter()

@@ -65,7 +65,9 @@ def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_i
         torch.set_num_threads(max(1, int(fit_cfg.get("cpus_per_task") or 1)))
     except ImportError:
         pass
+    from orchestrator.raycluster import worker_logging
     from workers.logs import repeats_summarised
+    worker_logging()
     t0 = time.perf_counter()
     with repeats_summarised():          # a solver warning per target is printed once, with a count
         res = fit_lasso(packed, Y, lasso_config(fit_cfg), n=n)

@@ -61,3 +61,19 @@ def connect(cluster_cfg) -> None:
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
                                        "RAY_USAGE_STATS_ENABLED": "0"}},
              **kwargs)
+
+
+def in_worker() -> bool:
+    """True in a Ray worker process (a task or an actor), False on the driver or outside Ray."""
+    try:
+        import ray
+        return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE
+    except (ImportError, AttributeError):
+        return False
+
+
+def worker_logging() -> None:
+    """In a Ray worker: our log lines in the driver's format (workers.logs.worker_format)."""
+    if in_worker():
+        from workers.logs import worker_format
+        worker_format()

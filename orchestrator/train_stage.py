@@ -67,6 +67,8 @@ class TrainWorker:
         from hydra.utils import instantiate
 
         from orchestrator.ledger import Identity
+        from orchestrator.raycluster import worker_logging
+        worker_logging()
         try:
             import torch
             torch.set_num_threads(max(1, int(train_cfg.get("cpus_per_worker") or 1)))

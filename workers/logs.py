@@ -17,6 +17,26 @@ CHATTER = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow
            "mlflow.utils.autologging_utils", "ray._private.authentication.authentication_token_setup")
 
 
+# Hydra's default job-log format, which the driver uses: worker processes use it too, so
+# that a line relayed by Ray reads like the driver's own (after Ray's "(Task pid=…)" prefix).
+FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def worker_format() -> None:
+    """In a Ray worker process: our loggers (`workers`, `orchestrator`) print warnings and
+    errors in the driver's format. Idempotent."""
+    for name in ("workers", "orchestrator"):
+        lg = logging.getLogger(name)
+        if any(getattr(h, "_datamodels", False) for h in lg.handlers):
+            continue
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler._datamodels = True
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING)      # a worker's INFO lines are detail; progress is the driver's
+        lg.propagate = False
+
+
 def quiet_libraries() -> None:
     """Raise the chatty libraries' loggers to ERROR, unless the root logger is at DEBUG."""
     if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
@@ -29,6 +49,11 @@ def plain_when_not_a_terminal() -> None:
     """Ray wraps every relayed worker line in colour codes; not when the output is a file."""
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        try:        # Ray colours some lines regardless ("[repeated 7x across cluster]"): strip them
+            import colorama
+            colorama.init(strip=True, convert=False)
+        except ImportError:
+            pass
 
 
 class _Repeats(logging.Filter):
