@@ -40,6 +40,17 @@ def make_masks(seed: int, mask_set: str, ids, n: int, alpha: float) -> np.ndarra
     return out
 
 
+def make_packed_masks(seed: int, mask_set: str, ids, n: int, alpha: float, block: int = 4096) -> np.ndarray:
+    """uint8 [len(ids), ceil(n/8)]: the packed form of make_masks, built `block` masks at a
+    time, so the bool matrix (8x larger) never exists whole."""
+    from workers import bits
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    out = np.empty((len(ids), (n + 7) // 8), dtype=np.uint8)
+    for a in range(0, len(ids), block):
+        out[a:a + block] = bits.pack(make_masks(seed, mask_set, ids[a:a + block], n, alpha))
+    return out
+
+
 def model_seed(seed: int, mask_set: str, i: int, replica: int) -> int:
     """The training seed of model (mask_set, i, replica): 63-bit, stable across machines."""
     ss = np.random.SeedSequence([seed, set_code(mask_set), i, replica, 0x5EED])

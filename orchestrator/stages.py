@@ -58,14 +58,13 @@ def _masks(ctx: Context) -> dict:
     """Write the mask sets (bit-packed .npy) for inspection; every other stage regenerates
     masks from the seed and the ledger is checked against them."""
     from orchestrator import masks as M
-    from workers import bits
     plan = ctx.plan
     cfg = plan.cfg
     out = {}
     for mask_set, count in (("train", int(cfg.masks.n_train)), ("eval", int(cfg.masks.n_eval))):
-        X = M.make_masks(int(cfg.exp.seed), mask_set, np.arange(count), plan.n, float(cfg.masks.alpha))
+        packed = M.make_packed_masks(int(cfg.exp.seed), mask_set, np.arange(count), plan.n, float(cfg.masks.alpha))
         buf = io.BytesIO()
-        np.save(buf, bits.pack(X))
+        np.save(buf, packed)
         plan.store.write_bytes(Layout.masks(mask_set), buf.getvalue())
         out[mask_set] = count
     out["size"] = M.mask_size(plan.n, float(cfg.masks.alpha))

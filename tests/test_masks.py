@@ -40,3 +40,11 @@ def test_model_seeds_distinct_and_stable():
     assert len(seeds) == 300
     assert M.model_seed(0, "eval", 3, 1) == M.model_seed(0, "eval", 3, 1)
     assert 0 <= M.model_seed(0, "eval", 3, 1) < 2 ** 63
+
+
+def test_packed_masks_built_in_blocks_equal_packing_them_whole():
+    from workers import bits
+    ids = np.arange(3, 40)
+    whole = bits.pack(M.make_masks(5, "train", ids, 301, 0.3))
+    for block in (1, 7, 64):
+        assert np.array_equal(M.make_packed_masks(5, "train", ids, 301, 0.3, block=block), whole)
