@@ -1,6 +1,7 @@
 # The two quick-start commands: `make demo` runs the embedded default experiment,
-# `make test` runs the test suite. Both create (or reuse) .venv and install what they need,
-# at the versions pinned in constraints.txt (`make lock` regenerates it).
+# `make test` runs the test suite (`make test-fast`: all but the slow tests; `make lint`: ruff
+# and mypy). They create (or reuse) .venv and install what they need, at the versions pinned
+# in constraints.txt (`make lock` regenerates it).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,13 +20,24 @@ APT_LOCK_TIMEOUT ?= 900
 APT_RETRY_S ?= 10
 APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=$(APT_LOCK_TIMEOUT)
 
-.PHONY: demo test install lock data browser clean
+.PHONY: demo test test-fast lint install lock data browser clean
 
 demo: install data
 	$(VENV)/bin/datamodels $(ARGS)
 
 test: install data browser
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The fast lane: every test but those marked slow (pyproject.toml's markers), in under two
+# minutes on a 2-core machine. `make test` (what CI runs) still runs them all. pytest's exit
+# code 5 (no tests collected) fails it too.
+test-fast: install data
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# ruff and mypy, configured in pyproject.toml ([tool.ruff], [tool.mypy]); .ci/run runs it first.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 install: $(STAMP)
 

@@ -44,8 +44,8 @@ def main() -> None:
         for nodes in (1, 2):
             while len(cluster.nodes) < nodes:
                 cluster.add_worker()
-            over = [f"task={args.task}", "exp.name=scale", "stage=train", f"masks.n_train={args.models}", "masks.n_eval=1",
-                    "eval.replicas=1", "baselines.methods=[]", "train.models_per_unit=20",
+            over = [f"task={args.task}", "exp.name=scale", "stage=train", f"masks.n_train={args.models}",
+                    "masks.n_eval=1", "eval.replicas=1", "baselines.methods=[]", "train.models_per_unit=20",
                     f"exp.root={cluster.exp_root}/n{nodes}", "tracking.enabled=false"]
             if s3:
                 over.append(f"store.uri='{s3.uri('bench', f'n{nodes}')}'")

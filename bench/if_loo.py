@@ -41,8 +41,10 @@ def main():
     perm = rng.permutation(len(X))
     tr, te = perm[:a.n_train], perm[a.n_train:]
     mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
-    xtr = torch.tensor((X[tr] - mu) / sd); ytr = torch.tensor(Y[tr])
-    xte = torch.tensor((X[te] - mu) / sd); yte = torch.tensor(Y[te])
+    xtr = torch.tensor((X[tr] - mu) / sd)
+    ytr = torch.tensor(Y[tr])
+    xte = torch.tensor((X[te] - mu) / sd)
+    yte = torch.tensor(Y[te])
     n, C = len(xtr), 10
 
     t0 = time.time()
@@ -63,7 +65,8 @@ def main():
     common = dict(l2=a.l2, device="cpu", batch_size=256)
     t0 = time.time()
     pred = {
-        ("loss", "if_exact"): influence_scores(model_fn, [theta], xtr, ytr, xt, yt, common, solver="exact", output="loss")[:, 0],
+        ("loss", "if_exact"): influence_scores(model_fn, [theta], xtr, ytr, xt, yt, common, solver="exact",
+                                               output="loss")[:, 0],
         ("margin", "if_exact"): compute_scores("if_exact", model_fn, [theta], xtr, ytr, xt, yt, common)[:, 0],
         ("margin", "if_cg"): compute_scores("if_cg", model_fn, [theta], xtr, ytr, xt, yt,
                                             {**common, "damping": 0.0, "cg_iters": 500, "cg_tol": 1e-10})[:, 0],
@@ -106,8 +109,8 @@ def main():
 
     print(f"{'output':7s} {'method':12s} {'points':14s} {'Pearson':>8s} {'Spearman':>9s} {'slope':>7s}")
     for (out, meth), pr in pred.items():
-        for name, sel in (("top-%d |IF|" % a.k, slice(0, a.k)), ("random %d" % a.k, slice(a.k, None)),
-                          ("all %d" % len(idx), slice(None))):
+        for name, sel in ((f"top-{a.k} |IF|", slice(0, a.k)), (f"random {a.k}", slice(a.k, None)),
+                          (f"all {len(idx)}", slice(None))):
             p, q = pr[idx][sel], actual[out][sel]
             slope = float(np.dot(p, q) / np.dot(p, p))
             print(f"{out:7s} {meth:12s} {name:14s} {pearsonr(p, q)[0]:8.4f} {spearmanr(p, q)[0]:9.4f} {slope:7.3f}")

@@ -95,8 +95,10 @@ def main():
     perm = rng.permutation(len(X))
     tr, te = perm[:a.n_train], perm[a.n_train:a.n_train + a.n_target]
     mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
-    x = torch.tensor((X[tr] - mu) / sd, dtype=torch.float32); y = torch.tensor(Y[tr])
-    xt = torch.tensor((X[te] - mu) / sd, dtype=torch.float32); yt = torch.tensor(Y[te])
+    x = torch.tensor((X[tr] - mu) / sd, dtype=torch.float32)
+    y = torch.tensor(Y[tr])
+    xt = torch.tensor((X[te] - mu) / sd, dtype=torch.float32)
+    yt = torch.tensor(Y[te])
     ckpts = []
     for k in range(a.k):
         sub = torch.tensor(rng.choice(len(x), len(x) // 2, replace=False))

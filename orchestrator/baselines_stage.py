@@ -159,6 +159,7 @@ def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files
     from orchestrator.raycluster import worker_logging
     from workers.logs import repeats_summarised
     worker_logging()
+    results: dict[int, tuple[np.ndarray, float, list[float] | None]]
     with repeats_summarised():          # a solver warning per target block is printed once, with a count
         if set(files) == {n_ckpt} and method not in STEPS:
             t0 = time.perf_counter()

@@ -44,12 +44,12 @@ class Claims:
         self.pid = os.getpid()
         self.owner = owner or f"{self.host}.{self.pid}.{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._owners_dir = f"{Layout.CLAIMS}/owners"
         self.others_seen = False     # has another live driver been seen on this store?
 
     # ------------------------------------------------------------------ heartbeat
-    def start(self) -> "Claims":
+    def start(self) -> Claims:
         self._beat()
         self._thread = threading.Thread(target=self._loop, name="claims-heartbeat", daemon=True)
         self._thread.start()

@@ -7,7 +7,6 @@ squared error of the predicted margins where a method predicts margins (datamode
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -59,7 +58,8 @@ def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, flo
     return float(lo), float(hi)
 
 
-def score_method(X: np.ndarray, Y: np.ndarray, weights: np.ndarray, intercept, n_boot: int, seed: int) -> dict:
+def score_method(X: np.ndarray, Y: np.ndarray, weights: np.ndarray, intercept, n_boot: int,
+                 seed: int) -> tuple[dict, np.ndarray]:
     """LDS (and MSE if an intercept is given) of weights [T, n] on eval masks X [e, n]."""
     pred = X.astype(np.float32) @ weights.T.astype(np.float32)
     if intercept is not None:
@@ -247,7 +247,7 @@ def _place_tags(ax, tags, fontsize: float = 8) -> None:
     ax.set_xlim(ax.get_xlim())
     ax.set_ylim(ax.get_ylim())
     scale = 72.0 / ax.figure.dpi                 # display pixels -> points
-    placed = []                                  # (x0, x1, y) of placed tags, in points
+    placed: list[tuple[float, float, float]] = []   # (x0, x1, y) of placed tags, in points
     for x, y, text, color in sorted(tags, key=lambda t: -t[1]):
         px, py = (v * scale for v in ax.transData.transform((x, y)))
         x0, x1 = px + 6, px + 6 + 0.62 * fontsize * len(text)
@@ -313,7 +313,6 @@ def plot_top_examples(weights: dict, images, target_images, targets, path: str, 
         return
     plt = _plt()
     methods = method_order(weights)
-    n_cols = 1 + 2 * top
     label = (lambda y: names[int(y)] if names is not None and 0 <= int(y) < len(names) else str(int(y)))
     cell_w, cell_h, head_h = 1.05, 1.32, 0.42
     widths = [1.0, 0.3] + [1.0] * top + [0.3] + [1.0] * top
@@ -479,7 +478,7 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
         plot_top_examples(weights, x_tr, x_tg, list(range(k)), plots["top_examples"], train_labels=y_tr,
                           target_labels=y_tg, names=task_class_names(plan.task, int(num_classes)))
     npz = os.path.join(scratch, "lds_per_target.npz")
-    np.savez(npz, **per_target)
+    np.savez(npz, **per_target)  # type: ignore[arg-type]  # numpy's stub takes allow_pickle for **kwds
     stored = {}
     for name, path in plots.items():
         with open(path, "rb") as f:
@@ -503,7 +502,7 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     for m, r in sorted(curve.items()):
         tracker.log_metrics({"lds_datamodels_curve": r["mean"]}, step=m)
     for name, bk in lds_budget.items():
-        for k, r in bk.items():
+        for k, r in bk.items():  # type: ignore[assignment]  # k: str here, int above
             tracker.log_metrics({f"lds_{name}_budget": r["mean"]}, step=int(k))
     for path in plots.values():
         tracker.log_artifact(path)

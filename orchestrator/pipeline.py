@@ -111,7 +111,8 @@ def sweep_point() -> tuple[str | None, dict]:
 def run_name(cfg: DictConfig, stage: str, point: dict) -> str:
     """What tells this run from its neighbours, e.g. `fmnist_mlp α=0.25 m=4000`."""
     parts = [str(cfg.exp.name), f"α={float(cfg.masks.alpha):g}", f"m={int(cfg.masks.n_train)}"]
-    parts += [f"{k}={v}" for k, v in point.items() if k.lstrip("+~") not in ("masks.alpha", "masks.n_train", "exp.name")]
+    parts += [f"{k}={v}" for k, v in point.items()
+              if k.lstrip("+~") not in ("masks.alpha", "masks.n_train", "exp.name")]
     if stage != "all":
         parts.append(f"stage={stage}")
     return " ".join(parts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def connect(cluster_cfg) -> None:
     path = [os.getcwd()] + [p for p in sys.path if p and os.path.isdir(p) and "site-packages" not in p]
     if os.environ.get("PYTHONPATH"):
         path.append(os.environ["PYTHONPATH"])
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if cluster_cfg.get("num_cpus") is not None:
         kwargs["num_cpus"] = int(cluster_cfg.num_cpus)
     if cluster_cfg.get("num_gpus") is not None:

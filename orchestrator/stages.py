@@ -8,8 +8,9 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -21,13 +22,13 @@ from orchestrator.store import Layout
 class Context:
     """What a stage gets: the validated plan (config, store, ledger, handles), the MLflow
     tracker, the redacted resolved config, the code version, and the summary so far."""
-    plan: object
-    tracker: object
+    plan: Any
+    tracker: Any
     resolved: dict
     version: str
     summary: dict
     scratch: str                      # a local directory for files on their way to the store/MLflow
-    index: object = None              # the ledger's verified index, once a stage has built it
+    index: Any = None                 # the ledger's verified index, once a stage has built it
 
     def ledger_index(self):
         if self.index is None:

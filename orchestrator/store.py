@@ -13,6 +13,7 @@ never writes to the disk of the node it runs on.
 """
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import io
@@ -23,6 +24,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -385,7 +387,7 @@ class Store:
             out.append(Entry(info.base_name, f"{rel_dir}/{info.base_name}", int(info.size or 0), mtime))
         return sorted(out, key=lambda e: e.name)
 
-    def list_dirs(self, rel_dir: str) -> list[str]:
+    def list_dirs(self, rel_dir: str) -> builtins.list[str]:
         def ls():
             try:
                 return self.fs.get_file_info(pafs.FileSelector(self.path(rel_dir), recursive=False))
@@ -415,7 +417,7 @@ class Store:
         pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd", write_page_checksum=True)
         self.write_bytes(rel, buf.getvalue())
 
-    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, rel: str, columns: builtins.list[str] | None = None) -> pa.Table:
         """The columns asked (all by default), verified: a footer, page, checksum, null or
         digest failure raises CorruptFile; FileNotFoundError if the file is gone. On an
         object store a file that does not parse is fetched whole once more before it is
@@ -531,7 +533,7 @@ class StoreHandle:
     `RemoteStore`."""
 
     uri: str
-    server: object = None
+    server: Any = None
     node_id: str | None = None
     retry_seconds: float = 60.0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -62,7 +61,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             urllib.request.urlopen(url, timeout=timeout).close()
         except urllib.error.HTTPError:
             return          # it answered
-        except (urllib.error.URLError, socket.timeout, OSError) as err:
+        except (TimeoutError, urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise TrackingError(f"{redact(uri)} is unreachable ({reason}) within {timeout:g} s") from None
 
@@ -87,7 +86,7 @@ class Tracker:
         self.required = required
         self.parent_id = None
         self.experiment_id = None
-        if not self.enabled:
+        if uri is None:            # not self.enabled
             return
         if uri.startswith(("http://", "https://")):
             # fail in seconds, not after MLflow's default 7 retries with backoff (minutes)
@@ -125,7 +124,7 @@ class Tracker:
     def _failed(self, what: str, err: BaseException) -> None:
         from orchestrator.store import redact
         line = " ".join(str(err).split())[:300]
-        msg = f"tracking.uri={redact(self.uri)}: cannot {what} ({line})"
+        msg = f"tracking.uri={redact(self.uri)}: cannot {what} ({line})"  # type: ignore[arg-type]  # enabled
         if self.required:
             raise TrackingError(msg + "; fix the MLflow store, or set tracking.required=false to continue "
                                       "without it") from None
@@ -203,9 +202,9 @@ class Tracker:
         page = self.ui_page()
         if page is None:
             return None
-        if self.uri.startswith(("http://", "https://")):
+        if self.uri.startswith(("http://", "https://")):  # type: ignore[union-attr]  # a page: enabled
             from orchestrator.store import redact
-            return f"open {redact(self.uri).rstrip('/')}/{page}"
+            return f"open {redact(self.uri).rstrip('/')}/{page}"  # type: ignore[arg-type]
         import shutil
         import sys
         exe = os.path.join(os.path.dirname(sys.executable), "mlflow")

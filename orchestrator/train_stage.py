@@ -12,11 +12,12 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
 from orchestrator import masks as M
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import Identity, Ledger
 from orchestrator.store import Layout
 from orchestrator.workpool import Item, Pool, shuffled
 from workers import bits
@@ -90,7 +91,7 @@ class TrainWorker:
         return self.host
 
     def run_unit(self, unit: Unit, ckpt_ids: list[int]) -> dict:
-        meta, ident = self.meta, self.ledger.identity
+        meta, ident = self.meta, cast(Identity, self.ledger.identity)
         masks = M.make_masks(ident.seed, unit.mask_set, unit.ids, ident.n, ident.alpha)
         seeds = np.array([M.model_seed(ident.seed, unit.mask_set, int(i), int(r))
                           for i, r in zip(unit.ids, unit.replicas)], dtype=np.int64)

@@ -17,8 +17,9 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ class Pool:
         won = set(self.claims.claim(self.name, todo)) if todo else set()
         fresh = [it for it in batch if it.key in won]
         check = fresh and self.done_fn is not None and self.claims.others_seen
-        finished = set(self.done_fn(fresh)) if check else set()
+        finished = set(self.done_fn(fresh)) if check else set()  # type: ignore[misc]  # check: done_fn set
         out = []
         for it in batch:
             if it.key in finished:

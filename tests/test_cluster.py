@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import sys
-import threading
 import time
 
 import psutil
@@ -22,6 +21,8 @@ import pytest
 from orchestrator.ledger import Ledger
 from orchestrator.store import Store
 from tests.cluster import Cluster, S3Server, is_loopback, listening_addresses
+
+pytestmark = pytest.mark.slow          # a multi-node Ray cluster: minutes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -277,7 +278,8 @@ def test_driver_killed_and_job_submitted_again(cluster):
             dirs = [d for d in os.listdir(root) if d.startswith("tiny-")]
             if dirs:
                 ledger_dir = os.path.join(root, dirs[0], "ledger")
-                if os.path.isdir(ledger_dir) and len([f for f in os.listdir(ledger_dir) if f.endswith(".parquet")]) >= 4:
+                if os.path.isdir(ledger_dir) and \
+                        len([f for f in os.listdir(ledger_dir) if f.endswith(".parquet")]) >= 4:
                     break
         time.sleep(0.2)
     drivers = [p for p in psutil.process_iter(["cmdline"])

@@ -12,13 +12,14 @@ import time
 import urllib.request
 
 import pytest
-
 from mlflow.tracking import MlflowClient
 
 from orchestrator import pipeline
 from tests.conftest import compose
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.slow          # one tiny real run for the module (~20 s) and a browser
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ def one_line_error(stderr: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_training_actor_killed_every_few_seconds(tmp_path, ray_local):
     """SIGKILL a training actor every 4 s throughout the run: it finishes with every model
     in the ledger exactly once."""
@@ -93,6 +94,7 @@ def test_training_actor_killed_every_few_seconds(tmp_path, ray_local):
     assert s["models"] == {"train": 400, "eval": 80}
 
 
+@pytest.mark.slow
 def test_diverged_models_are_counted_and_never_fitted(tmp_path, ray_local):
     over = planted_overrides(tmp_path, extra=["+task.diverge_every=7"])
     s = pipeline.run(compose(over, tmp_path))
@@ -120,6 +122,7 @@ def _drivers(tmp_path, extra, env_extra=None, n=2):
     return procs, outs, over
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_drivers_at_once_share_the_work(tmp_path, where, request):
     """Two drivers started together on one experiment (and one fresh MLflow store): both
@@ -131,7 +134,7 @@ def test_two_drivers_at_once_share_the_work(tmp_path, where, request):
         extra = [f"store.uri='{s3.uri('twodrivers', 'runs')}'"]
         env = s3.env
     procs, outs, over = _drivers(tmp_path, extra, env)
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     seeds = trained_seeds(tmp_path / "count")
     counts = collections.Counter(seeds)
@@ -166,6 +169,7 @@ def _cli(tmp_path, args) -> str:
     return " ".join([sys.executable, "-m", "orchestrator", *base, *[f"'{a}'" for a in args]])
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_the_resume_is_bitwise_correct(tmp_path):
     """The experiment's disk fills during training: one line naming the path, exit 1; after
     space is freed the same command finishes, and the ledger equals an uninterrupted run's."""
@@ -227,6 +231,7 @@ mount -t tmpfs -o ro tmpfs {ro}
     report("read-only store", user_saw=line[:160], seconds=round(time.time() - t0, 1))
 
 
+@pytest.mark.slow
 def test_s3_without_credentials_is_one_line(tmp_path):
     """An S3 server that checks credentials (as AWS does), a client that has none."""
     from tests.cluster import S3Server
@@ -297,6 +302,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.slow
 def test_local_ray_instance_listens_on_loopback_only(tmp_path):
     from tests.cluster import is_loopback
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")

@@ -116,8 +116,9 @@ def test_shape_mismatch_is_one_line_error(tmp_path):
 
 
 def _write_raw(path, table):
-    from orchestrator.store import table_digests, DIGESTS_KEY
     import json
+
+    from orchestrator.store import DIGESTS_KEY, table_digests
     meta = {DIGESTS_KEY: json.dumps(table_digests(table)).encode()}
     pq.write_table(table.replace_schema_metadata(meta), path)
 

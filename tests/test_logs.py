@@ -57,7 +57,8 @@ def test_library_chatter_is_quiet_unless_debugging():
 
 
 def test_ray_colour_codes_are_off_when_output_is_a_file(tmp_path):
-    code = "import os; from workers.logs import plain_when_not_a_terminal as p; p(); print(os.environ.get('RAY_COLOR_PREFIX'))"
+    code = ("import os; from workers.logs import plain_when_not_a_terminal as p; p(); "
+            "print(os.environ.get('RAY_COLOR_PREFIX'))")
     env = {k: v for k, v in os.environ.items() if k != "RAY_COLOR_PREFIX"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert out.stdout.strip() == "0"

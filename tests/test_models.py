@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.models import (MLP, ResNet9, build_model, forward_flops, init_weights, stack_states,
-                            unstack_states)
+from workers.models import MLP, ResNet9, build_model, forward_flops, init_weights, stack_states, unstack_states
 
 
 def test_resnet9_parameter_count_and_shape():

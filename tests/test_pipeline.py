@@ -14,6 +14,8 @@ from orchestrator.ledger import Ledger
 from orchestrator.store import Store
 from tests.conftest import compose
 
+pytestmark = pytest.mark.slow          # whole pipelines on Ray: 10-20 s each
+
 
 class PlantedTask:
     """A user-defined task: margin_t(S) = w_t · 1_S + b_t + noise, with sparse planted w.
@@ -82,7 +84,8 @@ def planted_overrides(tmp_path, n=60, T=8, extra=()):
         f"+task.counter_dir={tmp_path}/count", "~task.data", "~task.n_train",
         "~task.target_split", "~task.subset_seed", "~task.model", "~task.margin", "~task.name",
         "masks.n_train=400", "masks.n_eval=40", "eval.replicas=2", "train.models_per_unit=60",
-        "fit.targets_per_task=4", "fit.n_lambdas=40", "fit.prefixes=[]", "baselines.methods=[]", "exp.name=planted", *extra,
+        "fit.targets_per_task=4", "fit.n_lambdas=40", "fit.prefixes=[]", "baselines.methods=[]", "exp.name=planted",
+        *extra,
     ]
 
 

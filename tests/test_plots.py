@@ -308,6 +308,7 @@ def test_baseline_compute_parts():
 
 # --------------------------------------------------------------------------- the stage, resumed
 
+@pytest.mark.slow
 def test_a_lost_budget_file_is_rescored_alone(tmp_path, ray_local):
     """Through the pipeline on a small tiny run: the baselines stage writes the K file and a
     file per budget; a lost budget file is scored again alone (the K file is not rewritten);

@@ -56,6 +56,7 @@ def test_unknown_s3_option_and_unwritable_local_store_are_one_line(tmp_path):
         Store(str(f / "exp")).probe()
 
 
+@pytest.mark.slow
 def test_s3_writes_ride_out_an_endpoint_outage(s3_server):
     """The endpoint refuses connections for 3 s while a write is retried: it lands once."""
     s3_server.make_bucket("outage")
@@ -96,6 +97,7 @@ def test_a_connection_cut_mid_read_is_retried_not_called_corrupt(s3_server):
         assert st.read_schema("t.parquet").names == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_credentials_in_the_uri_never_reach_logs_mlflow_or_summary(tmp_path, s3_server):
     from mlflow.tracking import MlflowClient
 

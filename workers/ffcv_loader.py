@@ -53,7 +53,7 @@ def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in (np.ascontiguousarray(x), np.ascontiguousarray(y, dtype=np.int64)):
         h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(memoryview(a).cast("B"))  # type: ignore[arg-type]  # ndarray has the buffer protocol
     return h.hexdigest()[:16]
 
 

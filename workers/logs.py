@@ -31,7 +31,7 @@ def worker_format() -> None:
             continue
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT))
-        handler._datamodels = True
+        handler._datamodels = True  # type: ignore[attr-defined]  # marks our handler
         lg.addHandler(handler)
         lg.setLevel(logging.WARNING)      # a worker's INFO lines are detail; progress is the driver's
         lg.propagate = False

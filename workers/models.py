@@ -107,7 +107,7 @@ class ResNet9(nn.Module):
         k, b, c, hh, ww = x.shape
         # [k, B, C, H, W] -> [B, k*C, H, W] (copy j on channels j*C:(j+1)*C), written
         # directly in the memory format the parameters use.
-        if self.body[0][0].weight.is_contiguous(memory_format=torch.channels_last):
+        if self.body[0][0].weight.is_contiguous(memory_format=torch.channels_last):  # type: ignore[index]
             x = x.permute(1, 3, 4, 0, 2).reshape(b, hh, ww, k * c).permute(0, 3, 1, 2)
         else:
             x = x.transpose(0, 1).reshape(b, k * c, hh, ww)

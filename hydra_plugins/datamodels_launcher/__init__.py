@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ParallelLauncherConf:
     _target_: str = "hydra_plugins.datamodels_launcher.ParallelLauncher"
-    max_parallel: Optional[int] = None     # points running at once; null = all of them
+    max_parallel: int | None = None     # points running at once; null = all of them
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="parallel", node=ParallelLauncherConf,
@@ -37,15 +38,15 @@ ConfigStore.instance().store(group="hydra/launcher", name="parallel", node=Paral
 
 
 class ParallelLauncher(Launcher):
-    def __init__(self, max_parallel: Optional[int] = None) -> None:
+    def __init__(self, max_parallel: int | None = None) -> None:
         super().__init__()
         self.max_parallel = max_parallel
-        self.config = None
+        self.config: Any = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.config = config
 
-    def _command(self, overrides: Sequence[str], run_dir: str) -> List[str]:
+    def _command(self, overrides: Sequence[str], run_dir: str) -> list[str]:
         hydra = self.config.hydra
         args = [sys.executable, "-m", "orchestrator"]
         for src in hydra.runtime.config_sources:
@@ -55,7 +56,7 @@ class ParallelLauncher(Launcher):
             args.append(f"--config-name={hydra.job.config_name}")
         return args + list(overrides) + [f"hydra.run.dir={run_dir}"]
 
-    def _ray_address(self) -> Optional[str]:
+    def _ray_address(self) -> str:
         """Where the points' drivers join Ray: the job's cluster, or one local instance."""
         if os.environ.get("RAY_ADDRESS") or self.config.cluster.get("address"):
             return self.config.cluster.get("address") or os.environ["RAY_ADDRESS"]
@@ -78,8 +79,8 @@ class ParallelLauncher(Launcher):
               flush=True)
         for idx, overrides in points:
             print(f"  [point {idx}] {_shown(overrides)}", flush=True)
-        running: Dict[int, Tuple[subprocess.Popen, threading.Thread, float]] = {}
-        results: Dict[int, Tuple[int, float, float]] = {}
+        running: dict[int, tuple[subprocess.Popen, threading.Thread, float]] = {}
+        results: dict[int, tuple[int, float, float]] = {}
         queue = list(points)
         while queue or running:
             while queue and len(running) < limit:
@@ -101,7 +102,6 @@ class ParallelLauncher(Launcher):
         returns, failed = [], []
         for idx, overrides in points:
             rc, t0, t1 = results[idx]
-            status = JobStatus.COMPLETED if rc == 0 else JobStatus.FAILED
             if rc != 0:
                 failed.append(f"point {idx} ({_shown(overrides)}) exit {rc}")
             print(f"sweep: point {idx} {'finished' if rc == 0 else 'FAILED'} in {t1 - t0:.0f} s "
@@ -117,7 +117,7 @@ class ParallelLauncher(Launcher):
         return returns
 
 
-def _pairs(overrides: Sequence[str]) -> Dict[str, str]:
+def _pairs(overrides: Sequence[str]) -> dict[str, str]:
     """{key: value} of a point's overrides, credentials in URIs redacted."""
     from orchestrator.store import redact
     out = {}
@@ -128,7 +128,7 @@ def _pairs(overrides: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def _varied(job_overrides: Sequence[Sequence[str]]) -> List[str]:
+def _varied(job_overrides: Sequence[Sequence[str]]) -> list[str]:
     """The keys whose value differs between the points of the sweep."""
     pairs = [_pairs(o) for o in job_overrides]
     keys = dict.fromkeys(k for p in pairs for k in p)
@@ -142,6 +142,6 @@ def _shown(overrides: Sequence[str]) -> str:
 
 
 def _relay(proc: subprocess.Popen, prefix: str) -> None:
-    for line in proc.stdout:
+    for line in proc.stdout:  # type: ignore[union-attr]  # started with stdout=PIPE
         sys.stdout.write(prefix + line)
         sys.stdout.flush()

@@ -9,6 +9,7 @@ i INCREASES target t's margin (the sign of a datamodel weight), so LDS is compar
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from .representer import representer_scores
 from .tracin import tracin_scores, tracin_steps
 from .trak import trak_scores, trak_steps
 
-METHODS = {
+METHODS: dict[str, Callable[..., np.ndarray]] = {
     "if_exact": if_exact,
     "if_cg": if_cg,
     "if_lissa": if_lissa,

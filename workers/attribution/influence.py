@@ -20,14 +20,24 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp, vmap
 
-from .common import (FunctionalModel, batches, load_checkpoint, per_example_grads, progress,
-                     resolve_dtype, resolve_params, stacked_grads, to_numpy_scores)
+from .common import (
+    FunctionalModel,
+    batches,
+    load_checkpoint,
+    per_example_grads,
+    progress,
+    resolve_dtype,
+    resolve_params,
+    stacked_grads,
+    to_numpy_scores,
+)
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -112,7 +122,7 @@ def conjugate_gradient(A, B: Tensor, iters: int, tol: float) -> Tensor:
     rs = (R * R).sum(1)
     stop = tol ** 2 * rs
     active = rs > stop
-    for it in range(iters):
+    for it in range(iters):  # noqa: B007 (`it` is logged after the loop)
         if not bool(active.any()):
             break
         AD = A(D)
@@ -228,7 +238,7 @@ def influence_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target
     p = resolve_params(f"if_{solver}", params, DEFAULTS[solver])
     n = len(x_train)
     xh, yh = _subsample(x_train, y_train, p["hessian_samples"], p["seed"])
-    total = None
+    total: Any = None
     for state in checkpoints:
         fm = load_checkpoint(model_fn, state, p["layer"], p["device"])
         Gt = stacked_grads(fm, x_target, y_target, output, margin_kind, p["batch_size"])

@@ -16,6 +16,8 @@ bias of the last layer is not represented. Scores are averaged over checkpoints.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ def representer_scores(model_fn, checkpoints, x_train, y_train, x_target, y_targ
     if p["direction"] not in ("margin", "class"):
         raise ValueError(f"representer: params.direction={p['direction']!r} is not 'margin' or 'class'")
     n = len(x_train)
-    total = None
+    total: Any = None
     for state in checkpoints:
         fm = load_checkpoint(model_fn, state, "last", p["device"])
         z_tr, f_tr = forward_all(fm, x_train, p["batch_size"], features=True)
@@ -52,6 +54,6 @@ def representer_scores(model_fn, checkpoints, x_train, y_train, x_target, y_targ
             d = margin_direction(z_t, y_t, margin_kind).to(z_tr.dtype)
         else:
             d = F.one_hot(y_t, z_t.shape[1]).to(z_tr.dtype)
-        scores = (f_tr @ f_t.T) * (alpha @ d.T)
+        scores = (f_tr @ f_t.T) * (alpha @ d.T)  # type: ignore[operator,union-attr]  # features=True
         total = scores if total is None else total + scores
     return to_numpy_scores(total / len(checkpoints))

@@ -12,12 +12,12 @@ with the same seeded matrix per checkpoint (an unbiased estimate of the dot prod
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 
-from .common import (load_checkpoint, make_projector, per_example_grads, resolve_params,
-                     stacked_grads, to_numpy_scores)
+from .common import load_checkpoint, make_projector, per_example_grads, resolve_params, stacked_grads, to_numpy_scores
 
 DEFAULTS = {"layer": "all", "lrs": None, "proj_dim": None, "proj_type": "gaussian"}
 
@@ -48,8 +48,8 @@ def tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, pa
 def tracin_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
                   margin_kind="logsumexp") -> np.ndarray:
     """TracIn-CP scores float32 [n_train, n_targets]."""
-    finish = None
-    for finish in tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+    finish: Any = None
+    for finish in tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,  # noqa: B007
                                margin_kind):
         pass
     return finish()

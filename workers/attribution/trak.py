@@ -16,12 +16,21 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 
-from .common import (batches, forward_all, load_checkpoint, make_projector, resolve_dtype,
-                     resolve_params, stacked_grads, to_numpy_scores)
+from .common import (
+    batches,
+    forward_all,
+    load_checkpoint,
+    make_projector,
+    resolve_dtype,
+    resolve_params,
+    stacked_grads,
+    to_numpy_scores,
+)
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -96,8 +105,8 @@ def _finish(S_sum: Tensor, Q_sum: Tensor, K: int, soft_threshold) -> np.ndarray:
 def trak_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
                 margin_kind="logsumexp") -> np.ndarray:
     """TRAK scores float32 [n_train, n_targets]; checkpoint k uses projection seed (seed, k)."""
-    finish = None
-    for finish in trak_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
+    finish: Any = None
+    for finish in trak_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,  # noqa: B007
                              margin_kind):
         pass
     return finish()
