@@ -1,6 +1,6 @@
 """Batched torch lasso on one GPU: wall time, peak GPU memory and recovery of planted weights.
 
-Data are generated on the GPU (workers.lasso.make_planted: exact-size alpha=0.5 masks, bit
+Data are generated on the GPU (workers.lasso.synthetic.make_planted: exact-size alpha=0.5 masks, bit
 packed; k planted nonzero weights per target; Y = X W + 1 + noise at the given SNR) and passed
 to fit_lasso as device tensors, so only the fit is timed. Per-block timings are logged as the
 fit runs, so a run stopped by a time limit still leaves figures to extrapolate from.
@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def check():
     """The GPU path (bf16 Gram, device tensors) against the CPU path on a small problem."""
     import numpy as np
-    import torch
 
-    from workers.lasso import LassoConfig, fit_lasso, make_planted
+    from workers.lasso import LassoConfig, fit_lasso
+    from workers.lasso.synthetic import make_planted
     P, Y, _ = make_planted(3000, 500, 64, k=10, seed=1)
     cfg = dict(n_lambdas=60, targets_per_block=32)
     rc = fit_lasso(P.numpy(), Y.numpy(), LassoConfig(backend="torch", device="cpu", **cfg), n=500)
@@ -54,7 +54,8 @@ def main():
 
     import torch
 
-    from workers.lasso import LassoConfig, fit_lasso, make_planted
+    from workers.lasso import LassoConfig, fit_lasso
+    from workers.lasso.synthetic import make_planted
     if args.check:
         check()
         return

@@ -1,7 +1,7 @@
 """Fit throughput: python-glmnet per target on Ray (all cores) vs the batched torch solver.
 
 Same synthetic problem, same run: exact-size alpha=0.5 masks, k planted nonzero weights per
-target plus noise (workers.lasso.make_planted). Both backends use the same split, λ path,
+target plus noise (workers.lasso.synthetic.make_planted). Both backends use the same split, λ path,
 early stopping, selection rule and refit (workers.lasso.fit_lasso). glmnet runs one Ray task
 per chunk of targets on a local Ray instance with one CPU per task; torch runs in this process
 with all cores. If --glmnet-targets is below --targets, glmnet is timed on the first
@@ -33,7 +33,9 @@ def glmnet_chunk(packed, Y, n, cfg_dict):
 
 
 def warm(_):
+    # what the tasks import: glmnet, and torch (fit_lasso's λ_max; the fit stage's tasks import it too)
     import glmnet  # noqa: F401
+    import torch  # noqa: F401
 
     import workers.lasso  # noqa: F401
     return os.getpid()
@@ -57,7 +59,8 @@ def main():
 
     import torch
 
-    from workers.lasso import LassoConfig, fit_lasso, make_planted
+    from workers.lasso import LassoConfig, fit_lasso
+    from workers.lasso.synthetic import make_planted
 
     torch.set_num_threads(args.cpus)
     m, n, T = args.masks, args.n, args.targets

@@ -9,9 +9,21 @@ import pytest
 import torch
 
 from workers import bits
-from workers.lasso import (LassoConfig, _glmnet_path, _sklearn_path, column_std, fit_lasso,
-                           lambda_max, lambda_ratios, lasso_objective, lasso_path_torch,
-                           make_planted, memory_bytes, plan_blocks, select_lambda, split_fit_val)
+from workers.lasso import (
+    LassoConfig,
+    column_std,
+    fit_lasso,
+    lambda_max,
+    lambda_ratios,
+    lasso_objective,
+    lasso_path_torch,
+    memory_bytes,
+    plan_blocks,
+    select_lambda,
+    split_fit_val,
+)
+from workers.lasso.per_target import glmnet_path, sklearn_path
+from workers.lasso.synthetic import make_planted
 
 
 @pytest.fixture(autouse=True)
@@ -71,10 +83,10 @@ def test_path_objective_matches_glmnet_and_sklearn(standardize):
     worst = {"torch-glmnet": 0.0, "torch-sklearn": 0.0, "glmnet-sklearn": 0.0, "kkt": 0.0}
     for t in range(T):
         y = Y[:, t].astype(np.float64)
-        cg, ig = _glmnet_path(X.astype(np.float64), y, lams[:, t],
-                              LassoConfig(tol=1e-12, standardize=standardize))
-        cs, is_ = _sklearn_path(X.astype(np.float64), y, lams[:, t],
-                                LassoConfig(tol=1e-12, max_iter=10**6, standardize=standardize))
+        cg, ig = glmnet_path(X.astype(np.float64), y, lams[:, t],
+                             LassoConfig(tol=1e-12, standardize=standardize))
+        cs, is_ = sklearn_path(X.astype(np.float64), y, lams[:, t],
+                               LassoConfig(tol=1e-12, max_iter=10**6, standardize=standardize))
         for k in range(1, len(lams)):
             lam = lams[k, t]
             ot = lasso_objective(X, y, W[k, t], b[k, t], lam, pf)
@@ -229,14 +241,14 @@ def test_memory_budget_chooses_small_blocks_with_identical_results():
 
 def test_bf16_gram_path_gives_the_same_counts(monkeypatch):
     """The CUDA Gram path (bf16 0/1 inputs, float32 output in row chunks), run on the CPU."""
-    import workers.lasso as L
+    import workers.lasso.gram as L
     m, n = 700, 90
     P, Y, _ = planted(m, n, 3, seed=11)
-    rows = L._Rows(P, True, n, "cpu")
+    rows = L.Rows(P, True, n, "cpu")
     idx = np.arange(0, m, 2)
-    ref = L._Gram(rows, idx, 64, "cpu")
-    monkeypatch.setattr(L, "_gram_in_bf16", lambda device: True)
-    g = L._Gram(rows, idx, 64, "cpu")
+    ref = L.Gram(rows, idx, 64)
+    monkeypatch.setattr(L, "gram_in_bf16", lambda device: True)
+    g = L.Gram(rows, idx, 64)
     torch.testing.assert_close(g.G, ref.G, rtol=0, atol=0)
     X = bits.unpack(P, n)[idx].astype(np.float64)
     Xc = X - X.mean(0)

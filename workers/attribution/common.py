@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from workers.devices import resolve_device
 from workers.margins import MARGIN_KINDS, margin
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def resolve_params(method: str, params: dict | None, defaults: dict) -> dict:
             f"attribution method {method!r}: unknown param(s) {unknown}; accepted: {sorted(merged)}")
     merged.update(params)
     if merged["device"] is None:
-        merged["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        merged["device"] = str(resolve_device("auto"))
     return merged
 
 
