@@ -58,6 +58,8 @@ def compose(over: list[str]):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    import orchestrator.schema  # noqa: F401  (registers the structured configs)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
         cfg = hcompose("config", overrides=over)
@@ -95,7 +97,8 @@ def main() -> None:
                 st = s["train"]
                 rate = st["models_trained"] / st["seconds"]
                 rows.append((kind, models, st["units"], st["seconds"], wall, rate))
-                print(f"RESULT store={kind:<5} models={models:>7} units={st['units']:>5} train_stage={st['seconds']:8.1f} s "
+                print(f"RESULT store={kind:<5} models={models:>7} units={st['units']:>5} "
+                      f"train_stage={st['seconds']:8.1f} s "
                       f"run={wall:8.1f} s  {rate:9.0f} models/s  -> feeds {rate / args.gpu_rate:9.0f} GPUs at "
                       f"{args.gpu_rate} models/s each", flush=True)
     finally:
@@ -103,7 +106,7 @@ def main() -> None:
             s3.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nstore   models   units  train stage s   models/s   GPUs it can feed")
-    for kind, models, units, secs, wall, rate in rows:
+    for kind, models, units, secs, _wall, rate in rows:
         print(f"{kind:<6}{models:>8}{units:>8}{secs:>15.1f}{rate:>11.0f}{rate / args.gpu_rate:>19.0f}")
 
 

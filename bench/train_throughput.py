@@ -1,7 +1,7 @@
 """CPU training throughput: the naive path against the engine, same config, same run.
 
 (a) naive: one model per Ray task in a FRESH worker process (@ray.remote(max_calls=1)),
-    data shipped to the task, host torch DataLoader (workers.train.naive_train_one);
+    data shipped to the task, host torch DataLoader (workers.train_reference.naive_train_one);
 (b) engine: one persistent Ray actor per CPU, each holding a Trainer (data resident),
     training units of masks with the batched engine.
 Both train the same (mask, seed) pairs for the first `--naive-models` models, so their
@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from workers.models import build_model, forward_flops  # noqa: E402
-from workers.train import TrainConfig, Trainer, naive_train_one  # noqa: E402
+from workers.train import TrainConfig, Trainer  # noqa: E402
+from workers.train_reference import naive_train_one  # noqa: E402
 
 
 def load(n: int, t: int):

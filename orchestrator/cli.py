@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 # namespace on sys.path, which an editable install does not expose; importing it here works
 # from any directory and for any kind of install.
 import hydra_plugins.datamodels_launcher  # noqa: F401,E402
+import orchestrator.schema  # noqa: F401,E402  (registers the structured configs: conf/config.yaml extends them)
 
 
 def _conf_dir() -> str:
@@ -49,7 +50,7 @@ def runtime_errors() -> tuple:
             FileNotFoundError)
 
 
-def _yaml_error(err: BaseException) -> str | None:
+def _yaml_error(err: BaseException | None) -> str | None:
     """'FILE line L: PROBLEM' for a YAML syntax error anywhere in the exception's chain."""
     import yaml
     seen = set()
@@ -75,8 +76,8 @@ def _one_line(err: Exception) -> str:
     first = lines[0]
     if first.startswith("Could not override") or first.startswith("Key '") and "not in struct" in text:
         key = first.split("'")[1] if "'" in first else first
-        return (f"unknown config key '{key}': check its spelling (`datamodels --cfg job` lists the keys), "
-                f"or prefix it with + to add a new key")
+        plus = ", or prefix it with + to add a new key to your task" if key.startswith("task.") else ""
+        return f"unknown config key '{key}': check its spelling (`datamodels --cfg job` lists the keys){plus}"
     if "Could not find" in first or "Could not load" in first:
         opts = []
         for ln in lines[1:]:
@@ -102,7 +103,7 @@ def _first_point(args: list[str]) -> list[str]:
         if o.is_sweep_override():
             out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
         else:
-            out.append(o.input_line)
+            out.append(o.input_line)  # type: ignore[arg-type]  # set for parsed overrides
     return out
 
 
@@ -147,6 +148,9 @@ def compose(args) -> DictConfig:
         return h.compose_config(args.config_name or "config", overrides,
                                 run_mode=RunMode.RUN,
                                 with_log_configuration=False)
+    except Exception as err:  # noqa: BLE001 - Hydra's composition errors, as one line naming the setting
+        from orchestrator.config import ConfigError, schema_error
+        raise (schema_error(err) or ConfigError(_one_line(err))) from None
     finally:
         GlobalHydra.instance().clear()
 

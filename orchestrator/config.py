@@ -1,8 +1,9 @@
 """Config checks and the experiment's identity, before any Ray work starts.
 
 `validate` turns a composed Hydra config into a `Plan` (task, sizes, store) or raises
-`ConfigError` with one line naming the setting and the fix. Every numeric and path setting
-has a rule in `RULES`, in one place. `check_outputs` then checks that every place the run
+`ConfigError` with one line naming the setting and the fix. Types, defaults and each
+setting's allowed values come from the schema (orchestrator/schema.py, collected in `RULES`);
+what needs more than one setting's rule is checked here. `check_outputs` then checks that every place the run
 writes (the store, the MLflow store, Hydra's output directory) can be written, still
 before Ray starts. The experiment directory is keyed by a hash of what determines the
 ledger's contents, so re-running the same experiment finds its ledger and a sweep point
@@ -12,21 +13,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STAGES = ("all", "masks", "train", "fit", "baselines", "evaluate")
+from orchestrator import schema
+from orchestrator.schema import STAGES
+from workers.settings import Rule, SettingError, rules
+
+__all__ = ["RULES", "STAGES", "ConfigError", "Plan", "Rule", "check_outputs", "check_rules", "validate"]
 # Settings that change what a trained model is (and so what the ledger holds). Scheduling
 # and speed settings (workers, engine, models_per_step, device, compile, ...) do not.
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "lr_peak_epoch", "momentum", "nesterov",
                "weight_decay", "label_smoothing", "flip", "translate", "cutout", "precision")
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingError):
     """A user mistake in the config, or an output location that cannot be used: one line,
     naming the setting and the fix."""
 
@@ -34,57 +39,6 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- rules
 def _fmt(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
-
-
-class Rule:
-    """A check of one setting; `check(key, value)` raises ConfigError or returns None."""
-
-    def __init__(self, kind=float, lo=None, hi=None, lo_open=False, hi_open=False, null=False,
-                 choices=None, example=None):
-        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
-        self.null, self.choices, self.example = null, choices, example
-
-    def describe(self) -> str:
-        if self.choices is not None:
-            return "one of " + "|".join(str(c) for c in self.choices)
-        what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
-        if self.lo is not None and self.hi is not None:
-            a = "(" if self.lo_open else "["
-            b = ")" if self.hi_open else "]"
-            return f"{what} in {a}{self.lo}, {self.hi}{b}"
-        if self.lo is not None:
-            return f"{what} {'>' if self.lo_open else '>='} {self.lo}"
-        if self.hi is not None:
-            return f"{what} {'<' if self.hi_open else '<='} {self.hi}"
-        return what
-
-    def check(self, key: str, value) -> None:
-        if value is None:
-            if self.null:
-                return
-            raise ConfigError(f"{key} must be set: {self.describe()}{self._eg(key)}")
-        if self.choices is not None:
-            if value not in self.choices:
-                raise ConfigError(f"{key}={_fmt(value)} is not {self.describe()}")
-            return
-        ok = True
-        if self.kind is bool:
-            ok = isinstance(value, bool)
-        elif self.kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif self.kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        elif self.kind is str:
-            ok = isinstance(value, str)
-        if not ok:
-            raise ConfigError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
-        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
-            raise ConfigError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
-        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
-            raise ConfigError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
-
-    def _eg(self, key: str) -> str:
-        return f" (e.g. {key}={self.example})" if self.example is not None else ""
 
 
 def _positive(example=1, null=False):
@@ -95,73 +49,11 @@ def _count(example=0):
     return Rule(int, 0, example=example)
 
 
-def _fraction(example):
-    return Rule(float, 0, 1, lo_open=True, hi_open=True, example=example)
-
-
 SEED = Rule(int, 0, 2 ** 63 - 1, example=0)
+# Every setting's allowed values, from the schema's fields (orchestrator/schema.py), plus those
+# of the shipped tasks' parameters (task/ is the user's class, so it is not in the schema).
 RULES: dict[str, Rule] = {
-    "stage": Rule(choices=STAGES),
-    "exp.seed": SEED,
-    "masks.alpha": _fraction(0.5),
-    "masks.n_train": Rule(int, 10, example=4000),
-    "masks.n_eval": _positive(100),
-    "eval.replicas": _positive(3),
-    "eval.show_targets": _count(4),
-    "eval.bootstrap": _positive(1000),
-    "eval.bootstrap_seed": SEED,
-    "train.epochs": _positive(20),
-    "train.batch_size": _positive(50),
-    "train.lr": Rule(float, 0, lo_open=True, example=0.05),
-    "train.lr_peak_epoch": Rule(float, 0, example=4),
-    "train.momentum": Rule(float, 0, 1, hi_open=True, example=0.9),
-    "train.nesterov": Rule(bool),
-    "train.weight_decay": Rule(float, 0, example=5.0e-4),
-    "train.label_smoothing": Rule(float, 0, 1, hi_open=True, example=0.0),
-    "train.flip": Rule(bool),
-    "train.translate": _count(2),
-    "train.cutout": _count(4),
-    "train.precision": Rule(choices=("fp32", "bf16", "fp64")),
-    "train.channels_last": Rule(bool),
-    "train.compile": Rule(bool),
-    "train.cuda_graph": Rule(bool),
-    "train.engine": Rule(choices=("batched", "single")),
-    "train.models_per_step": _positive(50),
-    "train.loader": Rule(choices=("resident", "ffcv")),
-    "train.ffcv_workers": _positive(2),
-    "train.workers": _positive(4, null=True),
-    "train.cpus_per_worker": Rule(float, 0, lo_open=True, example=1),
-    "train.gpus_per_worker": Rule(float, 0, example=0),
-    "train.models_per_unit": _positive(100),
-    "train.max_in_flight": _positive(2),
-    "train.max_retries": Rule(int, 1, 100, example=3),
-    "train.max_worker_deaths": Rule(int, 0, example=100),
-    "train.checkpoints": _count(0),
-    "fit.backend": Rule(choices=("glmnet", "torch", "sklearn")),
-    "fit.n_lambdas": _positive(100),
-    "fit.lambda_min_ratio": _fraction(1.0e-3),
-    "fit.val_fraction": _fraction(0.1),
-    "fit.split_seed": SEED,
-    "fit.standardize": Rule(bool),
-    "fit.tol": Rule(float, 0, lo_open=True, example=1.0e-7),
-    "fit.max_iter": _positive(100000),
-    "fit.targets_per_block": _positive(1024),
-    "fit.rows_per_block": _positive(65536),
-    "fit.early_stop_patience": _count(5),
-    "fit.memory_budget_bytes": _positive(2 ** 30, null=True),
-    "fit.targets_per_task": _positive(1024),
-    "fit.cpus_per_task": Rule(float, 0, lo_open=True, example=1),
-    "fit.gpus_per_task": Rule(float, 0, example=0),
-    "baselines.checkpoints": _count(5),
-    "baselines.cpus_per_task": _positive(1),
-    "baselines.gpus_per_task": Rule(float, 0, example=0),
-    "store.retry_seconds": Rule(float, 0, example=60),
-    "store.lease_seconds": Rule(float, 1, example=60),
-    "tracking.enabled": Rule(bool),
-    "tracking.required": Rule(bool),
-    "tracking.timeout_seconds": Rule(float, 0, lo_open=True, example=5),
-    "cluster.num_cpus": _positive(2, null=True),
-    "cluster.num_gpus": Rule(int, 0, null=True, example=0),
+    **rules(schema.Config),
     "task.n_train": Rule(int, 2, example=1000),
     "task.n_targets": _positive(200),
     "task.subset_seed": SEED,
@@ -178,6 +70,63 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")
 
 
 def check_rules(cfg: DictConfig) -> None:
+    """The allowed values of every setting (their types are the schema's, checked when Hydra
+    composes the config), then the checks that need more than one value's rule."""
+    try:
+        _check_values(cfg)
+    except ConfigError:
+        raise
+    except SettingError as err:
+        raise ConfigError(str(err)) from None
+
+
+def schema_error(err: BaseException) -> ConfigError | None:
+    """The schema's refusal (a value of the wrong type, a key it does not have), found in a
+    composition error's chain, as one line naming the setting, and the config file when one
+    holds it; None if the chain holds no such refusal."""
+    from omegaconf.errors import ConfigKeyError, ValidationError
+    top = str(err).strip()
+    where = ""
+    if top.startswith("In '") and "'" in top[4:]:      # Hydra names the file being merged
+        where = f" (in {top[4:].split(chr(39), 1)[0]}.yaml)"
+    seen = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ConfigKeyError) and getattr(cur, "full_key", None):
+            return ConfigError(f"unknown config key '{cur.full_key}'{where}: check its spelling "
+                               f"(`datamodels --cfg job` lists the keys)")
+        if isinstance(cur, ValidationError) and cur.full_key:
+            key = re.sub(r"\[\d+\]$", "", str(cur.full_key))
+            if key in RULES:
+                try:
+                    RULES[key].check(key, cur.value)
+                except SettingError as bad:
+                    return ConfigError(f"{bad}{where}")
+            lines = str(cur).strip().splitlines()
+            what = " ".join(lines[0].split()) if lines else type(cur).__name__
+            return ConfigError(f"{key}{where}: {what}; `datamodels --cfg job` shows its type and default")
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _schema_keys(cfg: DictConfig) -> None:
+    """A key that `+key=value` added to a typed section, which no code reads: refused."""
+    import dataclasses
+    for f in dataclasses.fields(schema.Config):
+        node = cfg.get(f.name)
+        kind = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if kind is None or not dataclasses.is_dataclass(kind) or not isinstance(node, DictConfig):
+            continue
+        known = {g.name for g in dataclasses.fields(kind)}
+        extra = sorted(set(node.keys()) - known)
+        if extra:
+            raise ConfigError(f"{f.name}.{extra[0]} is not a setting of {f.name} (orchestrator/schema.py "
+                              f"{kind.__name__}): check its spelling, and drop the + that added it")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    _schema_keys(cfg)
     for key, rule in RULES.items():
         if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
             continue
@@ -244,16 +193,16 @@ def check_devices(cfg: DictConfig) -> None:
 @dataclass
 class Plan:
     cfg: DictConfig
-    task: object
+    task: Any
     n: int
     n_targets: int
     exp_uri: str                 # where the experiment lives (local path or URI)
     config_hash: str
     tracking_uri: str | None
-    store: object = None         # orchestrator.store.Store of exp_uri
-    ledger: object = None        # orchestrator.ledger.Ledger, verified against `identity`
-    handle: object = None        # StoreHandle for tasks (set once Ray is connected)
-    claims: object = None        # orchestrator.claims.Claims (set by the pipeline)
+    store: Any = None            # orchestrator.store.Store of exp_uri
+    ledger: Any = None           # orchestrator.ledger.Ledger, verified against `identity`
+    handle: Any = None           # StoreHandle for tasks (set once Ray is connected)
+    claims: Any = None           # orchestrator.claims.Claims (set by the pipeline)
     artifact_root: str | None = None   # tracking.artifact_root as a URI (file:// for a local path)
 
     @property
@@ -269,10 +218,19 @@ def ledger_identity(cfg: DictConfig) -> dict:
     task.get("data", {}).pop("root", None)
     return {
         "task": task,
-        "recipe": {k: cfg.train.get(k) for k in RECIPE_KEYS},
+        "recipe": {k: _as_hashed(k, cfg.train.get(k)) for k in RECIPE_KEYS},
         "alpha": float(cfg.masks.alpha),
         "seed": int(cfg.exp.seed),
     }
+
+
+def _as_hashed(key: str, value):
+    """A recipe value as the hash sees it. The presets wrote lr_peak_epoch as an integer before
+    the schema typed it as a float: an integral value is hashed as that integer, so that the
+    experiments written before keep their directory (and 4 and 4.0 are one experiment)."""
+    if key == "lr_peak_epoch" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -11,16 +11,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def compose(overrides: list[str], tmp_path) -> "DictConfig":  # noqa: F821
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
+def compose(overrides: list[str], tmp_path) -> DictConfig:  # noqa: F821
+    """The config the command line would run (orchestrator.cli.compose: the schema's types and
+    keys checked, a refusal raised as one-line ConfigError), under a temporary root and store."""
+    from hydra._internal.utils import get_args_parser
+
+    from orchestrator import cli
     base = [f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
-        cfg = hcompose("config", overrides=base + list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
+    return cli.compose(get_args_parser().parse_args(base + list(overrides)))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""Every numeric and path setting has a rule (orchestrator/config.py RULES); each rule is
-tested here with a value it must refuse and one it must accept, through the same check the
-command line runs before anything starts."""
+"""Every numeric and path setting has a rule (declared with its field in the schema,
+orchestrator/schema.py, and collected in orchestrator/config.py RULES); each rule is tested
+here with a value it must refuse and one it must accept, through the same checks the command
+line runs before anything starts: composition (the schema's types) and then check_rules."""
 from __future__ import annotations
 
 import pytest
@@ -28,12 +29,18 @@ def bad_value(rule: Rule):
     return "abc"
 
 
+def checked(overrides: list[str], tmp_path):
+    """Compose (a value of the wrong type is refused here) and check the rules."""
+    cfg = compose(overrides, tmp_path)
+    check_rules(cfg)
+    return cfg
+
+
 @pytest.mark.parametrize("key", sorted(RULES))
 def test_rule_refuses_a_bad_value_with_one_line_naming_the_setting(key, tmp_path):
     rule = RULES[key]
-    cfg = compose(CONTEXT.get(key, []) + [f"{key}={bad_value(rule)}"], tmp_path)
     with pytest.raises(ConfigError) as err:
-        check_rules(cfg)
+        checked(CONTEXT.get(key, []) + [f"{key}={bad_value(rule)}"], tmp_path)
     msg = str(err.value)
     assert key in msg and "\n" not in msg, msg
     # the default (or the group's) value passes the same rule
@@ -43,10 +50,10 @@ def test_rule_refuses_a_bad_value_with_one_line_naming_the_setting(key, tmp_path
 
 @pytest.mark.parametrize("key", sorted(k for k, r in RULES.items() if r.kind in (int, float) and r.choices is None))
 def test_numeric_rule_refuses_nan_infinity_strings_and_lists(key, tmp_path):
-    for value in ("nan", "inf", "'12'", "[1]"):
-        cfg = compose(CONTEXT.get(key, []) + [f"{key}={value}"], tmp_path)
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            check_rules(cfg)
+    for value in ("nan", "inf", "'abc'", "[1]", "{a: 1}"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+            checked(CONTEXT.get(key, []) + [f"{key}={value}"], tmp_path)
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -61,10 +68,18 @@ def test_numeric_rule_refuses_nan_infinity_strings_and_lists(key, tmp_path):
     ("baselines.params.trak.proj_dim=0", "baselines.params.trak.proj_dim"),
     ("baselines.params.if_cg.damping=-1", "baselines.params.if_cg.damping"),
     ("baselines.params.if_cg.cg_tol=0", "baselines.params.if_cg.cg_tol"),
+    # the schema's types and keys, as Hydra composes
+    ("train.epochs=1.5", "train.epochs"),
+    ("exp.name=[1]", "exp.name"),
+    ("fit.prefixes=[a]", "fit.prefixes"),
+    ("baselines.methods=3", "baselines.methods"),
+    ("train.foo=1", "train.foo"),
+    ("+train.foo=1", "train.foo"),
+    ("+fit.lambda=1", "fit.lambda"),
 ])
 def test_structured_settings(override, needle, tmp_path):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        check_rules(compose([override], tmp_path))
+        checked([override], tmp_path)
 
 
 def test_every_baseline_param_rule_accepts_the_shipped_values(tmp_path):
@@ -88,3 +103,78 @@ def test_malformed_budget_checkpoints_is_one_line_before_any_work(value, tmp_pat
     with pytest.raises(ConfigError, match="baselines.budget_checkpoints"):
         validate(compose(["experiment=tiny", f"baselines.budget_checkpoints={value}"], tmp_path))
     assert not os.path.exists(tmp_path / "runs")
+
+
+# --------------------------------------------------------------------------- the schema
+# The ledger's identity of each shipped preset (the experiment directory's hash). A change to
+# the schema or the presets must not move an existing experiment to a new directory.
+PRESET_HASHES = {
+    (): "6693add97e",
+    ("experiment=tiny",): "1bfbbefd37",
+    ("train=resnet9_datamodels", "task=cifar10_resnet9"): "6c42288037",
+    ("train=resnet9_fast",): "425b5d2e3b",
+    ("fit=glmnet",): "6693add97e",
+    ("task=digits_mlp",): "1fc05aeeec",
+    ("train.lr_peak_epoch=4.0",): "6693add97e",     # 4.0 and 4 are one recipe
+}
+
+
+@pytest.mark.parametrize("overrides", sorted(PRESET_HASHES))
+def test_the_shipped_presets_keep_their_ledger_hash(overrides, tmp_path):
+    from orchestrator.config import config_hash
+    assert config_hash(compose(list(overrides), tmp_path)) == PRESET_HASHES[overrides]
+
+
+def _preset_files():
+    import glob
+    import os
+
+    from tests.conftest import REPO
+    for group in ("train", "fit", "cluster"):
+        for path in sorted(glob.glob(os.path.join(REPO, "conf", group, "*.yaml"))):
+            yield group, os.path.splitext(os.path.basename(path))[0], path
+
+
+@pytest.mark.parametrize("group,name,path", list(_preset_files()))
+def test_a_preset_holds_only_what_differs_from_the_base_it_extends(group, name, path, tmp_path):
+    """Presets extend a base (the schema's defaults, or another preset named in their
+    defaults list) and set only what differs: a restated default is a copy."""
+    import yaml
+
+    from orchestrator import schema
+    raw = yaml.safe_load(open(path)) or {}
+    bases = [d for d in raw.pop("defaults", []) if d != "_self_"]
+    base = (OmegaConf.to_container(compose([f"{group}={bases[0]}"], tmp_path)[group]) if bases
+            else OmegaConf.to_container(OmegaConf.structured(schema.GROUPS[group])))
+    restated = {k: v for k, v in raw.items() if k in base and base[k] == v}
+    assert not restated, f"conf/{group}/{name}.yaml restates {restated} of its base"
+    composed = compose([f"{group}={name}"], tmp_path)[group]
+    assert {k: composed[k] for k in raw} == raw          # and what it sets is what runs
+
+
+def test_the_schema_is_the_single_source_of_the_workers_defaults():
+    """The train and fit groups are the workers' config classes, extended with scheduling:
+    the same fields with the same defaults, and their rules are the schema's."""
+    import dataclasses
+
+    from orchestrator import schema
+    from workers.lasso import LassoConfig
+    from workers.train import TrainConfig
+    for conf, worker in ((schema.TrainConf, TrainConfig), (schema.FitConf, LassoConfig)):
+        assert issubclass(conf, worker)
+        mine = {f.name: f.default for f in dataclasses.fields(worker)}
+        assert {k: v for k, v in ((f.name, f.default) for f in dataclasses.fields(conf)) if k in mine} == mine
+    for key in ("train.epochs", "train.engine", "train.precision", "fit.backend", "fit.n_lambdas"):
+        assert key in RULES
+
+
+def test_a_worker_config_built_in_code_is_checked_by_the_same_rules():
+    from workers.lasso import LassoConfig
+    from workers.settings import SettingError, check
+    from workers.train import TrainConfig
+    with pytest.raises(SettingError, match=r"train\.engine='fast' is not one of batched\|single"):
+        TrainConfig(engine="fast").validate()
+    with pytest.raises(SettingError, match=r"train\.epochs=0 must be an integer >= 1"):
+        TrainConfig(epochs=0).validate()
+    with pytest.raises(SettingError, match=r"fit\.backend='lars'"):
+        check(LassoConfig(backend="lars"), "fit.")

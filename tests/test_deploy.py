@@ -347,7 +347,7 @@ def deploy_commands(files: dict[str, str] | None = None) -> list[dict]:
     return cmds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compose_errors(args: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(compose_errors(list(args)))
 
@@ -361,6 +361,7 @@ def compose_errors(args: list[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
+    import orchestrator.schema  # noqa: F401  (registers the structured configs)
     try:
         parsed = get_args_parser().parse_args(args)
     except SystemExit:
@@ -629,7 +630,7 @@ def build_context(root: str, ignore: DockerIgnore) -> set[str]:
     files = set()
     for top, dirs, names in os.walk(root):
         rel_top = os.path.relpath(top, root).replace(os.sep, "/")
-        rel = (lambda name: name) if rel_top == "." else (lambda name: f"{rel_top}/{name}")
+        rel = (lambda name: name) if rel_top == "." else (lambda name: f"{rel_top}/{name}")  # noqa: B023
         if not ignore.exclusions:
             dirs[:] = [d for d in dirs if not ignore.excludes(rel(d))]
         files |= {rel(n) for n in names if not ignore.excludes(rel(n))}

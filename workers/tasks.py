@@ -7,7 +7,7 @@ The orchestrator never imports a dataset or network; it builds a task from confi
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class ImageClassificationTask:
         self.target_split = target_split
         self.subset_seed = int(subset_seed)
         self._arrays = None
-        self._trainer = None
+        self._trainer: Any = None
 
     # -------------------------------------------------------------- data
     def check(self) -> None:
@@ -78,9 +78,9 @@ class ImageClassificationTask:
     def setup(self, train_cfg: dict) -> None:
         from workers.train import TrainConfig, Trainer
         names = {f.name for f in fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in train_cfg.items() if k in names}, margin=self.margin)
+        cfg = TrainConfig(**{k: v for k, v in train_cfg.items() if k in names})
         x_tr, y_tr, x_tg, y_tg, num_classes = self.arrays()
-        self._trainer = Trainer(dict(self.model_cfg), cfg, x_tr, y_tr, x_tg, y_tg)
+        self._trainer = Trainer(dict(self.model_cfg), cfg, x_tr, y_tr, x_tg, y_tg, margin=self.margin)
 
     def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False):
         if self._trainer is None:
@@ -91,6 +91,7 @@ class ImageClassificationTask:
     def attribution_inputs(self):
         """(model_fn, x_train, y_train, x_target, y_target) as float32 normalized tensors."""
         import torch
+
         from workers.models import build_model
         from workers.train import channel_stats, normalize
         x_tr, y_tr, x_tg, y_tg, num_classes = self.arrays()

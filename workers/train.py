@@ -1,10 +1,20 @@
 """Training engine: train k models on k equal-size subsets ("masks") and return their margins.
 
-A `Trainer` keeps the dataset resident on its device (normalised once) and trains many
-work units. The "batched" engine trains k models in lockstep as one k-copy module
-(workers.models); the "single" engine trains them one at a time and is the reference. Both draw every random
-number (init, shuffling, augmentation) from a per-model torch.Generator seeded by the
-model's seed, so model j's numbers depend only on (mask j, seed j).
+A `Trainer` keeps the target set (and, by default, the training set) resident on its device,
+normalised once, and trains many work units. It has one training loop: k models in lockstep
+as one k-copy module (workers.models), one SGD step at a time (`_Stepper`), over a batch
+source that yields the k models' batches side by side:
+
+    ResidentBatches  the training set on the device; a step gathers its examples by index
+                     (train.loader=resident; the step can be captured as a CUDA graph)
+    StreamedBatches  each model streams its mask's examples from a .beton through FFCV
+                     (train.loader=ffcv, workers.ffcv_loader)
+
+Every random number (init, shuffling, augmentation) comes from a per-model torch.Generator
+seeded by the model's seed, so model j's numbers depend only on (mask j, seed j).
+train.engine=batched trains `models_per_step` models per step; train.engine=single trains
+one model at a time, on resident data with the textbook loop of the reference module
+(workers.train_reference, which also holds the naive DataLoader path), streamed with k = 1.
 
 Recipe: SGD (momentum, optional Nesterov, weight decay on all parameters), cross-entropy
 with label smoothing, triangular learning rate per step
@@ -20,68 +30,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workers.devices import resolve_device
 from workers.margins import MARGIN_KINDS, margin
 from workers.models import build_model, init_weights, stack_states, unstack_states
+from workers.recipe import PRECISIONS, TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "augment", "channel_stats", "draw_epoch", "lr_at",
-           "naive_train_one", "normalize"]
+__all__ = ["BatchSource", "Recipe", "ResidentBatches", "StreamedBatches", "TrainConfig", "TrainResult", "Trainer",
+           "augment", "channel_stats", "draw_epoch", "lr_at", "normalize"]
 
 
 # ============================================================================ configuration
 # precision -> (input dtype, parameter / loss dtype); bf16 runs under autocast.
-_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32),
-           "fp64": (torch.float64, torch.float64)}
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 100
-    lr: float = 0.1
-    lr_peak_epoch: float = 2
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    flip: bool = False
-    translate: int = 0
-    cutout: int = 0
-    margin: str = "logsumexp"
-    device: str = "auto"
-    precision: str = "fp32"  # or "bf16" (autocast); "fp64" for exact cross-checks
-    channels_last: bool = False
-    compile: bool = False
-    cuda_graph: bool = False  # capture the batched training step as a CUDA graph (GPU only;
-    #                           experimental: not yet run on a GPU)
-    engine: str = "batched"  # "batched" (k models at once) | "single" (reference, one at a time)
-    models_per_step: int = 16  # k for the batched engine
-    loader: str = "resident"  # "resident" (training set on the device) | "ffcv" (streamed .beton)
-    ffcv_dir: str | None = None  # where the .beton is written once (default ~/.cache/datamodels/ffcv)
-    ffcv_workers: int = 2  # FFCV decoding threads per model
-
-    def validate(self) -> None:
-        if self.engine not in ("batched", "single"):
-            raise ValueError(f"train.engine={self.engine!r}: use 'batched' or 'single'")
-        if self.precision not in _DTYPES:
-            raise ValueError(f"train.precision={self.precision!r}: use one of {tuple(_DTYPES)}")
-        if self.margin not in MARGIN_KINDS:
-            raise ValueError(f"train.margin={self.margin!r}: use one of {MARGIN_KINDS}")
-        if self.loader not in ("resident", "ffcv"):
-            raise ValueError(f"train.loader={self.loader!r}: use 'resident' or 'ffcv'")
-        if self.loader == "ffcv":
-            from workers import ffcv_loader
-            ffcv_loader.require()
-        for name in ("epochs", "batch_size", "models_per_step", "ffcv_workers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32),
+          "fp64": (torch.float64, torch.float64)}
+assert tuple(DTYPES) == PRECISIONS
 
 @dataclass
 class TrainResult:
@@ -92,6 +64,16 @@ class TrainResult:
     seconds: float
     state_dicts: list | None = None  # CPU state dicts of plain (copies=1) models, if asked
 
+    @classmethod
+    def concat(cls, parts: list[TrainResult], seconds: float) -> TrainResult:
+        """The results of consecutive groups of models as one (state dicts kept if every part has them)."""
+        weights = all(p.state_dicts is not None for p in parts)
+        return cls(margins=np.concatenate([p.margins for p in parts]),
+                   train_acc=np.concatenate([p.train_acc for p in parts]),
+                   target_acc=np.concatenate([p.target_acc for p in parts]),
+                   loss=np.concatenate([p.loss for p in parts]), seconds=seconds,
+                   state_dicts=[sd for p in parts for sd in p.state_dicts or []] if weights else None)
+
 
 # ============================================================================ recipe pieces
 def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -100,7 +82,7 @@ def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return float(cfg.lr * np.interp(step, [0.0, cfg.lr_peak_epoch * s, cfg.epochs * s], [0.0, 1.0, 0.0]))
 
 
-def _batching(m: int, batch_size: int) -> tuple[int, int]:
+def batching(m: int, batch_size: int) -> tuple[int, int]:
     """(batch size, steps per epoch) for a subset of m examples; a partial last batch is dropped."""
     bs = min(batch_size, m)
     return bs, m // bs
@@ -177,12 +159,6 @@ def normalize(x: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return out
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def channel_stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (uint8 units) of the training images x [N, C, H, W].
 
@@ -203,7 +179,7 @@ def channel_stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.clamp_min(1e-3).float()
 
 
-def _check_arrays(x_train, y_train, x_target, y_target) -> None:
+def check_arrays(x_train, y_train, x_target, y_target) -> None:
     for name, x in (("x_train", x_train), ("x_target", x_target)):
         if x.dtype != np.uint8 or x.ndim != 4:
             raise ValueError(f"{name} must be uint8 [N, C, H, W], got {x.dtype} {x.shape}")
@@ -213,88 +189,236 @@ def _check_arrays(x_train, y_train, x_target, y_target) -> None:
         raise ValueError("labels and images differ in length")
 
 
-# ============================================================================ the trainer
-class Trainer:
-    """Persistent: holds the dataset on the device and the model spec; trains many units.
+class Recipe:
+    """The recipe bound to a device and an input shape: what one training step computes with.
 
-    x_*: uint8 [N, C, H, W]; y_*: int64. The images are normalised once with the training
-    set's per-channel statistics and kept on the device in the compute dtype. With
-    train.loader=ffcv the training images stay off the device instead: they are written
-    once to a .beton (workers.ffcv_loader) and each model streams its mask's examples,
-    normalised and augmented on the device batch by batch; the targets stay resident.
+    cfg is held, not copied (a trainer's cfg.epochs may be changed between units); the
+    dtypes are fixed at construction. pad [C] is normalised black (for translate).
     """
 
-    def __init__(self, model_cfg: dict, train_cfg: TrainConfig, x_train, y_train, x_target, y_target):
-        train_cfg.validate()
-        _check_arrays(x_train, y_train, x_target, y_target)
-        self.model_cfg, self.cfg = dict(model_cfg), train_cfg
-        self.device = _resolve_device(train_cfg.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # shapes are fixed per unit: autotune once
-        self.in_shape = tuple(int(s) for s in x_train.shape[1:])
-        inferred = int(max(np.max(y_train), np.max(y_target))) + 1
-        self.num_classes = int(self.model_cfg.pop("num_classes", inferred))
-        self.n, self.T = len(x_train), len(x_target)
-        self.dtype, self.acc = _DTYPES[train_cfg.precision]
-        mean, std = channel_stats(x_train)
-        dev = self.device
-        self.mean, self.std = mean, std
-        self.pad = ((0.0 - mean) / std).to(dev)  # normalised black, for translate
-        self.streamed = train_cfg.loader == "ffcv"
-        self.beton = None
-        if self.streamed:
-            from workers import ffcv_loader
-            self.beton = ffcv_loader.write_beton(x_train, y_train, train_cfg.ffcv_dir, train_cfg.ffcv_workers)
-            self.x_train = None
-            self._mean_dev, self._std_dev = mean.to(dev), std.to(dev)  # for normalize() per batch
-        else:  # resident data, normalised once in the compute dtype
-            self.x_train = normalize(x_train, mean, std, self.dtype, dev)
-        self.y_train = torch.from_numpy(np.asarray(y_train, dtype=np.int64)).to(dev)
-        self.x_target = normalize(x_target, mean, std, self.dtype, dev)
-        self.y_target = torch.from_numpy(np.asarray(y_target, dtype=np.int64)).to(dev)
-        # CPU template that per-model initial weights are drawn into.
-        self._template = build_model(self.model_cfg, self.in_shape, self.num_classes)
-        self._modules: dict[int, torch.nn.Module] = {}  # copies -> module on device
-        self._compiled: dict[int, object] = {}
-        self._steppers: dict[tuple[int, int], _Stepper] = {}
-        self._ffcv_loaders: dict[tuple, object] = {}
-        # Images per evaluation forward pass (all copies together).
-        self.eval_images = 16384 if dev.type == "cuda" else 4096
+    def __init__(self, cfg: TrainConfig, device: torch.device, in_shape: tuple[int, int, int], num_classes: int,
+                 pad: torch.Tensor):
+        self.cfg, self.device, self.in_shape, self.num_classes, self.pad = cfg, device, in_shape, num_classes, pad
+        self.dtype, self.acc = DTYPES[cfg.precision]  # input dtype; parameter / loss dtype
 
-    # ------------------------------------------------------------------ plumbing
-    def _module(self, k: int) -> torch.nn.Module:
-        """The k-copy module (built once per k, reused across units: compile happens once)."""
-        if k not in self._modules:
-            mod = build_model(self.model_cfg, self.in_shape, self.num_classes, copies=k)
-            mod = mod.to(self.device, dtype=self.acc)
-            if self.cfg.channels_last:
-                mod = mod.to(memory_format=torch.channels_last)
-            self._modules[k] = mod
-            self._compiled[k] = torch.compile(mod) if self.cfg.compile else mod
-        return self._modules[k]
-
-    def _autocast(self, cache_enabled: bool = True):
+    def autocast(self, cache_enabled: bool = True):
         if self.cfg.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
         return contextlib.nullcontext()
 
-    def _prep(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def prep(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """[k*B, C, H, W] (model-major) -> the module's input: [B, C, H, W] or [k, B, C, H, W]."""
         if k == 1:
             return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
         return x.view(k, -1, *self.in_shape)
 
-    def _optimizer(self, params, lr: torch.Tensor | None = None) -> torch.optim.Optimizer:
+    def augment(self, x: torch.Tensor, draws: dict) -> torch.Tensor:
+        return augment(x, draws, self.cfg, self.pad)
+
+    def optimizer(self, params, lr: torch.Tensor | None = None) -> torch.optim.Optimizer:
         cfg = self.cfg
         kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
 
-    def _losses(self, out: torch.Tensor, y: torch.Tensor, k: int, bs: int) -> torch.Tensor:
+    def losses(self, out: torch.Tensor, y: torch.Tensor, k: int, bs: int) -> torch.Tensor:
         """Per-model mean training loss [k] of outputs [k, bs, C] (or [bs, C]) against y [k*bs]."""
         return F.cross_entropy(out.to(self.acc).reshape(k * bs, self.num_classes), y, reduction="none",
                                label_smoothing=self.cfg.label_smoothing).view(k, bs).mean(1)
+
+
+# ============================================================================ batch sources
+Batch = tuple[torch.Tensor, torch.Tensor]  # images [k*b, C, H, W] normalised, labels [k*b]; model-major
+
+
+class BatchSource(Protocol):
+    """Where the training loop's batches come from: k models' batches side by side, model-major.
+
+    A step is split in two so that the device side can be captured as a CUDA graph:
+    `stage(item, buf)` (host side) puts the step's inputs into `buf`, a fixed buffer made once
+    per stepper by `buffer(k, bs)`; `batch(buf)` (device side, inside the step) turns them
+    into images and labels. `capturable`: whether `batch` reads nothing but `buf`.
+    """
+
+    capturable: bool
+
+    def start(self, idx: torch.Tensor, gens: list[torch.Generator], bs: int) -> None:
+        """A new unit: k = len(gens) models on the rows of idx [k, m] (example indices), batch
+        size bs; called after the initial weights are drawn from gens."""
+
+    def epoch(self, perm: torch.Tensor, bs: int, steps: int) -> Iterator[Any]:
+        """One item per step; perm [k, m] (on the device) is the epoch's order from draw_epoch."""
+
+    def buffer(self, k: int, bs: int) -> Any: ...
+
+    def stage(self, item: Any, buf: Any) -> None: ...
+
+    def batch(self, buf: Any) -> Batch: ...
+
+    def eval_batches(self, idx: torch.Tensor, rows: int) -> Iterator[Batch]:
+        """Batches covering each row of idx [k, m] once, in order (rows: examples per model
+        per batch, a hint), for the accuracy on the training subsets."""
+
+
+class ResidentBatches:
+    """The training set on the device, normalised once (x [n, C, H, W], y [n]).
+
+    A step's input is the index tensor [k, bs] of its examples (the epoch's order gathered
+    from the unit's rows), so the whole step, gather included, can be captured.
+    """
+
+    capturable = True
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+        self.idx: torch.Tensor | None = None
+
+    def start(self, idx, gens, bs):
+        self.idx = idx
+
+    def epoch(self, perm, bs, steps):
+        return (perm[:, s * bs:(s + 1) * bs] for s in range(steps))
+
+    def buffer(self, k, bs):
+        return torch.zeros(k, bs, dtype=torch.long, device=self.x.device)
+
+    def stage(self, item, buf):
+        torch.gather(self.idx, 1, item, out=buf)
+
+    def batch(self, buf):
+        ex = buf.view(-1)
+        return self.x.index_select(0, ex), self.y.index_select(0, ex)
+
+    def eval_batches(self, idx, rows):
+        m = idx.shape[1]
+        for a in range(0, m, rows):
+            ex = idx[:, a:a + rows].reshape(-1)
+            yield self.x.index_select(0, ex), self.y.index_select(0, ex)
+
+
+class StreamedBatches:
+    """Each model streams its mask's examples from the .beton at `beton` (workers.ffcv_loader).
+
+    The order is FFCV's: each model's loader shuffles its indices with its own seeded order
+    (the seed drawn from the model's generator), so the numbers are reproducible but not
+    those of the resident source; the augmentation parameters still come from the model's
+    generator, by position in the epoch. Batches are normalised on the device as they come.
+    One Loader per model slot, batch size and mode, built once and then retargeted.
+    """
+
+    capturable = False
+
+    def __init__(self, beton: str, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
+                 device: torch.device, workers: int):
+        self.beton, self.dtype, self.device, self.workers = beton, dtype, device, workers
+        self.mean, self.std = mean.to(device), std.to(device)
+        self._loaders: dict[tuple, Any] = {}
+        self._train: list = []
+
+    def _loader(self, slot: int, indices: np.ndarray, bs: int, seed: int, shuffle: bool):
+        from workers import ffcv_loader
+        key = (slot, bs, shuffle, len(indices))
+        if key not in self._loaders:
+            self._loaders[key] = ffcv_loader.mask_loader(
+                self.beton, indices, bs, seed, self.device, self.workers, drop_last=shuffle, shuffle=shuffle)
+            return self._loaders[key]
+        return ffcv_loader.retarget(self._loaders[key], indices, seed)
+
+    def _side_by_side(self, batches) -> Batch:
+        """One batch from each model's loader, normalised in the compute dtype. Copies: FFCV
+        reuses its batch buffers."""
+        x = normalize(torch.cat([b[0] for b in batches]), self.mean, self.std, self.dtype, self.device)
+        return x, torch.cat([b[1] for b in batches]).long()
+
+    def start(self, idx, gens, bs):
+        rows = idx.cpu().numpy()
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in gens]
+        self._train = [self._loader(j, rows[j], bs, seeds[j], True) for j in range(len(gens))]
+
+    def epoch(self, perm, bs, steps):
+        return zip(*self._train)
+
+    def buffer(self, k, bs):
+        return [None]
+
+    def stage(self, item, buf):
+        buf[0] = self._side_by_side(item)
+
+    def batch(self, buf):
+        staged, buf[0] = buf[0], None  # handed over, not kept through the step
+        return staged
+
+    def eval_batches(self, idx, rows):
+        m = idx.shape[1]
+        rows_np = idx.cpu().numpy()
+        plain = [self._loader(j, rows_np[j], min(m, 1024), 0, False) for j in range(len(rows_np))]
+        return map(self._side_by_side, zip(*plain))
+
+
+# ============================================================================ the trainer
+class Trainer:
+    """Persistent: holds the dataset on the device and the model spec; trains many units.
+
+    x_*: uint8 [N, C, H, W]; y_*: int64. The images are normalised once with the training
+    set's per-channel statistics and kept on the device in the compute dtype. With
+    train.loader=ffcv the training images stay off the device instead (x_train is None):
+    they are written once to a .beton and streamed (StreamedBatches); the targets stay resident.
+    """
+
+    def __init__(self, model_cfg: dict, train_cfg: TrainConfig, x_train, y_train, x_target, y_target,
+                 margin: str = "logsumexp"):
+        train_cfg.validate()
+        if margin not in MARGIN_KINDS:
+            raise ValueError(f"margin={margin!r}: use one of {MARGIN_KINDS}")
+        self.margin = margin
+        check_arrays(x_train, y_train, x_target, y_target)
+        self.model_cfg, self.cfg = dict(model_cfg), train_cfg
+        self.device = dev = resolve_device(train_cfg.device)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed per unit: autotune once
+        c, h, w = (int(s) for s in x_train.shape[1:])
+        self.in_shape = (c, h, w)
+        inferred = int(max(np.max(y_train), np.max(y_target))) + 1
+        self.num_classes = int(self.model_cfg.pop("num_classes", inferred))
+        self.n, self.T = len(x_train), len(x_target)
+        self.mean, self.std = mean, std = channel_stats(x_train)
+        self.recipe = Recipe(train_cfg, dev, self.in_shape, self.num_classes, ((0.0 - mean) / std).to(dev))
+        dtype = self.recipe.dtype
+        self.streamed = train_cfg.loader == "ffcv"
+        self.y_train = torch.from_numpy(np.asarray(y_train, dtype=np.int64)).to(dev)
+        self.source: BatchSource
+        if self.streamed:
+            from workers import ffcv_loader
+            beton = ffcv_loader.write_beton(x_train, y_train, train_cfg.ffcv_dir, train_cfg.ffcv_workers)
+            self.x_train = None
+            self.source = StreamedBatches(beton, mean, std, dtype, dev, train_cfg.ffcv_workers)
+        else:  # resident data, normalised once in the compute dtype
+            self.x_train = normalize(x_train, mean, std, dtype, dev)
+            self.source = ResidentBatches(self.x_train, self.y_train)
+        self.x_target = normalize(x_target, mean, std, dtype, dev)
+        self.y_target = torch.from_numpy(np.asarray(y_target, dtype=np.int64)).to(dev)
+        # CPU template that per-model initial weights are drawn into.
+        self._template = build_model(self.model_cfg, self.in_shape, self.num_classes)
+        self._models: dict[int, tuple[torch.nn.Module, Any]] = {}  # k -> (k-copy module, its forward)
+        self._steppers: dict[tuple[int, int], _Stepper] = {}  # (k, batch size) -> stepper
+        # Images per evaluation forward pass (all copies together).
+        self.eval_images = 16384 if dev.type == "cuda" else 4096
+
+    def _model(self, k: int) -> tuple[torch.nn.Module, Any]:
+        """The k-copy module on the device and its forward (compiled if asked), built once per k."""
+        if k not in self._models:
+            mod = build_model(self.model_cfg, self.in_shape, self.num_classes, copies=k)
+            mod = mod.to(self.device, dtype=self.recipe.acc)
+            if self.cfg.channels_last:
+                mod = mod.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
+            self._models[k] = (mod, torch.compile(mod) if self.cfg.compile else mod)
+        return self._models[k]
+
+    def _stepper(self, k: int, bs: int) -> _Stepper:
+        if (k, bs) not in self._steppers:
+            self._steppers[(k, bs)] = _Stepper(self.recipe, self.source, *self._model(k), k, bs)
+        return self._steppers[(k, bs)]
 
     def _init_states(self, gens: list[torch.Generator]) -> list[dict]:
         states = []
@@ -331,183 +455,71 @@ class Trainer:
         parts = []
         for a in range(0, len(masks), chunk):
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[a:a + chunk]]
-            if self.streamed:
-                parts.append(self._train_streamed(idx[a:a + chunk], gens, return_weights))
-            elif self.cfg.engine == "batched":
-                parts.append(self._train_batched(idx[a:a + chunk], gens, return_weights))
-            else:
-                parts.append(self._train_single(idx[a], gens[0], return_weights))
-        res = TrainResult(
-            margins=np.concatenate([p[0] for p in parts]),
-            train_acc=np.concatenate([p[1] for p in parts]),
-            target_acc=np.concatenate([p[2] for p in parts]),
-            loss=np.concatenate([p[3] for p in parts]),
-            seconds=time.perf_counter() - t0,
-            state_dicts=[sd for p in parts for sd in p[4]] if return_weights else None,
-        )
+            parts.append(self._train_group(idx[a:a + chunk], gens, return_weights))
+        res = TrainResult.concat(parts, seconds=time.perf_counter() - t0)
         log.debug("trained %d models in %.2f s", len(masks), res.seconds)
         return res
 
-    # ------------------------------------------------------------------ batched engine
-    def _stepper(self, k: int, bs: int) -> "_Stepper":
-        key = (k, bs)
-        if key not in self._steppers:
-            self._steppers[key] = _Stepper(self, k, bs)
-        return self._steppers[key]
-
-    def _train_batched(self, idx: torch.Tensor, gens: list[torch.Generator], return_weights: bool):
-        """k models in lockstep: one k-copy module; model j's batch is slice j of [k, bs, ...]."""
-        cfg, dev = self.cfg, self.device
-        k, m = idx.shape
-        bs, steps = _batching(m, cfg.batch_size)
-        stepper = self._stepper(k, bs)
-        stepper.reset(stack_states(self._init_states(gens)))
-        step = 0
-        for epoch in range(cfg.epochs):
-            ds = [draw_epoch(g, m, cfg, self.in_shape[1:]) for g in gens]
-            d = {key: torch.stack([x[key] for x in ds]).to(dev, non_blocking=True) for key in ds[0]}
-            stepper.loss_sum.zero_()
-            for s in range(steps):
-                sl = slice(s * bs, (s + 1) * bs)
-                stepper.step(idx, {key: v[:, sl] for key, v in d.items()}, lr_at(step, steps, cfg))
-                step += 1
-        loss = (stepper.loss_sum / steps).cpu().numpy().astype(np.float32)
-        margins, train_acc, target_acc = self._evaluate(stepper.module, idx)
-        states = unstack_states(stepper.module.state_dict(), k) if return_weights else []
-        return margins, train_acc, target_acc, loss, states
-
-    # ------------------------------------------------------------------ single engine (reference)
-    def _train_single(self, idx: torch.Tensor, gen: torch.Generator, return_weights: bool):
-        """One model, written as the textbook loop; the batched engine must match it."""
+    # ------------------------------------------------------------------ the loop
+    def _train_group(self, idx: torch.Tensor, gens: list[torch.Generator], return_weights: bool) -> TrainResult:
+        """k = len(gens) models on the rows of idx [k, m], in lockstep; then evaluated."""
+        t0 = time.perf_counter()
         cfg = self.cfg
-        m = idx.shape[0]
-        model = self._module(1)
-        fwd = self._compiled[1]
-        model.load_state_dict(self._init_states([gen])[0])
-        model.train()
-        opt = self._optimizer(model.parameters())
-        bs, steps = _batching(m, cfg.batch_size)
-        step = 0
-        for epoch in range(cfg.epochs):
-            d = {key: v.to(self.device) for key, v in draw_epoch(gen, m, cfg, self.in_shape[1:]).items()}
-            total = torch.zeros((), device=self.device)
-            for s in range(steps):
-                sl = slice(s * bs, (s + 1) * bs)
-                ex = idx[d["perm"][sl]]
-                aug = {key: v[sl] for key, v in d.items()}
-                xb = self._prep(augment(self.x_train.index_select(0, ex), aug, cfg, self.pad), 1)
-                with self._autocast():
-                    out = fwd(xb)
-                loss = F.cross_entropy(out.to(self.acc), self.y_train.index_select(0, ex),
-                                       label_smoothing=cfg.label_smoothing)
-                loss.backward()
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, steps, cfg)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                total += loss.detach()
-                step += 1
-        loss = (total / steps).cpu().numpy().astype(np.float32).reshape(1)
-        margins, train_acc, target_acc = self._evaluate(model, idx.view(1, -1))
-        states = unstack_states(model.state_dict(), 1) if return_weights else []
-        return margins, train_acc, target_acc, loss, states
-
-    # ------------------------------------------------------------------ streamed (FFCV) engine
-    def _side_by_side(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch from each model's loader -> (normalised images [k*b, C, H, W] in the compute
-        dtype, labels [k*b]), model-major. Copies: FFCV reuses its batch buffers."""
-        x = normalize(torch.cat([b[0] for b in batches]), self._mean_dev, self._std_dev, self.dtype, self.device)
-        return x, torch.cat([b[1] for b in batches]).long()
-
-    def _loader(self, slot: int, indices: np.ndarray, bs: int, seed: int, shuffle: bool):
-        """The FFCV Loader of model slot `slot` (built once per slot / batch size / mode, then retargeted)."""
-        from workers import ffcv_loader
-        key = (slot, bs, shuffle, len(indices))
-        if key not in self._ffcv_loaders:
-            self._ffcv_loaders[key] = ffcv_loader.mask_loader(
-                self.beton, indices, bs, seed, self.device, self.cfg.ffcv_workers, drop_last=shuffle, shuffle=shuffle)
-            return self._ffcv_loaders[key]
-        return ffcv_loader.retarget(self._ffcv_loaders[key], indices, seed)
-
-    def _train_streamed(self, idx: torch.Tensor, gens: list[torch.Generator], return_weights: bool):
-        """k >= 1 models in lockstep, each reading its mask's examples from the .beton.
-
-        Same recipe as the resident engines, except the example order: FFCV shuffles each
-        model's indices with its own seeded order (the seed is drawn from the model's
-        generator), so the numbers are reproducible but not those of the resident path.
-        Augmentation parameters still come from the model's generator, by position in the epoch.
-        """
-        cfg, dev = self.cfg, self.device
         k, m = idx.shape
-        bs, steps = _batching(m, cfg.batch_size)
-        module = self._module(k)
-        fwd = self._compiled[k]
-        module.load_state_dict(stack_states(self._init_states(gens)))
-        module.train()
-        opt = self._optimizer(module.parameters())
-        rows = idx.cpu().numpy()
-        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in gens]
-        loaders = [self._loader(j, rows[j], bs, seeds[j], True) for j in range(k)]
-        step = 0
-        for epoch in range(cfg.epochs):
-            ds = [draw_epoch(g, m, cfg, self.in_shape[1:]) for g in gens]
-            d = {key: torch.stack([x[key] for x in ds]).to(dev) for key in ds[0] if key != "perm"}
-            total = torch.zeros(k, device=dev)
-            for s, batches in enumerate(zip(*loaders)):
-                xb, yb = self._side_by_side(batches)
-                aug = {key: v[:, s * bs:(s + 1) * bs].reshape(k * bs, *v.shape[2:]) for key, v in d.items()}
-                xb = self._prep(augment(xb, aug, cfg, self.pad), k)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, steps, cfg)
-                with self._autocast():
-                    out = fwd(xb)
-                losses = self._losses(out, yb, k, bs)
-                losses.sum().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                total += losses.detach()
-                step += 1
-        loss = (total / steps).cpu().numpy().astype(np.float32)
-        # train accuracy: each subset once, in order, all models' batches side by side
-        plain = [self._loader(j, rows[j], min(m, 1024), 0, False) for j in range(k)]
-        margins, train_acc, target_acc = self._evaluate(module, idx, train_batches=map(self._side_by_side, zip(*plain)))
-        states = unstack_states(module.state_dict(), k) if return_weights else []
-        return margins, train_acc, target_acc, loss, states
+        bs, steps = batching(m, cfg.batch_size)
+        if cfg.engine == "single" and not self.streamed:  # the textbook loop, one model
+            from workers import train_reference
+            module, fwd = self._model(1)
+            assert isinstance(self.source, ResidentBatches)
+            loss = train_reference.train_single(module, fwd, self.recipe, self.source, idx[0], gens[0],
+                                                self._init_states(gens)[0])
+        else:
+            stepper = self._stepper(k, bs)
+            stepper.reset(stack_states(self._init_states(gens)))
+            self.source.start(idx, gens, bs)
+            step = 0
+            for _epoch in range(cfg.epochs):
+                ds = [draw_epoch(g, m, cfg, self.in_shape[1:]) for g in gens]
+                d = {key: torch.stack([x[key] for x in ds]).to(self.device, non_blocking=True) for key in ds[0]}
+                stepper.loss_sum.zero_()
+                for s, item in enumerate(self.source.epoch(d["perm"], bs, steps)):
+                    sl = slice(s * bs, (s + 1) * bs)
+                    stepper.step(item, {key: v[:, sl] for key, v in d.items()}, lr_at(step, steps, cfg))
+                    step += 1
+            loss = (stepper.loss_sum / steps).cpu().numpy().astype(np.float32)
+            module = stepper.module
+        margins, train_acc, target_acc = self._evaluate(module, idx)
+        return TrainResult(margins, train_acc, target_acc, loss, seconds=time.perf_counter() - t0,
+                           state_dicts=unstack_states(module.state_dict(), k) if return_weights else None)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _evaluate(self, module: torch.nn.Module, idx: torch.Tensor, train_batches=None):
-        """Margins on the targets and accuracy on each model's own subset (eval mode, no aug).
-
-        train_batches: for the streamed loader, an iterable of (x [k*b, C, H, W] normalised,
-        y [k*b]) model-major batches covering each subset once; None reads the resident set.
-        """
+    def _evaluate(self, module: torch.nn.Module, idx: torch.Tensor):
+        """Margins on the targets and accuracy on each model's own subset (eval mode, no aug)."""
         module.eval()
+        r = self.recipe
         k, m = idx.shape
         nc = self.num_classes
         rows = max(1, self.eval_images // k)
 
         def forward(x):  # x [k*b, C, H, W] model-major (or [b, ...] shared by all copies)
-            with self._autocast():
+            with r.autocast():
                 if k == 1:
-                    return module(self._prep(x, 1)).to(self.acc).view(1, -1, nc)
-                return module(x.view(k, -1, *self.in_shape)).to(self.acc)
+                    return module(r.prep(x, 1)).to(r.acc).view(1, -1, nc)
+                return module(x.view(k, -1, *self.in_shape)).to(r.acc)
 
-        logits = []
+        parts = []
         for a in range(0, self.T, rows):
             x = self.x_target[a:a + rows]
             if k > 1:  # every copy sees the same targets
                 x = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *self.in_shape)
-            logits.append(forward(x))
-        logits = torch.cat(logits, dim=1)  # [k, T, C]
+            parts.append(forward(x))
+        logits = torch.cat(parts, dim=1)  # [k, T, C]
         labels = self.y_target.expand(k, self.T)
-        margins = margin(logits, labels, self.cfg.margin)
+        margins = margin(logits, labels, self.margin)
         target_acc = (logits.argmax(-1) == labels).float().mean(1)
         correct = torch.zeros(k, device=self.device)
-        if train_batches is None:
-            train_batches = ((self.x_train.index_select(0, ex), self.y_train.index_select(0, ex))
-                             for ex in (idx[:, a:a + rows].reshape(-1) for a in range(0, m, rows)))
-        for xb, yb in train_batches:
+        for xb, yb in self.source.eval_batches(idx, rows):
             correct += (forward(xb).argmax(-1) == yb.view(k, -1)).float().sum(1)
         module.train()
         return (margins.cpu().numpy().astype(np.float32), (correct / m).cpu().numpy().astype(np.float32),
@@ -517,30 +529,29 @@ class Trainer:
 class _Stepper:
     """One training step of k copies at batch size bs, with static input buffers.
 
-    Persistent per (k, bs): the module, the optimizer (momentum buffers zeroed at each new
-    unit, which is exactly SGD's first step: buf = grad) and the buffers holding the step's
-    example indices, augmentation parameters and learning rate. With cfg.cuda_graph on a
-    GPU, the whole step (gather, augment, forward, backward, SGD) is captured once as a CUDA
-    graph after three eager warm-up steps and replayed afterwards, removing per-kernel CPU
-    launch cost; the numbers are those of the eager step.
+    Persistent per (k, bs): the k-copy module and its forward, the optimizer (momentum
+    buffers zeroed at each new unit, which is exactly SGD's first step: buf = grad) and the
+    buffers holding the step's inputs (staged by the batch source), augmentation parameters
+    and learning rate. With cfg.cuda_graph on a GPU and a capturable source, the whole step
+    (gather, augment, forward, backward, SGD) is captured once as a CUDA graph after three
+    eager warm-up steps and replayed afterwards, removing per-kernel CPU launch cost; the
+    numbers are those of the eager step.
     """
 
     WARMUP = 3
 
-    def __init__(self, tr: Trainer, k: int, bs: int):
-        self.tr, self.k, self.bs = tr, k, bs
-        dev = tr.device
-        self.module = tr._module(k)
-        self.fwd = tr._compiled[k]
-        self.use_graph = bool(tr.cfg.cuda_graph) and dev.type == "cuda"
+    def __init__(self, recipe: Recipe, source: BatchSource, module: torch.nn.Module, fwd, k: int, bs: int):
+        self.recipe, self.source, self.module, self.fwd, self.k, self.bs = recipe, source, module, fwd, k, bs
+        dev = recipe.device
+        self.use_graph = bool(recipe.cfg.cuda_graph) and dev.type == "cuda" and source.capturable
         self.lr = torch.zeros((), device=dev) if self.use_graph else None
-        self.opt = tr._optimizer(self.module.parameters(), lr=self.lr)
-        self.ex = torch.zeros(k, bs, dtype=torch.long, device=dev)
-        probe = draw_epoch(torch.Generator().manual_seed(0), 1, tr.cfg, tr.in_shape[1:])
+        self.opt = recipe.optimizer(module.parameters(), lr=self.lr)
+        self.inputs = source.buffer(k, bs)
+        probe = draw_epoch(torch.Generator().manual_seed(0), 1, recipe.cfg, recipe.in_shape[1:])
         self.aug = {key: torch.zeros((k, bs, *v.shape[1:]), dtype=v.dtype, device=dev)
                     for key, v in probe.items() if key != "perm"}
         self.loss_sum = torch.zeros(k, device=dev)
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
 
     def reset(self, state: dict) -> None:
@@ -554,20 +565,22 @@ class _Stepper:
         self.module.train()
 
     def _body(self) -> None:
-        tr, k, bs = self.tr, self.k, self.bs
-        ex = self.ex.view(-1)  # [k*bs], model-major
+        r, k, bs = self.recipe, self.k, self.bs
+        x, y = self.source.batch(self.inputs)
         aug = {key: v.view(k * bs, *v.shape[2:]) for key, v in self.aug.items()}
-        xb = tr._prep(augment(tr.x_train.index_select(0, ex), aug, tr.cfg, tr.pad), k)
-        with tr._autocast(cache_enabled=not self.use_graph):
+        xb = r.prep(r.augment(x, aug), k)
+        del x  # the batch before augmentation is not kept through forward and backward
+        with r.autocast(cache_enabled=not self.use_graph):
             out = self.fwd(xb)  # [k, bs, nc] (or [bs, nc] for k = 1)
-        losses = tr._losses(out, tr.y_train.index_select(0, ex), k, bs)
+        losses = r.losses(out, y, k, bs)
         losses.sum().backward()
         self.opt.step()
         self.loss_sum += losses.detach()
 
-    def step(self, idx: torch.Tensor, draws: dict, lr: float) -> None:
-        """One SGD step; draws hold this step's [k, bs, ...] slices of the epoch draws."""
-        torch.gather(idx, 1, draws["perm"], out=self.ex)
+    def step(self, item, draws: dict, lr: float) -> None:
+        """One SGD step: `item` is the source's for this step; draws hold this step's
+        [k, bs, ...] slices of the epoch draws."""
+        self.source.stage(item, self.inputs)
         for key, buf in self.aug.items():
             buf.copy_(draws[key])
         if not self.use_graph:
@@ -576,6 +589,7 @@ class _Stepper:
             self._body()
             self.opt.zero_grad(set_to_none=True)
             return
+        assert self.lr is not None      # the graph's learning rate lives on the device
         self.lr.fill_(lr)
         if self.graph is not None:
             self.graph.replay()
@@ -594,100 +608,3 @@ class _Stepper:
                 self._body()
             self.graph = graph
             graph.replay()
-
-
-# ============================================================================ naive baseline
-class _SubsetImages(torch.utils.data.Dataset):
-    """Host-side dataset over one model's subset; item p is the p-th example of the epoch order,
-    normalised and augmented on its own (the per-item transform a plain DataLoader runs)."""
-
-    def __init__(self, x, y, idx, cfg, mean, std):
-        self.x, self.y, self.idx, self.cfg, self.mean, self.std = x, y, idx, cfg, mean, std
-        self.pad = (0.0 - mean) / std
-        self.draws: dict = {}
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, p):
-        i = int(self.idx[int(self.draws["perm"][p])])
-        img = normalize(self.x[i:i + 1], self.mean, self.std)
-        aug = {key: v[p:p + 1] for key, v in self.draws.items() if key != "perm"}
-        return augment(img, aug, self.cfg, self.pad)[0], int(self.y[i])
-
-
-def naive_train_one(model_cfg, train_cfg, x_train, y_train, x_target, y_target, mask, seed) -> TrainResult:
-    """The "naive path" for benchmarks: one model, host DataLoader, nothing kept between calls.
-
-    Same recipe and random streams as the single engine (so the same numbers up to rounding),
-    but every item goes through a per-item Dataset transform and a torch DataLoader and is
-    copied to the device each step.
-    """
-    t0 = time.perf_counter()
-    cfg = train_cfg
-    cfg.validate()
-    _check_arrays(x_train, y_train, x_target, y_target)
-    dev = _resolve_device(cfg.device)
-    in_shape = tuple(x_train.shape[1:])
-    model_cfg = dict(model_cfg)
-    nc = int(model_cfg.pop("num_classes", int(max(np.max(y_train), np.max(y_target))) + 1))
-    mean, std = channel_stats(x_train)
-    gen = torch.Generator().manual_seed(int(seed))
-    model = init_weights(build_model(model_cfg, in_shape, nc), gen).to(dev)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    idx = np.flatnonzero(np.asarray(mask))
-    m = len(idx)
-    bs, steps = _batching(m, cfg.batch_size)
-    ds = _SubsetImages(x_train, y_train, idx, cfg, mean, std)
-    loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False, drop_last=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov and cfg.momentum > 0)
-    dtype, acc = _DTYPES[cfg.precision]
-    model = model.to(acc)
-    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-           else contextlib.nullcontext())
-
-    def prep(x):
-        x = x.to(dev).to(dtype)
-        return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
-
-    step = 0
-    model.train()
-    for epoch in range(cfg.epochs):
-        ds.draws = draw_epoch(gen, m, cfg, in_shape[1:])
-        total = 0.0
-        for xb, yb in loader:
-            with amp:
-                out = model(prep(xb))
-            loss = F.cross_entropy(out.to(acc), yb.to(dev), label_smoothing=cfg.label_smoothing)
-            loss.backward()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, cfg)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            total += loss.item()
-            step += 1
-    model.eval()
-    with torch.no_grad():
-        def predict(x):
-            outs = []
-            for a in range(0, len(x), 1000):
-                with amp:
-                    outs.append(model(prep(normalize(x[a:a + 1000], mean, std))).to(acc))
-            return torch.cat(outs)
-
-        logits_t = predict(x_target)
-        yt = torch.from_numpy(np.asarray(y_target, dtype=np.int64)).to(dev)
-        margins = margin(logits_t, yt, cfg.margin)
-        target_acc = (logits_t.argmax(-1) == yt).float().mean()
-        ytr = torch.from_numpy(np.asarray(y_train, dtype=np.int64)[idx]).to(dev)
-        train_acc = (predict(x_train[idx]).argmax(-1) == ytr).float().mean()
-    return TrainResult(
-        margins=margins.cpu().numpy().astype(np.float32)[None],
-        train_acc=np.array([float(train_acc)], np.float32),
-        target_acc=np.array([float(target_acc)], np.float32),
-        loss=np.array([total / steps], np.float32),
-        seconds=time.perf_counter() - t0,
-        state_dicts=None,
-    )
