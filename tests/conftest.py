@@ -15,10 +15,14 @@ def compose(overrides: list[str], tmp_path) -> DictConfig:  # noqa: F821
     """The config the command line would run (orchestrator.cli.compose: the schema's types and
     keys checked, a refusal raised as one-line ConfigError), under a temporary root and store."""
     from hydra._internal.utils import get_args_parser
+    from omegaconf import open_dict
 
     from orchestrator import cli
     base = [f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    return cli.compose(get_args_parser().parse_args(base + list(overrides)))
+    cfg = cli.compose(get_args_parser().parse_args(base + list(overrides)))
+    with open_dict(cfg):            # as a job sees it: Hydra's own node is not part of the config
+        del cfg["hydra"]
+    return cfg
 
 
 @pytest.fixture(scope="session")
