@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from orchestrator import schema
 from orchestrator.schema import STAGES
-from workers.settings import Rule, SettingError, rules
+from workers.settings import Rule, SettingError, _fmt, rules
 
 __all__ = ["RULES", "STAGES", "ConfigError", "Plan", "Rule", "check_outputs", "check_rules", "validate"]
 # Settings that change what a trained model is (and so what the ledger holds). Scheduling
@@ -37,10 +37,6 @@ class ConfigError(SettingError):
 
 
 # ----------------------------------------------------------------------------- rules
-def _fmt(value) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 def _positive(example=1, null=False):
     return Rule(int, 1, null=null, example=example)
 
