@@ -40,14 +40,16 @@ PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion")
 
 def runtime_errors() -> tuple:
     """Faults reported as one line (exit 1) instead of a traceback."""
+    from orchestrator.analysis import AnalysisError
     from orchestrator.baselines_stage import BaselinesError
+    from orchestrator.counterfactual import CounterfactualError
     from orchestrator.ledger import LedgerError
     from orchestrator.store import StoreError
     from orchestrator.tracking import TrackingError
     from orchestrator.train_stage import TrainStageError
     from orchestrator.workpool import PoolError
     return (StoreError, TrackingError, PoolError, LedgerError, BaselinesError, TrainStageError,
-            FileNotFoundError)
+            CounterfactualError, AnalysisError, FileNotFoundError)
 
 
 def _yaml_error(err: BaseException | None) -> str | None:

@@ -298,6 +298,10 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
         raise ConfigError(f"masks.alpha={alpha} gives {k} of {n} training examples per mask; "
                           f"raise masks.alpha or task.n_train")
 
+    if cfg.stage in ("counterfactual", "brittleness"):
+        from orchestrator.counterfactual import check_settings
+        check_settings(cfg, n, n_targets)
+
     chash = config_hash(cfg)
     uri = experiment_uri(cfg, chash)
     try:

@@ -18,9 +18,11 @@ from workers import bits
 log = logging.getLogger(__name__)
 
 
-def eval_set(ledger: Ledger, n: int, n_targets: int):
-    """(masks bool [e, n], replica-averaged margins float32 [e, T], replicas per mask [e])."""
-    data = ledger.load("eval", n=n, n_targets=n_targets)
+def eval_set(ledger: Ledger, n: int, n_targets: int, index=None):
+    """(masks bool [e, n], replica-averaged margins float32 [e, T], replicas per mask [e]).
+    Only the eval rows are read (O(eval masks x replicas) memory, whatever the train set's
+    size); `index`, the ledger's index when the caller has it, spares rebuilding it."""
+    data = ledger.load("eval", n=n, n_targets=n_targets, index=index)
     ids, start, counts = np.unique(data.model_id, return_index=True, return_counts=True)
     sums = np.add.reduceat(data.margins.astype(np.float64), start, axis=0)
     Y = (sums / counts[:, None]).astype(np.float32)

@@ -1,10 +1,12 @@
 """The fit stage: one lasso datamodel per target, target chunks as Ray tasks.
 
-X (the train masks, bit-packed) is put in Ray's object store once; each task fits a chunk
-of targets with workers.lasso and writes one verified Parquet file through the store. The
-datamodels of a ledger live in `datamodels/m<models>-<backend>-<settings hash>/`, so a
-finished chunk is never refit (it is read back and verified first) and a grown ledger
-gets fresh datamodels.
+The driver holds metadata only: the ledger's index, and the positions in it of the good
+train models. Each task reads its own rows from the store (the mask column and the margins
+column of its target block, verified again: the default fit.targets_per_task is the
+ledger's MARGIN_BLOCK; a chunk across two blocks reads both), fits its chunk of targets
+with workers.lasso and writes one verified Parquet file through the store. The datamodels
+of a ledger live in `datamodels/m<models>-<backend>-<settings hash>/`, so a finished chunk
+is never refit (it is read back and verified first) and a grown ledger gets fresh datamodels.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 SCHEDULING_KEYS = ("targets_per_task", "cpus_per_task", "gpus_per_task", "device", "prefixes",
                    "targets_per_block", "rows_per_block", "memory_budget_bytes")
 
+# Settings added after experiments were written, hashed only when they differ from these values,
+# so that the datamodels directories written before them keep their names.
+UNHASHED_DEFAULTS = {"debias": "none", "debias_phi": None}
+
 
 def lasso_config(fit_cfg: dict):
     from workers.lasso import LassoConfig
@@ -35,7 +41,7 @@ def lasso_config(fit_cfg: dict):
 def store_dir(m: int, fit_cfg: dict) -> str:
     """The datamodels directory (relative to the store) of `m` train models and these fit
     settings (scheduling settings excluded)."""
-    keep = {k: v for k, v in fit_cfg.items() if k not in SCHEDULING_KEYS}
+    keep = {k: v for k, v in fit_cfg.items() if k not in SCHEDULING_KEYS and UNHASHED_DEFAULTS.get(k, k) != v}
     h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return Layout.datamodels(m, fit_cfg["backend"], h)
 
@@ -57,8 +63,22 @@ def datamodel_table(target_ids, res, seconds: float) -> pa.Table:
     return table.replace_schema_metadata({"seconds": str(seconds)})
 
 
-def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_ids, rel: str, store_handle) -> dict:
-    """Runs in a Ray task: fit the targets `target_ids` (columns of Y), write their chunk."""
+def gpus_per_task(fit_cfg: dict, resources: dict) -> float:
+    """fit.gpus_per_task, or where it is null one GPU per task when the cluster has GPUs
+    (`resources`: ray.cluster_resources()) and fit.device is not cpu, else none."""
+    value = fit_cfg.get("gpus_per_task")
+    if value is not None:
+        return float(value)
+    has_gpus = float(resources.get("GPU", 0) or 0) >= 1
+    return 1.0 if has_gpus and str(fit_cfg.get("device") or "auto") != "cpu" else 0.0
+
+
+def fit_chunk(index, positions: np.ndarray, ledger_root: str, a: int, b: int, n: int, fit_cfg: dict,
+              rel: str, store_handle) -> dict:
+    """Runs in a Ray task: read the masks and the margins of targets [a, b) of the models at
+    `positions` of the ledger's `index` from the store, fit those targets, write their chunk.
+    A ledger file that changed since the index was built is LedgerError (one line naming it)."""
+    from orchestrator.ledger import Ledger
     from workers.lasso import fit_lasso
     try:
         import torch
@@ -68,12 +88,14 @@ def fit_chunk(packed: np.ndarray, Y: np.ndarray, n: int, fit_cfg: dict, target_i
     from orchestrator.raycluster import worker_logging
     from workers.logs import repeats_summarised
     worker_logging()
+    store = store_handle.open()
+    packed, Y = Ledger(store, root=ledger_root).read_block(index, positions, a, b)
     t0 = time.perf_counter()
     with repeats_summarised():          # a solver warning per target is printed once, with a count
         res = fit_lasso(packed, Y, lasso_config(fit_cfg), n=n)
     seconds = time.perf_counter() - t0
-    store_handle.open().write_table(rel, datamodel_table(target_ids, res, seconds))
-    return {"targets": len(target_ids), "seconds": seconds,
+    store.write_table(rel, datamodel_table(np.arange(a, b), res, seconds))
+    return {"targets": b - a, "seconds": seconds,
             "val_mse": float(np.mean(res.val_mse)), "nnz": float(np.mean(res.nnz))}
 
 
@@ -126,32 +148,59 @@ def prefix_sizes(fit_cfg: dict, m: int) -> list[int]:
     return sorted({max(10, int(round(f * m))) for f in (fit_cfg.get("prefixes") or []) if 0 < f < 1} - {m})
 
 
+class TrainRows:
+    """What the fit tasks read: the ledger's index and the positions in it of the good train
+    models in model-id order (a prefix of m models is the first m), put in Ray's object store
+    once, when a first chunk is to be fit. Metadata only: the tasks read masks and margins."""
+
+    def __init__(self, ledger, index, positions: np.ndarray):
+        self.ledger_root, self.index, self.positions = ledger.root, index, positions
+        self._refs: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def refs(self, m: int) -> tuple:
+        """(index, positions of the first m models) as Ray object refs (a task resolves them)."""
+        import ray
+        if self._refs is None:
+            self._refs = (ray.put(self.index), {})
+        index_ref, prefixes = self._refs
+        if m not in prefixes:
+            prefixes[m] = ray.put(np.ascontiguousarray(self.positions[:m]))
+        return index_ref, prefixes[m]
+
+
 def run(plan, tracker) -> dict:
     """Fit datamodels on all good train models, and on the prefixes `fit.prefixes`
     (fractions of the train models, by model id) for the LDS-versus-models curve."""
+    import ray
     from omegaconf import OmegaConf
 
     cfg = plan.cfg
     fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
+    fit_cfg["gpus_per_task"] = gpus_per_task(fit_cfg, ray.cluster_resources())
     index = plan.ledger.index()
-    data = plan.ledger.load("train", n=plan.n, n_targets=plan.n_targets, index=index)
-    m = len(data)
+    pos, _, _ = plan.ledger.good_models("train", index, n=plan.n, n_targets=plan.n_targets)
+    rows = TrainRows(plan.ledger, index, pos)
+    m = len(rows)
     if m < int(cfg.masks.n_train):
         log.warning("fit: the ledger holds %d good of %d train models; fitting on those", m, cfg.masks.n_train)
     t0 = time.perf_counter()
-    stats = _fit_store(plan, tracker, fit_cfg, data.packed, data.margins, m, m)
+    stats = _fit_store(plan, tracker, fit_cfg, rows, m, m)
     stats["seconds_full"] = stats["seconds"]
     stats["prefixes"] = {}
     for size in prefix_sizes(fit_cfg, m):
-        # prefixes are the first `size` train models by id (data is sorted by model id)
-        sub = _fit_store(plan, tracker, fit_cfg, data.packed[:size], data.margins[:size], size, m)
+        # prefixes are the first `size` train models by id (the positions are sorted by model id)
+        sub = _fit_store(plan, tracker, fit_cfg, rows, size, m)
         stats["prefixes"][size] = sub["dir"]
     stats["seconds"] = time.perf_counter() - t0
     return stats
 
 
-def _fit_store(plan, tracker, fit_cfg, packed, margins, m, m_total) -> dict:
-    """Fit the chunks missing from this datamodels directory (X goes to Ray only if any are)."""
+def _fit_store(plan, tracker, fit_cfg, rows: TrainRows, m: int, m_total: int) -> dict:
+    """Fit the chunks missing from this datamodels directory, on the first m of `rows` (the
+    index goes to Ray only if any chunk is missing)."""
     import ray
 
     store = plan.store
@@ -168,7 +217,7 @@ def _fit_store(plan, tracker, fit_cfg, packed, margins, m, m_total) -> dict:
     log.info("%s: %d targets on %d train models (%s backend), %d chunks to fit",
              desc, T, m, fit_cfg["backend"], len(todo))
     t0 = time.perf_counter()
-    packed_ref = ray.put(packed)
+    index_ref, positions_ref = rows.refs(m)
     cpus = float(fit_cfg.get("cpus_per_task") or 1)
     gpus = float(fit_cfg.get("gpus_per_task") or 0)
     remote = ray.remote(fit_chunk).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
@@ -176,8 +225,8 @@ def _fit_store(plan, tracker, fit_cfg, packed, margins, m, m_total) -> dict:
 
     def submit(_, chunk):
         a, b = chunk
-        return remote.remote(packed_ref, np.ascontiguousarray(margins[:, a:b]), n, fit_cfg,
-                             np.arange(a, b), Layout.chunk(rel_dir, a, b), plan.handle)
+        return remote.remote(index_ref, positions_ref, rows.ledger_root, a, b, n, fit_cfg,
+                             Layout.chunk(rel_dir, a, b), plan.handle)
 
     def done(items):
         return [it.key for it in items if chunk_ok(store, Layout.chunk(rel_dir, *it.payload), *it.payload, n)]

@@ -25,7 +25,7 @@ from workers import bits
 log = logging.getLogger(__name__)
 
 MARGIN_BLOCK = 1024          # targets per margins column: a reader of one target block reads one column
-SETS = ("train", "eval")
+SETS = M.MASK_SETS           # the experiment's own mask sets
 FAILED_NONFINITE = "non-finite margins (the model diverged)"
 
 
@@ -37,6 +37,31 @@ def margin_columns(n_targets: int) -> list[tuple[str, int, int]]:
     """(column name, first target, end) of each block of MARGIN_BLOCK targets."""
     return [(f"margins_{b}", a, min(a + MARGIN_BLOCK, n_targets))
             for b, a in enumerate(range(0, n_targets, MARGIN_BLOCK))]
+
+
+def block_columns(a: int, b: int) -> list[str]:
+    """The margins columns that hold targets [a, b): one when [a, b) lies in one MARGIN_BLOCK."""
+    return [f"margins_{k}" for k in range(a // MARGIN_BLOCK, -(-b // MARGIN_BLOCK))]
+
+
+def decode_masks(table: pa.Table) -> np.ndarray:
+    """The `mask` column of a ledger table as uint8 [rows, n_bytes] (a copy, still packed)."""
+    col = table["mask"].combine_chunks()
+    n_bytes = col.type.byte_width
+    return np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * n_bytes,
+                         offset=col.offset * n_bytes).reshape(len(col), n_bytes).copy()
+
+
+def decode_margins(table: pa.Table, a: int, b: int) -> np.ndarray:
+    """float32 [rows, b - a]: the margins of targets [a, b) from the table's `block_columns(a, b)`."""
+    out = np.empty((table.num_rows, b - a), np.float32)
+    for name in block_columns(a, b):
+        start = int(name.split("_")[1]) * MARGIN_BLOCK
+        col = table[name].combine_chunks()
+        block = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+        lo, hi = max(a, start), min(b, start + col.type.list_size)
+        out[:, lo - a:hi - a] = block[:, lo - start:hi - start]
+    return out
 
 
 def schema(n_bytes: int, n_targets: int) -> pa.Schema:
@@ -120,7 +145,7 @@ class MaskSetData:
 @dataclass
 class _FileKeys:
     digest: str
-    set_code: np.ndarray     # int8: index into SETS
+    set_code: np.ndarray     # int8: index into the ledger's mask set names
     model_id: np.ndarray
     replica: np.ndarray
     failure: list            # str per row
@@ -139,25 +164,26 @@ class Index:
     failed: np.ndarray               # bool
     failures: list                   # reason per chosen model ("" if good)
     duplicates: int                  # rows beyond the first for some model
+    sets: tuple[str, ...] = SETS     # the mask set names that set_code indexes
 
     def select(self, mask_set: str, good: bool = True) -> np.ndarray:
         """Positions of the models of `mask_set` (good ones only by default), sorted by key."""
-        sel = self.set_code == SETS.index(mask_set)
+        sel = self.set_code == self.sets.index(mask_set)
         if good:
             sel &= ~self.failed
         return np.flatnonzero(sel)
 
     def keys(self, mask_set: str | None = None) -> set[tuple[str, int, int]]:
         """Every (mask_set, model_id, replica) present, failed models included."""
-        sel = np.ones(len(self.model_id), bool) if mask_set is None else self.set_code == SETS.index(mask_set)
-        return {(SETS[c], int(i), int(r)) for c, i, r in
+        sel = np.ones(len(self.model_id), bool) if mask_set is None else self.set_code == self.sets.index(mask_set)
+        return {(self.sets[c], int(i), int(r)) for c, i, r in
                 zip(self.set_code[sel], self.model_id[sel], self.replica[sel])}
 
     def count(self, mask_set: str) -> int:
         return int(len(self.select(mask_set)))
 
     def failed_models(self) -> list[dict]:
-        return [{"mask_set": SETS[int(self.set_code[p])], "model_id": int(self.model_id[p]),
+        return [{"mask_set": self.sets[int(self.set_code[p])], "model_id": int(self.model_id[p]),
                  "replica": int(self.replica[p]), "reason": self.failures[p]}
                 for p in np.flatnonzero(self.failed)]
 
@@ -168,15 +194,18 @@ class Ledger:
     With an `identity`, every file is checked against the experiment before use; without
     one (a reader exploring a ledger) only integrity is checked."""
 
-    def __init__(self, store, identity: Identity | None = None):
+    def __init__(self, store, identity: Identity | None = None, root: str = Layout.LEDGER,
+                 sets: M.MaskSets | None = None):
         self.store = store
         self.identity = identity
+        self.root = root                  # its directory in the store
+        self.sets = sets or M.MaskSets()  # its mask sets, and how their masks and seeds are regenerated
         self.quarantined: list[dict] = []
         self._verified: dict[str, _FileKeys] = {}
 
     @property
     def where(self) -> str:
-        return self.store.where(Layout.LEDGER)
+        return self.store.where(self.root)
 
     # ---------------------------------------------------------------- writing
     def write_unit(self, unit: str, rows: dict) -> str:
@@ -184,17 +213,17 @@ class Ledger:
         the store. The same content written twice is the same file."""
         table = unit_table(unit, rows, self.identity.n_targets if self.identity else None)
         digests = table_digests(table)
-        rel = Layout.unit(unit, content_digest(digests))
+        rel = Layout.unit(unit, content_digest(digests), self.root)
         self.store.write_table(rel, table, digests)
         return rel
 
     # ---------------------------------------------------------------- reading
     def files(self) -> list[str]:
-        return [e.rel for e in self.store.list(Layout.LEDGER, ".parquet")]
+        return [e.rel for e in self.store.list(self.root, ".parquet")]
 
     def quarantine(self, rel: str, reason: str) -> None:
         name = rel.rsplit("/", 1)[-1]
-        dest = f"{Layout.QUARANTINE}/{name}"
+        dest = f"{Layout.quarantine(self.root)}/{name}"
         try:
             self.store.move(rel, dest)
         except FileNotFoundError:   # another reader moved it first
@@ -227,10 +256,11 @@ class Ledger:
         if extra:
             raise CorruptFile(rel, f"unexpected column(s) {extra}")
         sets = table["mask_set"].to_pylist()
-        bad = sorted(set(sets) - set(SETS))
+        names = self.sets.names
+        bad = sorted(set(sets) - set(names))
         if bad:
             raise CorruptFile(rel, f"unknown mask set {bad[0]!r}")
-        set_code = np.array([SETS.index(s) for s in sets], dtype=np.int8)
+        set_code = np.array([names.index(s) for s in sets], dtype=np.int8)
         ids = table["model_id"].to_numpy()
         reps = table["replica"].to_numpy()
         name = rel.rsplit("/", 1)[-1][:-len(".parquet")]
@@ -252,14 +282,16 @@ class Ledger:
             packed = np.frombuffer(table["mask"].combine_chunks().buffers()[1], np.uint8,
                                    count=len(ids) * n_bytes,
                                    offset=table["mask"].combine_chunks().offset * n_bytes).reshape(-1, n_bytes)
-            for code, mask_set in enumerate(SETS):
+            for code, mask_set in enumerate(names):
                 sel = np.flatnonzero(set_code == code)
                 if not len(sel):
                     continue
-                want_seeds = [M.model_seed(ident.seed, mask_set, int(i), int(r)) for i, r in zip(ids[sel], reps[sel])]
-                if not np.array_equal(seeds[sel], np.array(want_seeds, dtype=np.int64)):
+                if not np.array_equal(seeds[sel], self.sets.seeds(ident.seed, mask_set, ids[sel], reps[sel])):
                     raise CorruptFile(rel, "model seeds that exp.seed does not give")
-                regen = bits.pack(M.make_masks(ident.seed, mask_set, ids[sel], ident.n, ident.alpha))
+                try:
+                    regen = bits.pack(self.sets.masks(ident.seed, mask_set, ids[sel], ident.n, ident.alpha))
+                except ValueError as err:
+                    raise CorruptFile(rel, str(err)) from None
                 if not np.array_equal(packed[sel], regen):
                     raise CorruptFile(rel, "masks that exp.seed and masks.alpha do not give")
         return _FileKeys(digest, set_code, ids, reps, table["failure"].to_pylist())
@@ -284,7 +316,8 @@ class Ledger:
         parts = [self._verified[r] for r in order]
         if not parts:
             z = np.zeros(0, np.int64)
-            return Index([], z.astype(np.int8), z, z.astype(np.int32), z, z, z.astype(bool), [], 0)
+            return Index([], z.astype(np.int8), z, z.astype(np.int32), z, z, z.astype(bool), [], 0,
+                         self.sets.names)
         set_code = np.concatenate([p.set_code for p in parts])
         model_id = np.concatenate([p.model_id for p in parts]).astype(np.int64)
         replica = np.concatenate([p.replica for p in parts]).astype(np.int32)
@@ -299,7 +332,7 @@ class Ledger:
         c = o[first]
         failed = np.array([bool(failures[i]) for i in c], dtype=bool)
         return Index(order, set_code[c], model_id[c], replica[c], file[c], row[c], failed,
-                     [failures[i] for i in c], int(len(o) - len(c)))
+                     [failures[i] for i in c], int(len(o) - len(c)), self.sets.names)
 
     def keys(self, mask_set: str | None = None) -> set[tuple[str, int, int]]:
         return self.index().keys(mask_set)
@@ -340,18 +373,16 @@ class Ledger:
             return np.zeros(0, np.float32)
         return self.read_columns(index, pos, ["seconds"])["seconds"].to_numpy()
 
-    def load(self, mask_set: str, n: int | None = None, n_targets: int | None = None,
-             index: Index | None = None) -> MaskSetData:
-        """(packed masks, margins) of every good model of `mask_set`, sorted by (model_id,
-        replica); checks the shapes against n and T when given."""
-        index = index or self.index()
+    def good_models(self, mask_set: str, index: Index, n: int | None = None,
+                    n_targets: int | None = None) -> tuple[np.ndarray, int, int]:
+        """(positions in `index` of the good models of `mask_set`, sorted by (model_id,
+        replica); bytes per packed mask; T), from one file's footer: LedgerError when there
+        are none, or when the shapes differ from n and T given."""
         pos = index.select(mask_set)
         if not len(pos):
             raise LedgerError(f"ledger {self.where} has no models of mask set '{mask_set}'; run stage=train first")
-        schema_T = None
         first = self.store.read_schema(index.files[int(index.file[pos[0]])])
-        marg = [c for c in first.names if c.startswith("margins_")]
-        schema_T = sum(first.field(c).type.list_size for c in marg)
+        schema_T = sum(first.field(c).type.list_size for c in first.names if c.startswith("margins_"))
         n_bytes = first.field("mask").type.byte_width
         if n is not None and n_bytes != (n + 7) // 8:
             raise LedgerError(f"ledger {self.where}: masks have {n_bytes} bytes, the task has n={n} "
@@ -359,15 +390,37 @@ class Ledger:
         if n_targets is not None and schema_T != n_targets:
             raise LedgerError(f"ledger {self.where}: margins have T={schema_T}, the task has {n_targets} targets; "
                               f"point store.uri at this experiment's store")
+        return pos, n_bytes, schema_T
+
+    def read_block(self, index: Index, positions: np.ndarray, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(packed masks uint8 [k, n_bytes], margins float32 [k, b - a] of targets [a, b)) of
+        the models at `positions`, in that order. Only the mask column and the margins
+        columns of those targets are read (read_columns: digests checked again), so a fit
+        task reads its own block of the ledger, not the ledger. One file at a time, decoded
+        into the result: the peak is the result and one file's part, not copies of the result."""
+        if not len(positions):
+            raise LedgerError(f"ledger {self.where}: no models asked for targets {a}-{b}")
+        files = index.file[positions]
+        order = np.argsort(files, kind="stable")
+        packed = np.empty((len(positions), 0), np.uint8)          # its width once a file is read
+        margins = np.empty((len(positions), b - a), np.float32)
+        for sel in np.split(order, np.flatnonzero(np.diff(files[order])) + 1):
+            part = self.read_columns(index, positions[sel], ["mask"] + block_columns(a, b))
+            masks = decode_masks(part)
+            if not packed.shape[1]:
+                packed = np.empty((len(positions), masks.shape[1]), np.uint8)
+            packed[sel] = masks
+            margins[sel] = decode_margins(part, a, b)
+        return packed, margins
+
+    def load(self, mask_set: str, n: int | None = None, n_targets: int | None = None,
+             index: Index | None = None) -> MaskSetData:
+        """(packed masks, margins) of every good model of `mask_set`, sorted by (model_id,
+        replica); checks the shapes against n and T when given."""
+        index = index or self.index()
+        pos, _, schema_T = self.good_models(mask_set, index, n, n_targets)
         extra_cols = ["train_acc", "target_acc", "loss", "seconds"]
-        table = self.read_columns(index, pos, ["mask"] + marg + extra_cols)
-        mask_col = table["mask"].combine_chunks()
-        packed = np.frombuffer(mask_col.buffers()[1], dtype=np.uint8, count=len(pos) * n_bytes,
-                               offset=mask_col.offset * n_bytes).reshape(len(pos), n_bytes).copy()
-        margins = np.empty((len(pos), schema_T), np.float32)
-        for name in marg:
-            a = int(name.split("_")[1]) * MARGIN_BLOCK
-            col = table[name].combine_chunks()
-            margins[:, a:a + col.type.list_size] = col.flatten().to_numpy().reshape(len(pos), -1)
+        table = self.read_columns(index, pos, ["mask"] + block_columns(0, schema_T) + extra_cols)
         extra = {c: table[c].to_numpy() for c in extra_cols}
-        return MaskSetData(packed, margins, index.model_id[pos], index.replica[pos], extra)
+        return MaskSetData(decode_masks(table), decode_margins(table, 0, schema_T), index.model_id[pos],
+                           index.replica[pos], extra)

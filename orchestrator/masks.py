@@ -55,3 +55,47 @@ def model_seed(seed: int, mask_set: str, i: int, replica: int) -> int:
     """The training seed of model (mask_set, i, replica): 63-bit, stable across machines."""
     ss = np.random.SeedSequence([seed, set_code(mask_set), i, replica, 0x5EED])
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class MaskSets:
+    """The mask sets of one ledger and how each mask and model seed is regenerated from
+    (experiment seed, mask set, model id, replica): the experiment's own `train` and `eval`.
+    Ledgers of other experiments on the same training set (orchestrator.removal) subclass it."""
+
+    names: tuple[str, ...] = MASK_SETS
+
+    def masks(self, seed: int, mask_set: str, ids, n: int, alpha: float) -> np.ndarray:
+        return make_masks(seed, mask_set, ids, n, alpha)
+
+    def seeds(self, seed: int, mask_set: str, ids, replicas) -> np.ndarray:
+        return np.array([model_seed(seed, mask_set, int(i), int(r)) for i, r in zip(ids, replicas)],
+                        dtype=np.int64)
+
+
+class RemovalSets(MaskSets):
+    """One mask set `name` of removal experiments: model id r·base + j is the fresh α-mask j of
+    `name` with the examples `removed[r]` taken out, trained with the seed of (name, j,
+    replica) whatever r is, so that every removal is paired with the same seed and the same
+    mask without it (r = 0 removes nothing, by convention of orchestrator.removal)."""
+
+    def __init__(self, name: str, base: int, removed: list[np.ndarray]):
+        self.names = (name,)
+        self.base = int(base)
+        self.removed = [np.asarray(r, dtype=np.int64) for r in removed]
+
+    def model_id(self, r: int, j: int) -> int:
+        return int(r) * self.base + int(j)
+
+    def masks(self, seed: int, mask_set: str, ids, n: int, alpha: float) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if mask_set not in self.names or np.any(ids < 0) or np.any(ids >= self.base * len(self.removed)):
+            raise ValueError(f"mask set {mask_set!r} ids {ids.min()}..{ids.max()} are not removal masks "
+                             f"of {self.names[0]!r} ({self.base} x {len(self.removed)})")
+        out = make_masks(seed, mask_set, ids % self.base, n, alpha)
+        for row, r in enumerate(ids // self.base):
+            out[row, self.removed[int(r)]] = False
+        return out
+
+    def seeds(self, seed: int, mask_set: str, ids, replicas) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        return super().seeds(seed, mask_set, ids % self.base, replicas)

@@ -170,6 +170,9 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
         tags["sweep"] = sweep_id
         tags.update({f"sweep.{k.lstrip('+~')}": str(v) for k, v in point.items()})
     evaluated = any(st.name == "evaluate" for st in todo)
+    for st in todo:
+        if st.precheck is not None:
+            st.precheck(plan)
     with tracker.parent(run_name(cfg, stage, point), resolved, tags):
         tracker.log_artifact(os.path.join(scratch, "config.yaml"))
         if any(st.needs_ray for st in todo):

@@ -13,11 +13,13 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from orchestrator.analysis import CompareConf, EmbeddingConf, LeakageConf
 from workers.lasso import LassoConfig
 from workers.recipe import TrainConfig
 from workers.settings import setting
 
-STAGES = ("all", "masks", "train", "fit", "baselines", "evaluate")
+STAGES = ("all", "masks", "train", "fit", "baselines", "evaluate", "counterfactual", "brittleness", "leakage",
+          "embedding", "compare")
 SEED_MAX = 2 ** 63 - 1
 
 
@@ -43,7 +45,7 @@ class FitConf(LassoConfig):
 
     targets_per_task: int = setting(1024, lo=1, example=1024)  # targets per Ray task (one datamodels file each)
     cpus_per_task: float = setting(1.0, lo=0, lo_open=True, example=1)
-    gpus_per_task: float = setting(0.0, lo=0, example=0)
+    gpus_per_task: float | None = setting(None, lo=0, example=0)  # null: 1 if the cluster has GPUs and device != cpu
     # also fit on these fractions of the train models (the LDS-against-models curve)
     prefixes: list[float] = setting(factory=lambda: [0.125, 0.25, 0.5])
 
@@ -103,6 +105,29 @@ class BaselinesConf:
 
 
 @dataclass
+class CounterfactualConf:
+    """stage=counterfactual (orchestrator.counterfactual): each method's top-k training examples
+    removed from fresh α-masks, retrained with the same seeds with and without the removal."""
+
+    targets: list[int] = setting(factory=list)   # target ids; []: `n_targets` drawn at random (exp.seed)
+    n_targets: int = setting(10, lo=1, example=10)
+    ks: list[int] = setting(factory=lambda: [10, 20, 50])   # examples removed (each method's top k)
+    masks: int = setting(20, lo=2, example=20)   # fresh α-masks, each trained with and without every removal
+    methods: list[str] = setting(factory=list)   # []: datamodels, every baselines.methods, and random
+
+
+@dataclass
+class BrittlenessConf:
+    """stage=brittleness: the datamodels' smallest flipping set of each correctly classified
+    target (greedy by weight), verified by retraining without it."""
+
+    targets: list[int] = setting(factory=list)   # target ids; []: `n_targets` drawn among the correct ones
+    n_targets: int = setting(100, lo=1, example=100)
+    ks: list[int] = setting(factory=lambda: [5, 10, 20, 40, 80, 160])   # the grid of removal sizes
+    masks: int = setting(10, lo=2, example=10)   # fresh α-masks retrained without each target's set
+
+
+@dataclass
 class StoreConf:
     """Where experiments live: a local directory or s3://bucket/prefix, gs://bucket/prefix. Each
     is <uri>/<exp.name>-<hash>. S3 options go in the query (?endpoint_override=host:port&scheme=http);
@@ -136,6 +161,11 @@ class Config:
     masks: MasksConf = setting(factory=MasksConf)
     eval: EvalConf = setting(factory=EvalConf)
     baselines: BaselinesConf = setting(factory=BaselinesConf)
+    counterfactual: CounterfactualConf = setting(factory=CounterfactualConf)
+    brittleness: BrittlenessConf = setting(factory=BrittlenessConf)
+    leakage: LeakageConf = setting(factory=LeakageConf)        # orchestrator.analysis
+    embedding: EmbeddingConf = setting(factory=EmbeddingConf)
+    compare: CompareConf = setting(factory=CompareConf)
     store: StoreConf = setting(factory=StoreConf)
     tracking: TrackingConf = setting(factory=TrackingConf)
 

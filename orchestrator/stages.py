@@ -5,7 +5,6 @@ one work pool (`orchestrator.workpool`), which resumes from the verified outputs
 """
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Callable
@@ -47,6 +46,8 @@ class Stage:
     merge: bool = False               # its entry is merged into summary.json's top level
     needs_ray: bool = False
     logs: tuple[str, ...] = field(default=())   # what its MLflow run holds, beyond the params
+    in_all: bool = True               # stage=all runs it (the analyses that retrain run when asked)
+    precheck: Callable[[Any], None] | None = None   # given the plan, before Ray starts: inputs it needs
 
     def describe(self) -> str:
         return (f"{self.name}: reads {', '.join(self.reads) or '-'}; writes {', '.join(self.writes) or '-'}"
@@ -58,15 +59,28 @@ class Stage:
 def _masks(ctx: Context) -> dict:
     """Write the mask sets (bit-packed .npy) for inspection; every other stage regenerates
     masks from the seed and the ledger is checked against them."""
+    import mmap
+
     from orchestrator import masks as M
     plan = ctx.plan
     cfg = plan.cfg
     out = {}
+    block = max(1, (1 << 26) // plan.n)   # masks at a time (64 MB as bool): never a whole set in memory
     for mask_set, count in (("train", int(cfg.masks.n_train)), ("eval", int(cfg.masks.n_eval))):
-        packed = M.make_packed_masks(int(cfg.exp.seed), mask_set, np.arange(count), plan.n, float(cfg.masks.alpha))
-        buf = io.BytesIO()
-        np.save(buf, packed)
-        plan.store.write_bytes(Layout.masks(mask_set), buf.getvalue())
+        # the .npy (np.save's header, then the rows) goes to a local scratch file block by block,
+        # then to the store from a read-only mapping of it (file pages, not the driver's heap)
+        path = os.path.join(ctx.scratch, f"masks-{mask_set}.npy")
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                    "shape": (count, (plan.n + 7) // 8)})
+            for a in range(0, count, block):
+                f.write(M.make_packed_masks(int(cfg.exp.seed), mask_set, np.arange(a, min(a + block, count)),
+                                            plan.n, float(cfg.masks.alpha), block=block).data)
+        with open(path, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with memoryview(mapped) as view:
+                plan.store.write_bytes(Layout.masks(mask_set), view)   # writes any buffer
+        os.unlink(path)
         out[mask_set] = count
     out["size"] = M.mask_size(plan.n, float(cfg.masks.alpha))
     return out
@@ -118,6 +132,30 @@ def _log_methods(ctx: Context, ev: dict) -> None:
             tracker.log_artifact(os.path.join(ev["scratch"], name), "plots")
 
 
+def _counterfactual(ctx: Context) -> dict:
+    from orchestrator import counterfactual
+    return counterfactual.counterfactual_stage(ctx)
+
+
+def _brittleness(ctx: Context) -> dict:
+    from orchestrator import counterfactual
+    return counterfactual.brittleness_stage(ctx)
+
+
+def _analysis(name: str) -> Callable[[Context], dict]:
+    """stage=leakage|embedding|compare (orchestrator.analysis), with its config section."""
+    def run(ctx: Context) -> dict:
+        from orchestrator import analysis
+        fn = getattr(analysis, f"{name}_stage")
+        return fn(ctx, OmegaConf.to_container(ctx.plan.cfg[name], resolve=True))
+    return run
+
+
+def _precheck_datamodels(plan) -> None:
+    from orchestrator import counterfactual
+    counterfactual.precheck(plan)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("masks", _masks, writes=(Layout.masks("train"), Layout.masks("eval")),
           logs=("its duration",)),
@@ -131,6 +169,23 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", _evaluate, reads=(Layout.LEDGER, Layout.DATAMODELS, Layout.SCORES),
           writes=(Layout.LDS_PER_TARGET, "*.png"), merge=True,
           logs=("lds_<method>", "the plots", "a nested run per method")),
+    Stage("counterfactual", _counterfactual, reads=(Layout.DATAMODELS, Layout.SCORES),
+          writes=("counterfactual/", "counterfactual.json", "counterfactual_*.png"), resources="train",
+          params="counterfactual", needs_ray=True, in_all=False, precheck=_precheck_datamodels,
+          logs=("cf_drop_<method>_k<k>", "cf_slope_<method>", "cf_corr_<method>", "the plots", "the table")),
+    Stage("brittleness", _brittleness, reads=(Layout.LEDGER, Layout.DATAMODELS),
+          writes=("brittleness/", "brittleness.json", "brittleness.png"), resources="train",
+          params="brittleness", needs_ray=True, in_all=False, precheck=_precheck_datamodels,
+          logs=("brittle_predicted_k<k>", "brittle_verified_k<k>", "the plot", "the table")),
+    Stage("leakage", _analysis("leakage"), reads=(Layout.DATAMODELS,),
+          writes=("leakage.json", "leakage_pairs.csv", "leakage_*.png"), params="leakage", in_all=False,
+          precheck=_precheck_datamodels, logs=("flagged pairs", "the table", "the image grids")),
+    Stage("embedding", _analysis("embedding"), reads=(Layout.DATAMODELS, Layout.CHECKPOINTS),
+          writes=("embedding.json", "embedding_*.png"), params="embedding", in_all=False,
+          precheck=_precheck_datamodels, logs=("explained variance", "the spectrum", "the extremes")),
+    Stage("compare", _analysis("compare"), reads=(Layout.DATAMODELS,), writes=("compare.json", "compare.png"),
+          params="compare", in_all=False, precheck=_precheck_datamodels,
+          logs=("cosine similarity per target", "the most-disagreeing targets")),
 )
 
 # after a stage's MLflow run has ended, in the parent run
@@ -140,7 +195,7 @@ EVALUATE_KEYS = ("lds", "lds_curve", "eval_masks", "plots")     # what evaluate 
 
 def selected(stage: str) -> list[Stage]:
     """The stages `stage=` asks for: one by name, or all of them in order."""
-    return [s for s in STAGES if stage in ("all", s.name)]
+    return [s for s in STAGES if stage == s.name or (stage == "all" and s.in_all)]
 
 
 def run_stage(st: Stage, ctx: Context) -> dict:

@@ -226,7 +226,6 @@ class Layout:
     """Where each kind of artifact lives, relative to the experiment's root."""
 
     LEDGER = "ledger"
-    QUARANTINE = "ledger/_quarantine"
     CHECKPOINTS = "checkpoints"
     DATAMODELS = "datamodels"
     SCORES = "scores"
@@ -237,8 +236,13 @@ class Layout:
     LDS_PER_TARGET = "lds_per_target.npz"
 
     @staticmethod
-    def unit(name: str, digest: str) -> str:
-        return f"ledger/{name}-{digest}.parquet"
+    def unit(name: str, digest: str, root: str = LEDGER) -> str:
+        return f"{root}/{name}-{digest}.parquet"
+
+    @staticmethod
+    def quarantine(root: str = LEDGER) -> str:
+        """Where the unreadable files of the ledger in `root` are moved."""
+        return f"{root}/_quarantine"
 
     @staticmethod
     def checkpoint(mask_set: str, model_id: int, replica: int) -> str:

@@ -78,7 +78,8 @@ class TrainWorker:
         self.task = instantiate(task_cfg, _convert_="all")
         self.task.setup(train_cfg)
         self.store = store_handle.open()
-        self.ledger = Ledger(self.store, Identity(**meta["identity"]))
+        self.sets = meta.get("sets") or M.MaskSets()
+        self.ledger = Ledger(self.store, Identity(**meta["identity"]), meta.get("root", Layout.LEDGER), self.sets)
         self.meta = meta
         try:
             import ray
@@ -92,9 +93,8 @@ class TrainWorker:
 
     def run_unit(self, unit: Unit, ckpt_ids: list[int]) -> dict:
         meta, ident = self.meta, cast(Identity, self.ledger.identity)
-        masks = M.make_masks(ident.seed, unit.mask_set, unit.ids, ident.n, ident.alpha)
-        seeds = np.array([M.model_seed(ident.seed, unit.mask_set, int(i), int(r))
-                          for i, r in zip(unit.ids, unit.replicas)], dtype=np.int64)
+        masks = self.sets.masks(ident.seed, unit.mask_set, unit.ids, ident.n, ident.alpha)
+        seeds = self.sets.seeds(ident.seed, unit.mask_set, unit.ids, unit.replicas)
         t0 = time.perf_counter()
         res = self.task.train(masks, seeds, return_weights=bool(ckpt_ids))
         seconds = time.perf_counter() - t0
@@ -148,9 +148,6 @@ def worker_slots(cpus: float, gpus: float, cap: int | None = None) -> int:
 
 def run(plan, tracker, code_version: str) -> dict:
     """Train what the ledger lacks. Returns counts and timings."""
-    import ray
-    from omegaconf import OmegaConf
-
     cfg = plan.cfg
     ledger = plan.ledger
     expected = expected_keys(int(cfg.masks.n_train), int(cfg.masks.n_eval), int(cfg.eval.replicas))
@@ -161,7 +158,6 @@ def run(plan, tracker, code_version: str) -> dict:
     if cfg.baselines.get("methods") and hasattr(plan.task, "attribution_inputs"):
         n_ckpt = max(n_ckpt, int(cfg.baselines.checkpoints))
     ckpt_ids = missing_checkpoints(plan.store, min(n_ckpt, int(cfg.masks.n_train)))
-    ckpt_set = set(ckpt_ids)
     pending = {k for k in all_keys if k not in present} | {("train", i, 0) for i in ckpt_ids}
     done_before = len(all_keys) - len([k for k in all_keys if k not in present])
     stats = {"models_expected": len(all_keys), "models_present": done_before, "models_trained": 0,
@@ -170,14 +166,28 @@ def run(plan, tracker, code_version: str) -> dict:
     if not pending:
         log.info("train: all %d models are in the ledger; nothing to train", len(all_keys))
         return stats
+    stats.update(train_models(plan, tracker, code_version, ledger, expected, pending, done_before, ckpt_ids))
+    return stats
+
+
+def train_models(plan, tracker, code_version: str, ledger, expected: dict, pending: set, done_before: int = 0,
+                 ckpt_ids=(), name: str = "train") -> dict:
+    """Train the `pending` keys of `expected` (mask set -> keys in unit order) into `ledger` (the
+    experiment's, or a removal experiment's with its own mask sets and directory) on the work
+    pool's actors; returns counts, timings, hosts and the pool's statistics."""
+    import ray
+    from omegaconf import OmegaConf
+
+    cfg = plan.cfg
+    ckpt_set = set(ckpt_ids)
     units = plan_units(expected, pending, int(cfg.train.models_per_unit))
-    log.info("train: %d models to train (%d already in the ledger) in %d units",
-             len(pending), done_before, len(units))
+    log.info("%s: %d models to train (%d already in the ledger) in %d units",
+             name, len(pending), done_before, len(units))
 
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
     ident = plan.identity
-    meta = {"code_version": code_version, "identity": ident.__dict__}
+    meta = {"code_version": code_version, "identity": ident.__dict__, "root": ledger.root, "sets": ledger.sets}
     cpus, gpus = float(cfg.train.cpus_per_worker), float(cfg.train.gpus_per_worker)
     cap = int(cfg.train.workers) if cfg.train.get("workers") else None
     Actor = ray.remote(TrainWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)
@@ -204,7 +214,7 @@ def run(plan, tracker, code_version: str) -> dict:
         ids = [int(i) for i in unit.ids if int(i) in ckpt_set] if unit.mask_set == "train" else []
         return actor.run_unit.remote(unit, ids)
 
-    pool = Pool("train", submit=submit,
+    pool = Pool(name, submit=submit,
                 spawn=lambda: Actor.remote(task_cfg, train_cfg, plan.handle, meta),
                 capacity=lambda: worker_slots(cpus, gpus, cap), per_worker=int(cfg.train.max_in_flight),
                 claims=plan.claims, done=done, on_result=on_result, unit="model",
@@ -212,8 +222,7 @@ def run(plan, tracker, code_version: str) -> dict:
     items = shuffled([Item(u.name, u, len(u.ids)) for u in units], plan.claims.owner if plan.claims else "")
     pool_stats = pool.run(items)
     if done_models[1]:
-        log.warning("train: %d models diverged (non-finite margins); they are recorded as failed and not fitted",
-                    done_models[1])
-    stats.update(models_trained=done_models[0], models_failed=done_models[1], units=len(units),
-                 seconds=time.perf_counter() - t0, hosts=hosts, pool=pool_stats)
-    return stats
+        log.warning("%s: %d models diverged (non-finite margins); they are recorded as failed and not fitted",
+                    name, done_models[1])
+    return {"models_trained": done_models[0], "models_failed": done_models[1], "units": len(units),
+            "seconds": time.perf_counter() - t0, "hosts": hosts, "pool": pool_stats}

@@ -153,13 +153,25 @@ def test_save_weights_rejects_non_tensors(tmp_path):
 
 
 # ---------------------------------------------------------------------------- input checks
-def test_masks_of_unequal_sizes_are_rejected(gray):
+def test_masks_of_unequal_sizes_train_by_size_in_order(gray):
+    """Removal experiments train masks of several sizes in one unit: each model's result is the
+    one it gets trained with the masks of its own size, in the order asked."""
     x, y, xt, yt = gray
     tr = Trainer(MLP_CFG, cfg_for(), x, y, xt, yt)
-    masks = make_masks(2, 240, 100)
-    masks[1, np.flatnonzero(~masks[1])[0]] = True
-    with pytest.raises(ValueError, match="unequal sizes"):
-        tr.train(masks, np.array([0, 1]))
+    masks = make_masks(3, 240, 100)
+    masks[1, np.flatnonzero(masks[1])[:7]] = False
+    seeds = np.array([0, 1, 2])
+    res = tr.train(masks, seeds)
+    same = tr.train(masks[[0, 2]], seeds[[0, 2]])
+    alone = tr.train(masks[[1]], seeds[[1]])
+    assert np.array_equal(res.margins[[0, 2]], same.margins) and np.array_equal(res.margins[1], alone.margins[0])
+    with pytest.raises(ValueError, match="no training examples"):
+        tr.train(np.zeros((1, 240), bool), np.array([0]))
+
+
+def test_masks_are_checked(gray):
+    x, y, xt, yt = gray
+    tr = Trainer(MLP_CFG, cfg_for(), x, y, xt, yt)
     with pytest.raises(ValueError, match="columns"):
         tr.train(np.ones((1, 10), bool), np.array([0]))
     with pytest.raises(ValueError, match="seeds"):

@@ -74,6 +74,12 @@ class TrainResult:
                    loss=np.concatenate([p.loss for p in parts]), seconds=seconds,
                    state_dicts=[sd for p in parts for sd in p.state_dicts or []] if weights else None)
 
+    def take(self, order: np.ndarray) -> TrainResult:
+        """The models in `order` (indices into this result)."""
+        sds = None if self.state_dicts is None else [self.state_dicts[int(i)] for i in order]
+        return TrainResult(self.margins[order], self.train_acc[order], self.target_acc[order], self.loss[order],
+                           self.seconds, sds)
+
 
 # ============================================================================ recipe pieces
 def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -429,7 +435,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
     def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False) -> TrainResult:
-        """Train one model per row of `masks` (bool [k, n], equal row sums) with `seeds` [k]."""
+        """Train one model per row of `masks` (bool [k, n]) with `seeds` [k]; the masks of one
+        size (row sum) are trained together, so a model's result does not depend on the others."""
         t0 = time.perf_counter()
         masks = np.asarray(masks)
         seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
@@ -443,12 +450,16 @@ class Trainer:
         if len(masks) == 0:
             raise ValueError("masks is empty: nothing to train")
         sizes = masks.sum(1)
-        if (sizes != sizes[0]).any():
-            raise ValueError(
-                f"masks have unequal sizes (row sums {sorted(set(sizes.tolist()))[:5]}): every mask in a "
-                "unit must select the same number of examples")
-        if sizes[0] == 0:
+        if (sizes == 0).any():
             raise ValueError("masks select no training examples")
+        if (sizes != sizes[0]).any():   # masks with examples removed: the models of one size train in lockstep
+            parts, rows = [], []
+            for size in np.unique(sizes):
+                sel = np.flatnonzero(sizes == size)
+                parts.append(self.train(masks[sel], seeds[sel], return_weights))
+                rows.append(sel)
+            res = TrainResult.concat(parts, seconds=time.perf_counter() - t0)
+            return res.take(np.argsort(np.concatenate(rows), kind="stable"))
 
         idx = torch.from_numpy(np.stack([np.flatnonzero(r) for r in masks])).to(self.device)
         chunk = self.cfg.models_per_step if self.cfg.engine == "batched" else 1

@@ -1,0 +1,269 @@
+"""The driver's memory against the ledger's size: flat in the number of models, or not.
+
+Synthetic ledgers of m train models (plus 100 eval masks x 3 replicas) over n training
+examples and T targets are written with the project's own writer (Ledger.write_unit through
+a Store, units of --unit models; masks from masks.make_packed_masks with a fixed seed;
+margins random float32; an Identity the ledger verifies against). The units of the largest
+ledger are written once; a smaller ledger is hard links to its first units. Each step a
+driver runs is then measured in a fresh process (peak resident set: the process's VmHWM,
+and RSS sampled every 2 ms above the step's start) with its wall time. (Not ru_maxrss: on
+Linux a child starts with the high-water mark of the parent it was forked from.)
+
+  index            Ledger.index(): verify every file (digests, masks regenerated), index metadata
+  fit driver       what fit_stage.run does on the driver before its tasks run: the good train
+                   models' positions (one footer read), the chunks' done checks, and the index
+                   and positions put in Ray's object store (TrainRows.refs) for the tasks
+  accuracy_summary pipeline.accuracy_summary: two small columns of every model
+  eval_set         evaluate.eval_set: the eval rows only
+  fit task read    one fit task's read of its block (Ledger.read_block: the mask column and one
+                   margins column of all m models): a task's memory, O(m n / 8), not the driver's
+
+The lasso itself (m x n design) is not run: at m = 200k, n = 50k it is hours of work here.
+
+    .venv/bin/python bench/scale.py [--models 10000,50000,200000] [--n 50000] [--targets 1000]
+                                    [--quick] [--root /tmp/scale] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SEED, ALPHA, N_EVAL, REPLICAS = 0, 0.5, 100, 3
+STEPS = ("index", "fit driver", "accuracy_summary", "eval_set", "fit task read")
+
+
+# ----------------------------------------------------------------------------- the ledgers
+def identity(n: int, T: int):
+    from orchestrator.ledger import Identity
+    return Identity(config_hash="bench-scale", alpha=ALPHA, seed=SEED, n=n, n_targets=T)
+
+
+def unit_rows(mask_set: str, ids: np.ndarray, replicas: np.ndarray, n: int, T: int) -> dict:
+    """One unit's rows as the train stage writes them, with random margins and accuracies."""
+    from orchestrator import masks as M
+    k = len(ids)
+    rng = np.random.default_rng([SEED, M.set_code(mask_set), int(ids[0]), int(replicas[0])])
+    return {
+        "mask_set": [mask_set] * k, "model_id": ids, "replica": replicas,
+        "seed": M.MaskSets().seeds(SEED, mask_set, ids, replicas), "alpha": [ALPHA] * k,
+        "mask": M.make_packed_masks(SEED, mask_set, ids, n, ALPHA),
+        "margins": rng.standard_normal((k, T), dtype=np.float32),
+        "train_acc": rng.uniform(size=k).astype(np.float32), "target_acc": rng.uniform(size=k).astype(np.float32),
+        "loss": rng.uniform(size=k).astype(np.float32), "seconds": np.ones(k, np.float32),
+        "code_version": ["bench"] * k, "config_hash": ["bench-scale"] * k,
+    }
+
+
+def write_units(root: str, m: int, n: int, T: int, per_unit: int) -> tuple[list[str], list[str]]:
+    """Write (once) the eval units and the train units of models [0, m) into `root`/units;
+    returns (eval unit paths, train unit paths in model-id order), relative to that store."""
+    from orchestrator.ledger import Ledger
+    from orchestrator.store import Store
+    store = Store(os.path.join(root, "units"))
+    ledger = Ledger(store, identity(n, T))
+    done = os.path.join(root, "units", "written.json")
+    have = json.load(open(done)) if os.path.exists(done) else {"eval": [], "train": []}
+    if have.get("n") not in (None, n) or have.get("T") not in (None, T) or have.get("per_unit") not in (None, per_unit):
+        raise SystemExit(f"{root}/units holds units of another shape; pass another --root or delete it")
+    have.update(n=n, T=T, per_unit=per_unit)
+    if not have["eval"]:
+        ids = np.repeat(np.arange(N_EVAL), REPLICAS)
+        reps = np.tile(np.arange(REPLICAS), N_EVAL).astype(np.int32)
+        have["eval"] = [ledger.write_unit("eval-000000", unit_rows("eval", ids, reps, n, T))]
+    t0 = time.perf_counter()
+    for a in range(len(have["train"]) * per_unit, m, per_unit):
+        ids = np.arange(a, min(a + per_unit, m))
+        rows = unit_rows("train", ids, np.zeros(len(ids), np.int32), n, T)
+        have["train"].append(ledger.write_unit(f"train-{a:07d}", rows))
+        json.dump(have, open(done, "w"))
+    if time.perf_counter() - t0 > 1:
+        print(f"wrote train units up to {m} models in {time.perf_counter() - t0:.0f} s", flush=True)
+    json.dump(have, open(done, "w"))
+    return have["eval"], have["train"][: -(-m // per_unit)]
+
+
+def ledger_of(root: str, m: int, eval_units: list[str], train_units: list[str]) -> str:
+    """The store of an m-model ledger: hard links to the shared units."""
+    where = os.path.join(root, f"m{m}")
+    shutil.rmtree(where, ignore_errors=True)
+    os.makedirs(os.path.join(where, "ledger"))
+    for rel in eval_units + train_units:
+        os.link(os.path.join(root, "units", rel), os.path.join(where, rel))
+    return where
+
+
+# ----------------------------------------------------------------------------- measuring
+class PeakRSS:
+    """The largest resident set seen (sampled every `every` seconds) while it is entered."""
+
+    def __init__(self, every: float = 0.002):
+        self.every, self.peak, self.start = every, 0, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.start = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def measure(step: str, where: str, n: int, T: int) -> dict:
+    """Run one step on the ledger in `where` (in this fresh process); its figures. Every
+    module a step uses is imported first, so that the step's own memory is not imports."""
+    import pyarrow.parquet  # noqa: F401
+
+    from orchestrator import config, evaluate, fit_stage, pipeline  # noqa: F401
+    from orchestrator.ledger import Ledger
+    from orchestrator.store import Store
+    ledger = Ledger(Store(where), identity(n, T))
+    index_file = os.path.join(where, "index.pickle")
+    index = None
+    if step != "index":
+        with open(index_file, "rb") as f:
+            index = pickle.load(f)           # the driver's index, as the index step built it
+    if step == "fit driver":
+        from omegaconf import OmegaConf
+
+        from orchestrator import raycluster
+        os.environ.pop("RAY_ADDRESS", None)
+        raycluster.connect(OmegaConf.create({"address": None, "num_cpus": 1, "num_gpus": 0}))
+    out = {}
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        if step == "index":
+            index = ledger.index()
+            out["models"] = int(len(index.model_id))
+        elif step == "fit driver":
+            from orchestrator import fit_stage
+            from orchestrator.store import Layout
+            pos, _, _ = ledger.good_models("train", index, n=n, n_targets=T)
+            rel_dir = fit_stage.store_dir(len(pos), {"backend": "torch"})
+            todo = [c for c in fit_stage.chunks(T, 1024)
+                    if not fit_stage.chunk_ok(ledger.store, Layout.chunk(rel_dir, *c), *c, n)]
+            fit_stage.TrainRows(ledger, index, pos).refs(len(pos))
+            out["chunks"] = len(todo)
+        elif step == "accuracy_summary":
+            from orchestrator.config import Plan
+            from orchestrator.pipeline import accuracy_summary
+            plan = Plan(None, None, n, T, where, "bench-scale", None, ledger.store, ledger)
+            accuracy_summary(plan, index)
+        elif step == "eval_set":
+            from orchestrator.evaluate import eval_set
+            X, _, _ = eval_set(ledger, n, T, index=index)
+            out["eval_masks"] = len(X)
+        elif step == "fit task read":
+            packed, Y = ledger.read_block(index, index.select("train"), 0, min(T, 1024))
+            out["read_bytes"] = int(packed.nbytes + Y.nbytes)
+        out["seconds"] = time.perf_counter() - t0
+    if step == "index":
+        with open(index_file, "wb") as f:
+            pickle.dump(index, f)
+    out.update(peak=rss.peak, start=rss.start, maxrss=high_water())
+    return out
+
+
+def high_water() -> int:
+    """This process's peak resident set (VmHWM), in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def run_step(step: str, where: str, n: int, T: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure", step, "--store", where,
+           "--n", str(n), "--targets", str(T)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if res.returncode:
+        raise SystemExit(f"{step} on {where} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the table
+def mb(x: float) -> str:
+    return f"{x / 2**20:9.1f}"
+
+
+def report(sizes: list[int], results: dict, n: int, T: int) -> None:
+    print(f"\nn={n}, T={T}, eval {N_EVAL} masks x {REPLICAS} replicas; each step in a fresh process")
+    print("peak = VmHWM of that process (interpreter, imports and the loaded index included);")
+    print("own = peak RSS sampled during the step minus RSS at its start\n")
+    print(f"{'step':<18}{'models':>8}{'seconds':>9}{'peak MB':>10}{'own MB':>9}")
+    for step in STEPS:
+        for m in sizes:
+            r = results[m][step]
+            print(f"{step:<18}{m:>8}{r['seconds']:>9.2f}{mb(r['maxrss']):>10}{mb(r['peak'] - r['start']):>9}")
+        if len(sizes) > 1:
+            grow = [(results[b][step]["maxrss"] - results[a][step]["maxrss"]) / (b - a)
+                    for a, b in zip(sizes, sizes[1:])]
+            ratio = results[sizes[-1]][step]["maxrss"] / results[sizes[0]][step]["maxrss"]
+            print(f"{'':<18}growth per model: {', '.join(f'{g:.0f} B' for g in grow)} between sizes; "
+                  f"peak at {sizes[-1]} / at {sizes[0]} = {ratio:.2f} (models x{sizes[-1] / sizes[0]:.0f})")
+    print(f"\n(per model on disk: mask {(n + 7) // 8} B + margins {4 * T} B)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="10000,50000,200000")
+    ap.add_argument("--n", type=int, default=50000)
+    ap.add_argument("--targets", type=int, default=1000)
+    ap.add_argument("--unit", type=int, default=1000, help="models per ledger unit")
+    ap.add_argument("--quick", action="store_true", help="a small run: 1k and 4k models, n=2000, T=300")
+    ap.add_argument("--root", default="/tmp/scale")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic ledgers under --root")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.store, args.n, args.targets)))
+        return
+    if args.quick:
+        args.models, args.n, args.targets, args.unit = "1000,4000", 2000, 300, 250
+    sizes = sorted(int(x) for x in args.models.split(","))
+    if sizes[0] < 1 or any(m % args.unit for m in sizes):
+        raise SystemExit(f"--models={args.models}: every size must be a positive multiple of --unit={args.unit}")
+    results = {}
+    try:
+        eval_units, train_units = write_units(args.root, sizes[-1], args.n, args.targets, args.unit)
+        for m in sizes:
+            where = ledger_of(args.root, m, eval_units, train_units[: -(-m // args.unit)])
+            results[m] = {}
+            for step in STEPS:
+                results[m][step] = run_step(step, where, args.n, args.targets)
+                r = results[m][step]
+                print(f"m={m} {step}: {r['seconds']:.2f} s, peak {mb(r['maxrss']).strip()} MB", flush=True)
+            shutil.rmtree(where)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.root, ignore_errors=True)
+    report(sizes, results, args.n, args.targets)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""stage=counterfactual and stage=brittleness on a planted task, where the truth is known:
+margin_t(S) = w_t · 1_S + b_t + noise(seed), so removing R from S lowers the margin by exactly
+Σ_{i ∈ R ∩ S} w_t,i (the noise is the seed's, the same with and without the removal)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from orchestrator import masks as M
+from orchestrator import pipeline
+from orchestrator.config import ConfigError
+from orchestrator.ledger import Ledger
+from orchestrator.removal import Removals
+from orchestrator.store import Store
+from tests.conftest import compose
+from tests.test_pipeline import PlantedTask, planted_overrides, trained
+
+CF = ["stage=counterfactual", "counterfactual.n_targets=4", "counterfactual.ks=[2,5]", "counterfactual.masks=6"]
+
+
+def test_removal_masks_regenerate_and_pair_seeds():
+    rem = Removals("counterfactual", 3)
+    assert rem.add([5, 1, 5]) == 1 and rem.add([1, 5]) == 1 and rem.add([]) == 0
+    sets = rem.sets()
+    masks = sets.masks(7, "counterfactual", [0, 1, 2, 3, 4, 5], 20, 0.5)
+    assert np.array_equal(masks[:3], M.make_masks(7, "counterfactual", [0, 1, 2], 20, 0.5))
+    assert not masks[3:, [1, 5]].any() and np.array_equal(masks[3:] | masks[:3], masks[:3])
+    assert np.array_equal(sets.seeds(7, "counterfactual", [0, 3], [0, 0])[:1],
+                          sets.seeds(7, "counterfactual", [3], [0]))
+    with pytest.raises(ValueError, match="not removal masks"):
+        sets.masks(7, "counterfactual", [6], 20, 0.5)
+
+
+@pytest.mark.slow
+def test_counterfactual_and_brittleness_on_a_planted_task(tmp_path, ray_local):
+    summary = pipeline.run(compose(planted_overrides(tmp_path), tmp_path))
+    before = trained(tmp_path / "count")
+    cf = pipeline.run(compose(planted_overrides(tmp_path, extra=CF), tmp_path))["counterfactual"]
+    R = cf["models"]["models_expected"]
+    assert cf["models"]["models_trained"] == R and trained(tmp_path / "count") == before + R
+    assert cf["methods"] == ["datamodels", "random"]
+    for k in ("2", "5"):
+        d = cf["drop"]["datamodels"][k]
+        assert d["actual"] > 0 and abs(d["predicted"] - d["actual"]) < 0.15 * d["actual"]
+        assert cf["datamodels_minus_random"][k]["ci95"][0] > 0
+    assert 0.85 < cf["fit"]["datamodels"]["slope"] < 1.15 and cf["fit"]["datamodels"]["correlation"] > 0.95
+    store = Store(summary["experiment_dir"])
+    table = json.loads(store.read_bytes("counterfactual.json"))
+    assert len(table["cells"]) == 2 * 4 * 2 and store.exists("counterfactual_drop.png")
+
+    # the truth: the planted task's exact drop for each cell
+    task = PlantedTask(60, 8)
+    rem_masks = M.make_masks(0, "counterfactual", np.arange(6), 60, 0.5)
+    for c in table["cells"]:
+        if c["method"] == "datamodels":
+            order = np.argsort(-pipeline_weights(store, summary)[c["target"]], kind="stable")[:c["k"]]
+            exact = (rem_masks[:, order] @ task.W[c["target"], order]).mean()
+            assert c["actual"] == pytest.approx(exact, abs=1e-4)
+
+    # resumable: asked again, nothing is retrained
+    again = pipeline.run(compose(planted_overrides(tmp_path, extra=CF), tmp_path))["counterfactual"]
+    assert again["models"]["models_trained"] == 0 and trained(tmp_path / "count") == before + R
+    assert again["drop"] == cf["drop"]
+
+    # a unit file of the removal ledger that is tampered with is quarantined and retrained
+    root = f"{cf['models']['dir']}/ledger"
+    unit = store.list(root, ".parquet")[0]
+    store.write_bytes(unit.rel, store.read_bytes(unit.rel)[:-100])
+    third = pipeline.run(compose(planted_overrides(tmp_path, extra=CF), tmp_path))["counterfactual"]
+    assert 0 < third["models"]["models_trained"] <= 60 and third["drop"] == cf["drop"]
+    assert store.list(f"{root}/_quarantine", ".parquet")
+
+    br = pipeline.run(compose(planted_overrides(tmp_path, extra=[
+        "stage=brittleness", "brittleness.n_targets=8", "brittleness.ks=[1,2,4,8]", "brittleness.masks=4"]),
+        tmp_path))["brittleness"]
+    assert br["targets"] >= 1 and br["candidates"] >= br["targets"]
+    curve = br["fraction_flipped"]
+    print(curve, br["verified_of_predicted"])
+    assert all(0 <= v["verified"] <= v["predicted"] <= 1 for v in curve.values())
+    assert curve["8"]["predicted"] > 0 and br["verified_of_predicted"] >= 0.75   # a linear task: the estimate holds
+    assert json.loads(store.read_bytes("brittleness.json"))["per_target"]
+    assert Ledger(store).index().count("train") == 400        # the experiment's ledger is untouched
+
+
+def pipeline_weights(store, summary):
+    from orchestrator.fit_stage import load_datamodels
+    return load_datamodels(store, summary["fit"]["dir"], 8)[0]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("counterfactual.targets=[8]", r"counterfactual.targets: 8 is not a target id; this task has targets 0..7"),
+    ("counterfactual.ks=[31]", r"counterfactual.ks: 31 must be a count .* mask size 30"),
+    ("counterfactual.methods=[trak]", r"counterfactual.methods: 'trak' is not one of"),
+    ("counterfactual.masks=1", r"counterfactual.masks"),
+])
+def test_bad_counterfactual_settings_are_one_line(tmp_path, override, match):
+    from orchestrator.config import validate
+    with pytest.raises(ConfigError, match=match) as err:
+        validate(compose(planted_overrides(tmp_path, extra=["stage=counterfactual", "counterfactual.ks=[2,5]",
+                                                              override]), tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_counterfactual_without_datamodels_is_one_line(tmp_path, capsys):
+    from orchestrator.counterfactual import CounterfactualError
+    with pytest.raises(CounterfactualError, match=r"has no datamodels .* run stage=all \(or stage=fit\) first"):
+        pipeline.run(compose(planted_overrides(tmp_path, extra=["stage=counterfactual", "counterfactual.ks=[2]"]),
+                             tmp_path))

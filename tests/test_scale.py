@@ -1,0 +1,154 @@
+"""The driver at the ledger's full size holds metadata only: fit tasks read their own block
+of the ledger from the store (and the fit is bitwise what it was when the driver loaded
+everything), fit.gpus_per_task resolves from the cluster, and the masks .npy is written in
+blocks."""
+import dataclasses
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator import fit_stage
+from orchestrator import masks as M
+from orchestrator.ledger import MARGIN_BLOCK, Identity, Ledger, LedgerError, block_columns
+from orchestrator.store import Layout, Store, StoreHandle
+from tests.conftest import compose
+from tests.test_ledger import rows
+from tests.test_pipeline import planted_overrides
+
+IDENT = Identity(config_hash="h0", alpha=0.5, seed=7, n=20, n_targets=MARGIN_BLOCK + 6)
+
+
+def planted_ledger(path, ident=IDENT, units=((0, 30), (30, 60))) -> Ledger:
+    """A real ledger of train models whose margins are a planted linear map of the masks."""
+    led = Ledger(Store(str(path)), ident)
+    w = np.random.default_rng(0).normal(size=(ident.n, ident.n_targets)).astype(np.float32)
+    for a, b in units:
+        masks, _, r = rows(np.arange(a, b), ident)
+        r["margins"] = (masks @ w + 0.1 * np.random.default_rng(a).normal(size=(b - a, ident.n_targets)))
+        r["margins"] = r["margins"].astype(np.float32)
+        led.write_unit(f"train-{a:06d}", r)
+    return led
+
+
+def glmnet_cfg() -> dict:
+    from workers.lasso import LassoConfig
+    return {**dataclasses.asdict(LassoConfig(backend="glmnet", device="cpu", n_lambdas=20)), "cpus_per_task": 1}
+
+
+def test_a_block_read_is_the_slice_of_the_whole_load(tmp_path):
+    led = planted_ledger(tmp_path)
+    index = led.index()
+    whole = led.load("train", index=index)
+    pos = index.select("train")
+    assert block_columns(0, MARGIN_BLOCK) == ["margins_0"]
+    assert block_columns(1000, MARGIN_BLOCK + 6) == ["margins_0", "margins_1"]
+    for a, b in [(0, 4), (1000, MARGIN_BLOCK + 6), (MARGIN_BLOCK, MARGIN_BLOCK + 6)]:
+        packed, Y = led.read_block(index, pos, a, b)
+        assert np.array_equal(packed, whole.packed) and np.array_equal(Y, whole.margins[:, a:b])
+    packed, Y = led.read_block(index, pos[:7], 2, 5)       # a prefix: the first models by id
+    assert np.array_equal(packed, whole.packed[:7]) and np.array_equal(Y, whole.margins[:7, 2:5])
+
+
+def test_fit_task_reads_its_block_and_names_a_file_changed_after_the_index(tmp_path):
+    from workers.lasso import fit_lasso
+    led = planted_ledger(tmp_path)
+    index = led.index()
+    pos = index.select("train")
+    cfg, handle = glmnet_cfg(), StoreHandle(str(tmp_path))
+    rel = Layout.chunk("datamodels/test", 0, 3)
+    fit_stage.fit_chunk(index, pos, led.root, 0, 3, IDENT.n, cfg, rel, handle)
+    # bitwise what the fit was when the driver loaded every mask and margin and sent slices
+    whole = led.load("train", index=index)
+    want = fit_lasso(whole.packed, np.ascontiguousarray(whole.margins[:, 0:3]), fit_stage.lasso_config(cfg), n=IDENT.n)
+    got = pq.read_table(os.path.join(tmp_path, rel))["weights"].combine_chunks().flatten().to_numpy()
+    assert np.array_equal(got.view(np.uint32), want.weights.reshape(-1).view(np.uint32))
+    assert np.count_nonzero(got) > 0
+
+    # a unit file that changes after the driver's index was built: one line naming it
+    changed = os.path.join(tmp_path, index.files[1])
+    data = bytearray(open(changed, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(changed, "wb").write(bytes(data))
+    with pytest.raises(LedgerError, match=os.path.basename(changed)) as err:
+        fit_stage.fit_chunk(index, pos, led.root, 3, 6, IDENT.n, cfg, Layout.chunk("datamodels/test", 3, 6), handle)
+    assert "\n" not in str(err.value)
+    assert fit_stage.chunk_ok(Store(str(tmp_path)), rel, 0, 3, IDENT.n)     # nothing written is lost
+
+
+def test_gpus_per_task_resolves_from_the_cluster():
+    gpus = fit_stage.gpus_per_task
+    assert gpus({"gpus_per_task": None, "device": "auto"}, {"CPU": 16.0, "GPU": 8.0}) == 1.0
+    assert gpus({"gpus_per_task": None, "device": "cuda"}, {"CPU": 16.0, "GPU": 1.0}) == 1.0
+    assert gpus({"gpus_per_task": None, "device": "cpu"}, {"CPU": 16.0, "GPU": 8.0}) == 0.0
+    assert gpus({"gpus_per_task": None, "device": "auto"}, {"CPU": 2.0}) == 0.0
+    assert gpus({"gpus_per_task": None, "device": "auto"}, {"CPU": 2.0, "GPU": 0.5}) == 0.0
+    assert gpus({"gpus_per_task": 0.5, "device": "auto"}, {"GPU": 8.0}) == 0.5      # set: kept
+    assert gpus({"gpus_per_task": 0, "device": "auto"}, {"GPU": 8.0}) == 0.0
+    from orchestrator.schema import FitConf
+    assert FitConf().gpus_per_task is None
+
+
+def test_masks_npy_written_in_blocks_is_make_packed_masks(tmp_path):
+    import io
+
+    from orchestrator import config, stages
+    n, n_train = 20000, 4000            # blocks of 2**26 // n = 3355 masks: two of them
+    cfg = compose(planted_overrides(tmp_path, n=n, extra=[f"masks.n_train={n_train}"]), tmp_path)
+    plan = config.validate(cfg)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = stages._masks(stages.Context(plan, None, {}, "test", {}, str(scratch)))
+    assert out["train"] == n_train and not os.listdir(scratch)
+    for mask_set, count in (("train", n_train), ("eval", int(cfg.masks.n_eval))):
+        want = M.make_packed_masks(int(cfg.exp.seed), mask_set, np.arange(count), plan.n, float(cfg.masks.alpha))
+        data = plan.store.read_bytes(Layout.masks(mask_set))
+        assert np.array_equal(np.load(io.BytesIO(data)), want)
+        buf = io.BytesIO()
+        np.save(buf, want)
+        assert data == buf.getvalue()          # the same bytes np.save writes
+
+
+@pytest.mark.slow
+def test_fit_stage_driver_loads_no_train_rows_and_fits_what_it_did(tmp_path, ray_local, monkeypatch):
+    """A real pipeline run: the driver never loads the train set's masks or margins, and every
+    chunk (the full fit and a prefix) is bitwise the lasso of the rows the old driver sent."""
+    from orchestrator import config, pipeline
+    from workers.lasso import fit_lasso
+    loaded = []
+    real_load = Ledger.load
+
+    def load(self, mask_set, *args, **kwargs):
+        loaded.append(mask_set)
+        return real_load(self, mask_set, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "load", load)
+    over = planted_overrides(tmp_path, extra=["fit=glmnet", "fit.targets_per_task=4", "fit.prefixes=[0.5]"])
+    cfg = compose(over, tmp_path)
+    summary = pipeline.run(cfg)
+    assert "train" not in loaded and "eval" in loaded
+    assert summary["fit"]["chunks_fit"] == 2 and list(summary["fit"]["prefixes"]) == [200]
+
+    plan = config.validate(cfg)
+    whole = real_load(plan.ledger, "train")
+    from omegaconf import OmegaConf
+    fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
+    for m, rel_dir in ((400, summary["fit"]["dir"]), (200, summary["fit"]["prefixes"][200])):
+        for a, b in fit_stage.chunks(8, 4):
+            want = fit_lasso(whole.packed[:m], np.ascontiguousarray(whole.margins[:m, a:b]),
+                             fit_stage.lasso_config(fit_cfg), n=plan.n)
+            got = plan.store.read_table(Layout.chunk(rel_dir, a, b))["weights"].combine_chunks()
+            assert np.array_equal(got.flatten().to_numpy().view(np.uint32),
+                                  want.weights.reshape(-1).view(np.uint32)), (m, a, b)
+
+    # a task on a node that cannot see this disk reads its block through the store's server
+    from orchestrator.store import RemoteStore, serve
+    handle = serve(plan.store)
+    try:
+        remote = Ledger(RemoteStore(handle.server, handle.uri), root=plan.ledger.root)
+        index = plan.ledger.index()
+        packed, Y = remote.read_block(index, index.select("train")[:200], 4, 8)
+        assert np.array_equal(packed, whole.packed[:200]) and np.array_equal(Y, whole.margins[:200, 4:8])
+    finally:
+        handle.close()
