@@ -195,9 +195,10 @@ def test_constant_target_gets_intercept_only():
     P, Y, _ = planted(m, n, 2, seed=9)
     Y[:, 1] = 2.5
     for backend in ("torch", "glmnet"):
-        res = fit_lasso(P, Y, LassoConfig(backend=backend, n_lambdas=20), n=n)
-        assert res.nnz[1] == 0 and res.lam[1] == 0 and res.intercept[1] == pytest.approx(2.5)
-        assert res.nnz[0] > 0
+        for debias, phi in (("none", 1.0), ("refit", 0.0), ("relaxed", 1.0)):
+            res = fit_lasso(P, Y, LassoConfig(backend=backend, n_lambdas=20, debias=debias), n=n)
+            assert res.nnz[1] == 0 and res.lam[1] == 0 and res.intercept[1] == pytest.approx(2.5)
+            assert res.nnz[0] > 0 and res.phi[1] == phi
 
 
 def _peak_bytes(fn):
@@ -259,3 +260,80 @@ def test_unknown_backend_is_one_clear_error():
     P, Y, _ = planted(50, 16, 1)
     with pytest.raises(ValueError, match="fit.backend"):
         fit_lasso(P, Y, LassoConfig(backend="nope"), n=16)
+
+
+# ----------------------------------------------------------------------------- debiasing
+
+def _slope(W, Wt):
+    """Least-squares slope of fitted against planted weights on the planted support (1: unbiased)."""
+    on = Wt != 0
+    return float((W[on] * Wt[on]).sum() / (Wt[on] ** 2).sum())
+
+
+@pytest.mark.parametrize("backend", ["torch", "glmnet"])
+def test_debias_refit_undoes_the_lasso_shrinkage_on_its_support(backend):
+    m, n, T = 600, 100, 8
+    P, Y, Wt = planted(m, n, T, k=5, snr=0.5, seed=3)
+    X = bits.unpack(P, n).astype(np.float64)
+    fits = {d: fit_lasso(P, Y, LassoConfig(backend=backend, debias=d, n_lambdas=50), n=n)
+            for d in ("none", "refit", "relaxed")}
+    none, refit, relaxed = fits["none"], fits["refit"], fits["relaxed"]
+    slopes = {d: _slope(r.weights, Wt.T) for d, r in fits.items()}
+    print(backend, slopes, "phi", relaxed.phi)
+    assert slopes["none"] < 0.9 and 0.95 < slopes["refit"] < 1.05, slopes
+    assert slopes["none"] <= slopes["relaxed"] <= slopes["refit"], slopes
+    for r in (refit, relaxed):                           # same λ, same support
+        np.testing.assert_array_equal(r.lam, none.lam)
+        np.testing.assert_array_equal(r.weights != 0, none.weights != 0)
+    assert np.all(none.phi == 1) and np.all(refit.phi == 0) and set(relaxed.phi) <= {1.0, 0.75, 0.5, 0.25, 0.0}
+    # relaxed picks the blend with the least validation MSE, the ends included
+    assert np.all(relaxed.val_mse <= np.minimum(none.val_mse, refit.val_mse))
+    # the refit is least squares on the support, intercept included, on all rows
+    for t in range(T):
+        S = np.flatnonzero(none.weights[t])
+        A = np.column_stack([X[:, S], np.ones(m)])
+        coef = np.linalg.lstsq(A, Y[:, t].astype(np.float64), rcond=None)[0]
+        np.testing.assert_allclose(refit.weights[t, S], coef[:-1], rtol=1e-3, atol=1e-4)
+        assert refit.intercept[t] == pytest.approx(coef[-1], abs=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "glmnet"])
+def test_relaxed_at_phi_one_is_the_lasso_bitwise(backend):
+    m, n, T = 400, 40, 4
+    P, Y, _ = planted(m, n, T, k=4, snr=1.0, seed=12)
+    cfg = LassoConfig(backend=backend, n_lambdas=20)
+    a = fit_lasso(P, Y, cfg, n=n)
+    b = fit_lasso(P, Y, LassoConfig(**{**cfg.__dict__, "debias": "relaxed", "debias_phi": 1.0}), n=n)
+    for f in ("weights", "intercept", "lam", "val_mse", "nnz", "phi"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_bad_debias_is_one_clear_error(tmp_path):
+    from orchestrator.config import ConfigError, check_rules
+    from tests.conftest import compose
+    from workers.settings import SettingError
+    P, Y, _ = planted(50, 16, 1)
+    with pytest.raises(SettingError, match=r"^fit.debias='lasso' is not one of none\|refit\|relaxed$"):
+        fit_lasso(P, Y, LassoConfig(debias="lasso"), n=16)
+    with pytest.raises(SettingError, match=r"fit.debias_phi=0.5 applies only to fit.debias=relaxed"):
+        fit_lasso(P, Y, LassoConfig(debias="refit", debias_phi=0.5), n=16)
+    with pytest.raises(SettingError, match=r"fit.debias_phi=2"):
+        fit_lasso(P, Y, LassoConfig(debias="relaxed", debias_phi=2.0), n=16)
+    with pytest.raises(ConfigError, match="fit.debias") as err:      # refused before any work
+        check_rules(compose(["fit.debias=lasso"], tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_store_dir_of_the_default_fit_is_unchanged_by_debias():
+    """The default fit's datamodels directory is the one written before fit.debias existed
+    (runs/fmnist_mlp-6693add97e/datamodels/m4000-torch-a969545d); a debiased fit gets its own."""
+    from omegaconf import OmegaConf
+
+    from orchestrator.fit_stage import store_dir
+    from orchestrator.schema import FitConf
+    fit_cfg = OmegaConf.to_container(OmegaConf.structured(FitConf), resolve=True)
+    assert fit_cfg["debias"] == "none"
+    assert store_dir(4000, fit_cfg) == "datamodels/m4000-torch-a969545d"
+    dirs = {store_dir(4000, {**fit_cfg, **d}) for d in ({"debias": "refit"}, {"debias": "relaxed"},
+                                                        {"debias": "relaxed", "debias_phi": 0.5})}
+    assert len(dirs) == 3 and "datamodels/m4000-torch-a969545d" not in dirs

@@ -11,6 +11,7 @@ algorithm:
     per_target  the glmnet and sklearn backends
     gram        torch backend data: row streaming, the centered Gram, memory budget and blocks
     fista       torch backend solver: FISTA, the λ path per target block, the refit
+    debias      torch backend debiasing: least squares on each support from the Gram, the blend
     synthetic   planted problems for tests and benchmarks (not imported here)
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from workers.lasso.per_target import fit_per_target
 from workers.lasso.problem import (
     FitResult,
     LassoConfig,
+    check_debias,
     column_std,
     lambda_max,
     lambda_ratios,
@@ -48,6 +50,7 @@ def fit_lasso(X: Any, Y: Any, cfg: LassoConfig, n: int | None = None) -> FitResu
     given; numpy, or a torch tensor (torch backend: may already be on the device).
     Y: float [m, T] margins (numpy or torch)."""
     check(cfg, "fit.")
+    check_debias(cfg)
     m = X.shape[0]
     packed, n = mask_format(X, n)
     if Y.ndim != 2 or Y.shape[0] != m:

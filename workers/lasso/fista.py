@@ -25,6 +25,9 @@ algorithm:
     lam), which saves about a third of the steps. A target's path stops once its validation MSE
     has not improved for early_stop_patience steps; lam is the argmin over the steps taken
     (select_lambda's rule, applied step by step).
+  * Debiasing (LassoConfig.debias, workers.lasso.debias): at the chosen λ, least squares on the
+    support from the same Gram; "relaxed" picks each target's blend phi on the validation rows
+    with the fit rows' solutions, then blends the refit's solutions on all rows with that phi.
   Precision: iterations in float32; intercepts and validation MSE sums in float64.
 """
 from __future__ import annotations
@@ -38,8 +41,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from workers.devices import is_cuda, resolve_device
+from workers.lasso.debias import blend, support_refit
 from workers.lasso.gram import Gram, Rows, TargetStats, plan_blocks, take_y
-from workers.lasso.problem import FitResult, LassoConfig, lambda_max_of, lambda_ratios, mask_format, progress
+from workers.lasso.problem import (
+    FitResult,
+    LassoConfig,
+    debias_phis,
+    lambda_max_of,
+    lambda_ratios,
+    mask_format,
+    progress,
+    select_phi,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -208,20 +221,23 @@ class Solver:
 
 @dataclass
 class PathResult:
-    """A target block's λ path: the chosen λ (0: intercept only) and its validation MSE per
-    target [T_b], with the work done (FISTA GEMM columns, λ steps, target-steps)."""
+    """A target block's λ path: the chosen λ (0: intercept only), the debias blend phi (1:
+    the lasso) and the validation MSE at both per target [T_b], with the work done (FISTA GEMM
+    columns, λ steps, target-steps)."""
     lam: np.ndarray
     val_mse: np.ndarray
     gemms: int
     steps: int
     target_steps: int
+    phi: np.ndarray
 
 
 @dataclass
 class BlockPath:
     """The λ path on the fit rows, shared by every target block: the masks and margins, the
     fit/validation rows (streamed r at a time, or the validation rows cached unpacked as Xv),
-    the fit rows' Solver, the λ ratios and the early-stopping patience."""
+    the fit rows' Solver, the λ ratios, the early-stopping patience and the debias candidates
+    phi (problem.debias_phis; None: no debiasing)."""
     rows: Rows
     Y: Any
     fit_idx: np.ndarray
@@ -231,6 +247,7 @@ class BlockPath:
     ratios: np.ndarray
     patience: int
     Xv: torch.Tensor | None
+    phis: tuple[float, ...] | None = None
 
     def fit(self, t0: int, t1: int) -> tuple[torch.Tensor, PathResult]:
         """The path for targets [t0, t1) with validation and early stopping: (W at the chosen λ
@@ -275,9 +292,30 @@ class BlockPath:
                 stopped[act] = (k - best_k[act]) >= self.patience
             del Wk
         chosen_lam[lmax <= 0] = 0.0
-        del W, W_prev, Yv, tgt
+        del W, W_prev
+        phi = np.ones(tb)
+        if self.phis is not None:
+            phi, best_mse = self.debias(W_best, best_mse, tgt, Yv, self.phis)
+        del Yv, tgt
         return W_best, PathResult(chosen_lam.cpu().numpy(), best_mse.cpu().numpy(), gemms, steps,
-                                  target_steps)
+                                  target_steps, phi)
+
+    def debias(self, W: torch.Tensor, mse_lasso: torch.Tensor, tgt: TargetStats, Yv: torch.Tensor,
+               phis: tuple[float, ...]) -> tuple[np.ndarray, torch.Tensor]:
+        """The phi of `phis` whose blend of the fit rows' lasso W [n, T_b] (validation MSE
+        mse_lasso) with its support refit has the least validation MSE, per target: (phi [T_b],
+        that MSE [T_b]). W, the refit's warm start, is left as it is."""
+        import torch
+        A, dev = W.shape[1], W.device
+        V = support_refit(self.solver.gram.G, tgt.C, W)
+        cols = torch.arange(A, device=dev)
+        mse = torch.stack([mse_lasso if p == 1.0 else
+                           self.val_mse(blend(W, V, torch.full((A,), p, dtype=torch.float64, device=dev)),
+                                        tgt, Yv, cols)
+                           for p in phis])
+        del V
+        pick = select_phi(mse.cpu().numpy())
+        return np.asarray(phis, np.float64)[pick], mse[torch.as_tensor(pick, device=dev), cols]
 
     def val_mse(self, W: torch.Tensor, tgt: TargetStats, Yv: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Validation MSE (float64 [A]) of the fit-rows model (W [n, A], b = ybar - mu^T W) for
@@ -299,16 +337,19 @@ class BlockPath:
 
 @dataclass
 class Refit:
-    """The refit at the chosen λ on all rows (idx), warm started from the path's solution."""
+    """The refit at the chosen λ on all rows (idx), warm started from the path's solution, and
+    debiased if `debias` (blended with its support refit at the path's phi)."""
     rows: Rows
     Y: Any
     idx: np.ndarray
     r: int
     solver: Solver
+    debias: bool = False
 
-    def fit(self, t0: int, t1: int, lam: np.ndarray, W0: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Targets [t0, t1) at λ = lam [T_b] (0: intercept only) from W0 [T_b, n]:
-        (W [n, T_b], b float64 [T_b], GEMM columns)."""
+    def fit(self, t0: int, t1: int, lam: np.ndarray, W0: np.ndarray, phi: np.ndarray | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Targets [t0, t1) at λ = lam [T_b] (0: intercept only) from W0 [T_b, n], blended at
+        phi [T_b] if debiasing: (W [n, T_b], b float64 [T_b], GEMM columns)."""
         import torch
         device = self.rows.device
         tgt = TargetStats(self.rows, self.Y, self.idx, t0, t1, self.r, self.solver.gram)
@@ -322,6 +363,10 @@ class Refit:
             Wk, gemms = self.solver.solve(tgt, lam_t[k], W0_t[:, k], k)
             W[:, k] = Wk
             del Wk
+        if self.debias and phi is not None:
+            V = support_refit(self.solver.gram.G, tgt.C, W)
+            W = blend(W, V, torch.as_tensor(phi, device=device))
+            del V
         b = tgt.intercepts(W, self.solver.gram)
         del tgt, W0_t
         return W, b, gemms
@@ -346,8 +391,10 @@ def fit_torch(X: Any, packed: bool, n: int, Y: Any, cfg: LassoConfig, fit_idx: n
         clock = _Clock(device)
         Xv = rows.get(val_idx, torch.float32) if plan.cache_val else None
         gram = Gram(rows, fit_idx, r)
+        phis = debias_phis(cfg)
         path = BlockPath(rows, Y, fit_idx, val_idx, r, Solver.of(gram, cfg),
-                         lambda_ratios(cfg.n_lambdas, cfg.lambda_min_ratio), cfg.early_stop_patience, Xv)
+                         lambda_ratios(cfg.n_lambdas, cfg.lambda_min_ratio), cfg.early_stop_patience, Xv,
+                         phis)
         log.info("lasso torch: Gram of %d fit rows and step 1/L in %.2f s", len(fit_idx), clock.lap())
         gemms = 0
         for t0, t1 in progress(blocks, "lasso path (target blocks)"):
@@ -356,16 +403,18 @@ def fit_torch(X: Any, packed: bool, n: int, Y: Any, cfg: LassoConfig, fit_idx: n
             out.weights[t0:t1] = W.T.cpu().numpy()
             out.lam[t0:t1] = res.lam
             out.val_mse[t0:t1] = res.val_mse
+            out.phi[t0:t1] = res.phi
             del W
             log.info("lasso torch: path block %d-%d: %.2f s, %d λ steps, %.1f FISTA steps per "
                      "target and step", t0, t1, clock.lap(), res.steps, res.gemms / max(1, res.target_steps))
         # refit on fit + validation rows at the chosen λ, warm started from the path's solution
         gram.pool_with(rows, val_idx, r, Xv)
         del path, Xv                         # the cached validation rows
-        refit = Refit(rows, Y, np.sort(np.concatenate([fit_idx, val_idx])), r, Solver.of(gram, cfg))
+        refit = Refit(rows, Y, np.sort(np.concatenate([fit_idx, val_idx])), r, Solver.of(gram, cfg),
+                      phis is not None)
         log.info("lasso torch: Gram of all %d rows and step 1/L in %.2f s", m, clock.lap())
         for t0, t1 in progress(blocks, "lasso refit (target blocks)"):
-            W, b, g = refit.fit(t0, t1, out.lam[t0:t1], out.weights[t0:t1])
+            W, b, g = refit.fit(t0, t1, out.lam[t0:t1], out.weights[t0:t1], out.phi[t0:t1])
             gemms += g
             out.weights[t0:t1] = W.T.cpu().numpy()
             out.intercept[t0:t1] = b.cpu().numpy()

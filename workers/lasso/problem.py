@@ -13,6 +13,12 @@ lam_max(t) = max_j |x_j^T (y - ybar)| / (m pf_j) down to lambda_min_ratio * lam_
 on a seeded fit split of the masks, lam is chosen by validation MSE on the rest (select_lambda:
 the first minimum, with early stopping), and (w, b) is refit on fit + validation at the chosen
 lam. Every backend returns (w, b) in raw mask space: predictions are exactly ``mask @ w + b``.
+
+Debiasing (debias): the lasso shrinks its selected weights towards 0. "refit" replaces (w, b) by
+the least-squares fit on w's support S (same rows, intercept refit, a ridge of RIDGE times the
+mean column variance for stability); "relaxed" is the relaxed lasso (Meinshausen 2007),
+w = phi w_lasso + (1 - phi) w_refit, with phi per target chosen on the validation split from
+PHI_GRID (select_phi) or fixed by debias_phi. "refit" is "relaxed" at phi = 0, "none" at phi = 1.
 """
 from __future__ import annotations
 
@@ -22,12 +28,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from workers.settings import setting
+from workers.settings import SettingError, setting
 
 if TYPE_CHECKING:
     import torch
 
 _T = TypeVar("_T")
+
+DEBIAS = ("none", "refit", "relaxed")
+PHI_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)   # relaxed lasso's candidate phi, lasso first: ties keep it
+RIDGE = 1e-6         # support refit's ridge, relative to the mean column variance of the masks
 
 
 @dataclass
@@ -53,6 +63,10 @@ class LassoConfig:
     #                                improved this many steps
     memory_budget_bytes: int | None = setting(None, lo=1, example=2 ** 30)  # null: 85% of free GPU
     #                                memory, or half of the host's available memory
+    debias: str = setting("none", choices=DEBIAS)  # none: the lasso; refit: least squares on its
+    #                                support; relaxed: a per-target blend of the two (module docstring)
+    debias_phi: float | None = setting(None, lo=0, hi=1, example=0.5)  # relaxed: the lasso's share phi;
+    #                                null: chosen per target on the validation split from PHI_GRID
 
 
 @dataclass
@@ -60,14 +74,37 @@ class FitResult:
     weights: np.ndarray     # float32 [T, n]
     intercept: np.ndarray   # float32 [T]
     lam: np.ndarray         # float64 [T] chosen λ
-    val_mse: np.ndarray     # float64 [T] validation MSE at chosen λ (fit-split model)
+    val_mse: np.ndarray     # float64 [T] validation MSE at chosen λ (and phi) (fit-split model)
     nnz: np.ndarray         # int64 [T]
+    phi: np.ndarray         # float64 [T] the lasso's share in the debiased weights (1: debias=none)
 
     @classmethod
     def zeros(cls, T: int, n: int) -> FitResult:
-        """The result of T targets over n examples, all zero, for a backend to fill in."""
+        """The result of T targets over n examples, all zero (phi all 1), for a backend to fill in."""
         return cls(np.zeros((T, n), np.float32), np.zeros(T, np.float32), np.zeros(T),
-                   np.zeros(T), np.zeros(T, np.int64))
+                   np.zeros(T), np.zeros(T, np.int64), np.ones(T))
+
+
+def debias_phis(cfg: LassoConfig) -> tuple[float, ...] | None:
+    """The candidate phi (the lasso's share) of cfg.debias, in PHI_GRID's order; None for "none"."""
+    if cfg.debias == "none":
+        return None
+    if cfg.debias == "refit":
+        return (0.0,)
+    return PHI_GRID if cfg.debias_phi is None else (float(cfg.debias_phi),)
+
+
+def check_debias(cfg: LassoConfig) -> None:
+    """debias_phi without debias=relaxed would be silently ignored: refuse it in one line."""
+    if cfg.debias_phi is not None and cfg.debias != "relaxed":
+        raise SettingError(f"fit.debias_phi={cfg.debias_phi} applies only to fit.debias=relaxed "
+                           f"(fit.debias={cfg.debias!r}): set fit.debias=relaxed or fit.debias_phi=null")
+
+
+def select_phi(val_mse: np.ndarray) -> np.ndarray:
+    """Index of the chosen phi per target from val_mse [P, T] (candidates along P, in
+    debias_phis order): the first minimum, so a tie keeps the candidate nearer the lasso."""
+    return np.argmin(np.asarray(val_mse, np.float64), axis=0)
 
 
 def mask_format(X: Any, n: int | None) -> tuple[bool, int]:
