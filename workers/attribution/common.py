@@ -9,6 +9,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -214,6 +215,89 @@ def stacked_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str, margin_k
     parts = [project(G) if project else G
              for _, G in per_example_grads(fm, x, y, what, margin_kind, batch_size)]
     return torch.cat(parts)
+
+
+# Per-example gradients of affine layers in factored form: for a layer applied to one input
+# vector a_i per example, ∇_W out(z_i) = δ_i a_iᵀ and ∇_b out(z_i) = δ_i (δ_i = ∂out/∂ layer output),
+# so inner products of two sets of gradients need no [B, P] gradient at all:
+#     G1 G2ᵀ = Σ_layers (Δ1 Δ2ᵀ) ∘ (Ã1 Ã2ᵀ),   ã = [a, 1] (weight and bias), a, or 1.
+# That is exact (the same numbers as the dense product up to rounding), at Σ (in + out) instead
+# of P multiply-adds per pair.
+
+Factors = list[tuple[Tensor, Tensor]]   # per selected layer (Ã [n, in(+1)], Δ [n, out])
+
+
+def _affine_layers(fm: FunctionalModel) -> list[tuple[nn.Module, bool, bool]] | None:
+    """(module, weight selected, bias selected) for every module owning a selected
+    parameter, if each is an affine layer (nn.Linear, or a one-copy GroupedLinear) and the
+    selected parameters are its weight/bias only; else None."""
+    chosen = set(fm.names)
+    out, covered = [], set()
+    for prefix, m in fm.module.named_modules():
+        own = {f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False)}
+        if not own & chosen:
+            continue
+        affine = isinstance(m, nn.Linear) or (getattr(m, "groups", None) == 1 and hasattr(m, "in_features"))
+        w, b = f"{prefix}.weight" if prefix else "weight", f"{prefix}.bias" if prefix else "bias"
+        if not affine or own & chosen - {w, b}:
+            return None
+        out.append((m, w in chosen, b in chosen))
+        covered |= own & chosen
+    return out if covered == chosen else None
+
+
+def _capture(store: list, module, inp, output) -> None:
+    """Forward hook: keeps (layer input, layer output), the output made to require grad (a
+    leaf when no parameter does) so that ∂out/∂output can be taken."""
+    if not output.requires_grad:
+        output.requires_grad_(True)
+    store.append((inp[0], output))
+
+
+def output_fn(fm: FunctionalModel, y: Tensor, what: str, margin_kind: str) -> Callable[[Tensor, slice], Tensor]:
+    """(logits of rows, rows) -> per-example out [B] (output_values' margin or loss)."""
+    return lambda logits, rows: output_values(logits, y[rows].to(fm.device).long(), what, margin_kind)
+
+
+def linear_factors(fm: FunctionalModel, x: Tensor, out: Callable[[Tensor, slice], Tensor],
+                   batch_size: int) -> Factors | None:
+    """The per-example gradients of out(logits, rows) ([B], or [B, K]: K outputs per example,
+    gradient rows ordered (example, k)) w.r.t. the selected parameters in factored form,
+    [(Ã, Δ)] per layer; None when they do not factor (a selected parameter outside an affine
+    layer, a layer used more than once or on an input that is not one vector per example)."""
+    layers = _affine_layers(fm)
+    if layers is None:
+        return None
+    parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in layers]
+    for rows in batches(len(x), batch_size):
+        seen: list[list[tuple[Tensor, Tensor]]] = [[] for _ in layers]
+        handles = [m.register_forward_hook(partial(_capture, seen[i])) for i, (m, _, _) in enumerate(layers)]
+        try:
+            with torch.enable_grad():
+                values = out(fm.logits(fm.theta(), x[rows].to(fm.device, fm.dtype)), rows)
+                if any(len(s) != 1 or s[0][0].dim() != 2 for s in seen):
+                    return None
+                values = values.reshape(len(values), -1)                       # [B, K]
+                K = values.shape[1]
+                outs = [s[0][1] for s in seen]
+                per_k = [torch.autograd.grad(values[:, k].sum(), outs, retain_graph=k < K - 1,
+                                             allow_unused=True) for k in range(K)]
+        finally:
+            for h in handles:
+                h.remove()
+        for i, ((_, w, b), s) in enumerate(zip(layers, seen)):
+            a = s[0][0].detach()
+            d = torch.stack([torch.zeros_like(s[0][1]) if g[i] is None else g[i].detach() for g in per_k], 1)
+            ones = torch.ones(len(a), 1, dtype=a.dtype, device=a.device)
+            a = torch.cat([a, ones], 1) if w and b else a if w else ones
+            parts[i].append((a.repeat_interleave(K, 0), d.reshape(-1, d.shape[-1])))
+    return [(torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for ps in parts]
+
+
+def factor_dots(f1: Factors, f2: Factors) -> Tensor:
+    """G1 G2ᵀ [n1, n2] from the factored gradients of linear_factors."""
+    return sum(((d1 @ d2.T) * (a1 @ a2.T) for (a1, d1), (a2, d2) in zip(f1, f2)),
+               torch.zeros(len(f1[0][0]), len(f2[0][0]), dtype=f1[0][0].dtype, device=f1[0][0].device))
 
 
 @torch.no_grad()

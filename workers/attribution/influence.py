@@ -15,22 +15,35 @@ network away from a minimum, so damping is needed there) or its Gauss-Newton par
 (params.hessian="ggn", always PSD; identical for logistic regression and the last layer).
 It is computed on x_train (or a seeded subsample of params.hessian_samples rows), not on the
 α-subset the checkpoint was trained on; scores are averaged over the checkpoints given.
+
+For the GGN of h rows and C outputs, if_cg by default (params.inverse="auto") skips CG: with
+G = AᵀA, A [hC, P], Woodbury gives (G + sI)⁻¹ = (I − Aᵀ(AAᵀ + sI)⁻¹A)/s, so one Cholesky
+factor of the [hC, hC] matrix serves every target, and each target costs inner products of
+its gradient with A's hC rows and the n train gradients (GGNFactor, woodbury_scores): from
+factored gradients when every selected layer is affine (an MLP), else by Jacobian-vector
+products. It is the operator CG solves, solved exactly. CG stays for the exact Hessian, for
+h·C > params.factor_max_rows, and for params.inverse="cg".
 """
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .common import (
     FunctionalModel,
     batches,
+    factor_dots,
+    forward_all,
+    linear_factors,
     load_checkpoint,
+    output_fn,
     per_example_grads,
     progress,
     resolve_dtype,
@@ -45,7 +58,10 @@ Tensor = torch.Tensor
 _BASE = {"layer": "all", "l2": 0.0, "damping": 0.0, "hessian": "exact", "hessian_samples": None}
 DEFAULTS = {
     "exact": {**_BASE, "dtype": "float64", "max_params": 20_000},
-    "cg": {**_BASE, "damping": 1e-3, "cg_iters": 100, "cg_tol": 1e-6, "target_chunk": 64},
+    # inverse: "auto" (the Woodbury factor for hessian="ggn" when h·C <= factor_max_rows, else
+    # CG), "cg" or "woodbury"; target_chunk: targets per CG block solve or per factor product
+    "cg": {**_BASE, "damping": 1e-3, "cg_iters": 100, "cg_tol": 1e-6, "target_chunk": 64,
+           "inverse": "auto", "factor_max_rows": 8192},
     "lissa": {**_BASE, "damping": 1e-3, "lissa_depth": 1000, "lissa_scale": None,
               "lissa_batch": 256, "lissa_repeats": 1, "target_chunk": 64},
 }
@@ -109,6 +125,102 @@ class HessianOperator:
         H = torch.cat([self(eye[r]).to(dtype)
                        for r in progress(batches(P, chunk), "hessian", total=-(-P // chunk))])
         return (H + H.T) / 2
+
+
+# --------------------------------------------------------------------------- Woodbury factor
+
+class GGNFactor:
+    """The GGN of the h rows of (x, y) as G = AᵀA, and one Cholesky factor of AAᵀ + shift·I.
+
+    A [hC, P] is the Jacobian of u(θ) = (u_1, …, u_h), u_j = (1/√h) S_jᵀ z_j(θ) with z_j the
+    logits of row j and S_j = diag(√p_j) − p_j √p_jᵀ at the checkpoint (held fixed), so that
+    S_j S_jᵀ = diag p_j − p_j p_jᵀ (the softmax Hessian of the cross-entropy) and AᵀA is
+    HessianOperator(kind="ggn")'s matrix. A is never stored as [hC, P]: `fa` holds its rows in
+    factored form (common.linear_factors) when the model allows, and AAᵀ is their inner
+    products; else `project` applies A by Jacobian-vector products of u (one forward pass with
+    tangents per vector) and AAᵀ is `project` of A's rows, a block of rows' Jacobians at a
+    time. The Cholesky factor is float64; shift = l2 + damping must be > 0 (AᵀA has rank
+    ≤ h(C − 1)).
+    """
+
+    def __init__(self, fm: FunctionalModel, x: Tensor, y: Tensor, shift: float, batch_size: int):
+        if not shift > 0:
+            raise ValueError("if_cg: the GGN is singular, so params.l2 + params.damping must be > 0 "
+                             "for params.inverse='woodbury'; raise params.damping")
+        self.fm, self.shift, self.batch_size = fm, shift, batch_size
+        self.x = x.to(fm.device, fm.dtype)
+        self.theta0 = theta0 = fm.theta_flat()
+        logits, _ = forward_all(fm, self.x, batch_size)
+        self.p = torch.softmax(logits, -1).detach()
+        self.h, self.C = self.p.shape
+
+        def u(t: Tensor, xb: Tensor, pb: Tensor) -> Tensor:      # [B, C]
+            return self._mix(fm.logits(fm.unflatten(t), xb), pb)
+
+        def u_jvp(v, xb, pb):
+            return jvp(lambda t: u(t, xb, pb), (theta0,), (v,))[1]
+
+        def u_one(t, xi, pi):
+            return u(t, xi.unsqueeze(0), pi.unsqueeze(0)).squeeze(0)
+        self._jvp = vmap(u_jvp, in_dims=(0, None, None))                    # [r, B, C]
+        self._jac = vmap(jacrev(u_one), in_dims=(None, 0, 0))               # [B, C, P]
+        # A's rows in factored form when the model's selected layers are all affine
+        self.fa = linear_factors(fm, self.x, lambda z, rows: self._mix(z, self.p[rows]), batch_size)
+        if self.fa is not None:
+            M = factor_dots(self.fa, self.fa).double()
+            M = (M + M.T) / 2
+        else:
+            M = self.gram()
+        M.diagonal().add_(shift)
+        self.L, info = torch.linalg.cholesky_ex(M)
+        if int(info) != 0:
+            raise ValueError(f"if_cg: AAᵀ + {shift:g}·I ({len(M)}x{len(M)}) is not positive definite; "
+                             f"raise params.damping or use params.inverse='cg'")
+
+    def _mix(self, z: Tensor, pb: Tensor) -> Tensor:
+        """u of the rows whose logits are z [B, C] and probabilities pb: (1/√h) S_jᵀ z_j."""
+        return pb.sqrt() * (z - (pb * z).sum(-1, keepdim=True)) / math.sqrt(self.h)
+
+    def project(self, V: Tensor) -> Tensor:
+        """V [r, P] ↦ V Aᵀ [r, hC] (model dtype), columns ordered (row j, class c)."""
+        return torch.cat([self._jvp(V, self.x[rows], self.p[rows]).detach().reshape(len(V), -1)
+                          for rows in batches(self.h, self.batch_size)], 1)
+
+    def gram(self) -> Tensor:
+        """AAᵀ [hC, hC] in float64, symmetrized: `project` of A's rows, ⌊batch_size/C⌋ rows'
+        Jacobians at a time."""
+        k = max(1, self.batch_size // self.C)
+        blocks = []
+        for rows in progress(batches(self.h, k), "ggn factor", total=-(-self.h // k)):
+            A_rows = self._jac(self.theta0, self.x[rows], self.p[rows]).detach()
+            blocks.append(self.project(A_rows.reshape(-1, A_rows.shape[-1])).double())
+        M = torch.cat(blocks)
+        return (M + M.T) / 2
+
+    def solve_projected(self, V: Tensor) -> Tensor:
+        """(AAᵀ + shift·I)⁻¹ A Vᵀ [hC, r] in float64, for V [r, P]."""
+        return torch.cholesky_solve(self.project(V).double().T, self.L)
+
+
+INVERSES = ("auto", "cg", "woodbury")
+
+
+def use_factor(p: dict, fm: FunctionalModel, xh: Tensor) -> bool:
+    """Whether if_cg solves by GGNFactor (Woodbury) rather than CG on the Hessian rows xh:
+    params.inverse="woodbury", or "auto" with hessian="ggn" and h·C <= factor_max_rows."""
+    if p["inverse"] == "cg":
+        return False
+    if p["hessian"] != "ggn":
+        if p["inverse"] == "woodbury":
+            raise ValueError("if_cg: params.inverse='woodbury' factorises the GGN only; set "
+                             "params.hessian='ggn' or params.inverse='cg'")
+        return False
+    C = fm.logits(fm.theta(), xh[:1].to(fm.device, fm.dtype)).shape[1]
+    if p["inverse"] == "auto" and len(xh) * C > int(p["factor_max_rows"]):
+        log.info("if_cg: the GGN factor would be %dx%d (> params.factor_max_rows=%d): CG instead",
+                 len(xh) * C, len(xh) * C, int(p["factor_max_rows"]))
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- solvers
@@ -236,19 +348,62 @@ def influence_scores(model_fn, checkpoints, x_train, y_train, x_target, y_target
     test-loss influence: then score ≈ L_t(with i) − L_t(without i)).
     """
     p = resolve_params(f"if_{solver}", params, DEFAULTS[solver])
+    if solver == "cg" and p["inverse"] not in INVERSES:
+        raise ValueError(f"if_cg: params.inverse={p['inverse']!r} is not one of {list(INVERSES)} "
+                         f"('auto' factorises the GGN, 'cg' iterates)")
     n = len(x_train)
     xh, yh = _subsample(x_train, y_train, p["hessian_samples"], p["seed"])
     total: Any = None
     for state in checkpoints:
         fm = load_checkpoint(model_fn, state, p["layer"], p["device"])
-        Gt = stacked_grads(fm, x_target, y_target, output, margin_kind, p["batch_size"])
-        X = inverse_hvp(solver, fm, Gt, xh, yh, p)  # [T, P]
-        scores = torch.empty(n, len(Gt), dtype=Gt.dtype, device=fm.device)
-        for rows, G in per_example_grads(fm, x_train, y_train, "loss", margin_kind,
-                                         p["batch_size"], "train grads"):
-            scores[rows] = -(G @ X.T) / n
+        if solver == "cg" and use_factor(p, fm, xh):
+            shift = float(p["l2"]) + float(p["damping"])
+            factor = GGNFactor(fm, xh, yh, shift, p["batch_size"])
+            scores = woodbury_scores(factor, fm, x_train, y_train, x_target, y_target, output,
+                                     margin_kind, p)
+        else:
+            Gt = stacked_grads(fm, x_target, y_target, output, margin_kind, p["batch_size"])
+            X = inverse_hvp(solver, fm, Gt, xh, yh, p)  # [T, P]
+            scores = torch.empty(n, len(Gt), dtype=Gt.dtype, device=fm.device)
+            for rows, G in per_example_grads(fm, x_train, y_train, "loss", margin_kind,
+                                             p["batch_size"], "train grads"):
+                scores[rows] = -(G @ X.T) / n
+            del Gt, X
         total = scores if total is None else total + scores
     return to_numpy_scores(total / len(checkpoints))
+
+
+def woodbury_scores(factor: GGNFactor, fm: FunctionalModel, x_train: Tensor, y_train: Tensor,
+                    x_target: Tensor, y_target: Tensor, output: str, margin_kind: str, p: dict) -> Tensor:
+    """−(1/n) ∇L(z_i)ᵀ (AᵀA + sI)⁻¹ ∇out(z_t) [n, T] through Woodbury, with no [T, P] solve:
+    with U = (AAᵀ + sI)⁻¹ A Gtᵀ [hC, T] (Gt the target gradients), the scores of a block G
+    of train gradients are −(G Gtᵀ − (G Aᵀ) U) / (n s). Every product is an inner product of
+    gradients: from factored gradients (common.linear_factors) when the model allows, else
+    Jacobian-vector products with the stacked target gradients."""
+    n, s = len(x_train), factor.shift
+    bs = p["batch_size"]
+    ft = None
+    if factor.fa is not None:
+        ft = linear_factors(fm, x_target, output_fn(fm, y_target, output, margin_kind), bs)
+    if ft is not None and factor.fa is not None:
+        fa = factor.fa
+        U = torch.cat([torch.cholesky_solve(factor_dots(fa, [(a[r], d[r]) for a, d in ft]).double(), factor.L)
+                       for r in batches(len(x_target), 1024)], 1)
+        f = linear_factors(fm, x_train, output_fn(fm, y_train, "loss", margin_kind), bs)
+        assert f is not None
+        scores = torch.empty(n, len(x_target), dtype=fm.dtype, device=fm.device)
+        for rows in batches(n, 1024):
+            fr = [(a[rows], d[rows]) for a, d in f]
+            correction = (factor_dots(fr, fa).double() @ U).to(fm.dtype)
+            scores[rows] = -(factor_dots(fr, ft) - correction) / (n * s)
+        return scores
+    Gt = stacked_grads(fm, x_target, y_target, output, margin_kind, bs)
+    U = torch.cat([factor.solve_projected(Gt[r]) for r in batches(len(Gt), int(p["target_chunk"]))], 1)
+    scores = torch.empty(n, len(Gt), dtype=Gt.dtype, device=fm.device)
+    for rows, G in per_example_grads(fm, x_train, y_train, "loss", margin_kind, bs, "train grads"):
+        correction = (factor.project(G).double() @ U).to(G.dtype)
+        scores[rows] = -(G @ Gt.T - correction) / (n * s)
+    return scores
 
 
 if_exact = partial(influence_scores, solver="exact")

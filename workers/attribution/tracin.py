@@ -7,7 +7,10 @@ With the package's sign convention (score > 0: including i raises the target's m
 
 η_c = params.lrs[c] (1 for every checkpoint if not given). Since ∇f ≈ −∇L for the target's
 own label, this is TracIn's "proponent > 0" sign. params.proj_dim projects both gradients
-with the same seeded matrix per checkpoint (an unbiased estimate of the dot product).
+with the same seeded matrix per checkpoint (an unbiased estimate of the dot product). Without
+it, a model whose selected parameters are all affine layers (an MLP) takes the dot products
+from factored gradients (common.linear_factors): the same numbers at Σ(in + out) instead of
+P multiply-adds per (train, target) pair.
 """
 from __future__ import annotations
 
@@ -17,9 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import load_checkpoint, make_projector, per_example_grads, resolve_params, stacked_grads, to_numpy_scores
+from .common import (
+    batches,
+    factor_dots,
+    linear_factors,
+    load_checkpoint,
+    make_projector,
+    output_fn,
+    per_example_grads,
+    resolve_params,
+    stacked_grads,
+    to_numpy_scores,
+)
 
-DEFAULTS = {"layer": "all", "lrs": None, "proj_dim": None, "proj_type": "gaussian"}
+# factored: take the dot products from factored gradients when the model allows (false: always
+# the dense per-example gradients; the same scores up to rounding, for cross-checks and timing)
+DEFAULTS = {"layer": "all", "lrs": None, "proj_dim": None, "proj_type": "gaussian", "factored": True}
 
 
 def tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
@@ -36,6 +52,17 @@ def tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, pa
     for c, (state, lr) in enumerate(zip(checkpoints, lrs)):
         fm = load_checkpoint(model_fn, state, p["layer"], p["device"])
         proj = make_projector(p, fm.num_params, c)
+        ft = None if proj is not None or not p["factored"] else linear_factors(
+            fm, x_target, output_fn(fm, y_target, "margin", margin_kind), p["batch_size"])
+        if ft is not None:      # affine layers only: the exact dot products from factored gradients
+            f = linear_factors(fm, x_train, output_fn(fm, y_train, "loss", margin_kind), p["batch_size"])
+            assert f is not None
+            if total is None:
+                total = torch.zeros(len(x_train), len(x_target), dtype=ft[0][0].dtype, device=fm.device)
+            for rows in batches(len(x_train), 1024):
+                total[rows] -= float(lr) * factor_dots([(a[rows], d[rows]) for a, d in f], ft)
+            yield partial(to_numpy_scores, total)
+            continue
         Gt = stacked_grads(fm, x_target, y_target, "margin", margin_kind, p["batch_size"], proj)
         if total is None:
             total = torch.zeros(len(x_train), len(Gt), dtype=Gt.dtype, device=fm.device)
