@@ -48,12 +48,9 @@ class CounterfactualError(RuntimeError):
 
 def datamodels(ctx) -> tuple[np.ndarray, np.ndarray, str]:
     """(weights [T, n], intercepts [T], directory) of the datamodels of all good train models."""
-    from omegaconf import OmegaConf
-
     from orchestrator import fit_stage
     plan = ctx.plan
-    fit_cfg = OmegaConf.to_container(plan.cfg.fit, resolve=True)
-    rel = fit_stage.store_dir(ctx.ledger_index().count("train"), fit_cfg)
+    rel = fit_stage.full_dir(plan, ctx.ledger_index())
     try:
         W, b, _ = fit_stage.load_datamodels(plan.store, rel, plan.n_targets)
     except FileNotFoundError as err:
@@ -126,14 +123,10 @@ def check_settings(cfg, n: int, n_targets: int) -> None:
 
 def precheck(plan) -> None:
     """Before Ray starts: the datamodels (and scores) the stage needs exist."""
-    from omegaconf import OmegaConf
-
     from orchestrator import fit_stage
-    cfg = plan.cfg
-    fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
-    want = fit_stage.store_dir(plan.ledger.index().count("train"), fit_cfg)
+    want = fit_stage.full_dir(plan, plan.ledger.index())
     if not plan.store.list(want, ".parquet"):
-        raise CounterfactualError(f"{cfg.stage}: {plan.store.where()} has no datamodels for these fit settings "
+        raise CounterfactualError(f"{plan.cfg.stage}: {plan.store.where()} has no datamodels for these fit settings "
                                   f"({want}); run stage=all (or stage=fit) first")
 
 

@@ -46,6 +46,13 @@ def store_dir(m: int, fit_cfg: dict) -> str:
     return Layout.datamodels(m, fit_cfg["backend"], h)
 
 
+def full_dir(plan, index) -> str:
+    """The datamodels directory of all good train models of the ledger (the one the fit stage
+    writes first and every later stage reads)."""
+    from omegaconf import OmegaConf
+    return store_dir(index.count("train"), OmegaConf.to_container(plan.cfg.fit, resolve=True))
+
+
 def chunks(T: int, per: int) -> list[tuple[int, int]]:
     return [(a, min(a + per, T)) for a in range(0, T, per)]
 
