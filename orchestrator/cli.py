@@ -79,6 +79,12 @@ def _one_line(err: Exception) -> str:
     if first.startswith("Could not override") or first.startswith("Key '") and "not in struct" in text:
         key = first.split("'")[1] if "'" in first else first
         plus = ", or prefix it with + to add a new key to your task" if key.startswith("task.") else ""
+        parts = key.split(".")
+        if len(parts) == 4 and parts[:2] == ["baselines", "params"]:
+            from workers.attribution import COMMON_DEFAULTS, DEFAULTS
+            if parts[3] in {**COMMON_DEFAULTS, **DEFAULTS.get(parts[2], {})}:
+                return (f"{key} is a setting of {parts[2]} that the config does not set: add it with a "
+                        f"leading +, e.g. +{key}=...")
         return f"unknown config key '{key}': check its spelling (`datamodels --cfg job` lists the keys){plus}"
     if "Could not find" in first or "Could not load" in first:
         opts = []

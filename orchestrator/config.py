@@ -60,7 +60,9 @@ BASELINE_PARAM_RULES = {
     "proj_dim": _positive(512), "cg_iters": _positive(30), "hessian_samples": _positive(300),
     "damping": Rule(float, 0, example=0.01), "cg_tol": Rule(float, 0, lo_open=True, example=1e-3),
     "scale": Rule(float, 0, lo_open=True, example=1.0), "recursion_depth": _positive(100),
-    "l2": Rule(float, 0, example=0.01),
+    "l2": Rule(float, 0, example=0.01), "factor_max_rows": _positive(8192), "target_chunk": _positive(64),
+    "max_params": _positive(20000), "lissa_depth": _positive(1000), "lissa_batch": _positive(256),
+    "lissa_repeats": _positive(1), "batch_size": _positive(128), "lam": Rule(float, 0, example=0.0),
 }
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")
 
@@ -269,6 +271,13 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"baselines.methods: {unknown[0]!r} is not one of {sorted(METHODS)}")
+        from workers.attribution import check_params
+        params = OmegaConf.to_container(cfg.baselines.params, resolve=True) if cfg.baselines.get("params") else {}
+        for m in methods:
+            try:
+                check_params(m, (params or {}).get(m))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if _number(cfg, "baselines.checkpoints", int) < 1:
             raise ConfigError("baselines.checkpoints must be at least 1 when baselines.methods is not empty")
         if _number(cfg, "baselines.checkpoints", int) > _number(cfg, "masks.n_train", int):

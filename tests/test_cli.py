@@ -51,6 +51,12 @@ def run_cli(args, tmp_path, timeout=120):
     (["train.epochs=abc"], "train.epochs"),
     (["exp.name=[1]"], "exp.name"),
     (["+train.foo=1"], "train.foo"),
+    # a method's setting that the shipped params do not set needs +; its words are checked
+    (["baselines.params.if_cg.inverse=cg"], "+baselines.params.if_cg.inverse"),
+    (["+baselines.params.if_cg.inverse=chol"], "baselines.params.if_cg.inverse"),
+    (["+baselines.params.tracin.factored=maybe"], "baselines.params.tracin.factored"),
+    (["+baselines.params.if_cg.factor_max_rows=0"], "baselines.params.if_cg.factor_max_rows"),
+    (["+baselines.params.if_cg.bogus=1"], "baselines.params.if_cg.bogus"),
 ])
 def test_bad_input_one_line_nothing_written(args, needle, tmp_path):
     t0 = time.time()
@@ -115,7 +121,8 @@ def test_help_and_version(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], capture_output=True, text=True,
                            env=env, cwd=tmp_path, timeout=120)
     assert help_.returncode == 0, help_.stderr
-    for text in ("stage=", "baselines", "experiment: tiny", "fit: glmnet, torch", "task: cifar10_resnet9",
+    for text in ("stage=", "baselines", "experiment: fmnist_10k, tiny", "counterfactual", "fit: glmnet, torch",
+                 "task: cifar10_resnet9",
                  "store.uri=", "tracking.uri=", "summary.json", "MLflow"):
         assert text in help_.stdout, text
     version = subprocess.run([sys.executable, "-m", "orchestrator", "--version"], capture_output=True, text=True,

@@ -95,6 +95,34 @@ def test_rules_describe_themselves():
     assert RULES["exp.seed"].describe().startswith("an integer in [0,")
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("+baselines.params.if_cg.inverse=chol", "baselines.params.if_cg.inverse='chol' must be one of auto|cg|woodbury"),
+    ("+baselines.params.if_cg.hessian=fisher", "baselines.params.if_cg.hessian"),
+    ("+baselines.params.trak.proj_type=sparse", "baselines.params.trak.proj_type"),
+    ("+baselines.params.trak.dtype=float16", "baselines.params.trak.dtype"),
+    ("+baselines.params.representer.direction=up", "baselines.params.representer.direction"),
+    ("+baselines.params.tracin.factored=1", "baselines.params.tracin.factored"),
+    ("+baselines.params.tracin.layer=first", "baselines.params.tracin.layer"),
+    ("+baselines.params.if_cg.cg_itters=5", "baselines.params.if_cg.cg_itters is not a setting of if_cg"),
+])
+def test_a_methods_params_are_checked_before_any_work(override, needle, tmp_path):
+    import os
+
+    from orchestrator.config import validate
+    with pytest.raises(ConfigError) as err:
+        validate(compose([override], tmp_path))
+    assert needle in str(err.value) and "\n" not in str(err.value), err.value
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("override", [
+    "+baselines.params.if_cg.inverse=woodbury", "+baselines.params.tracin.factored=false",
+    "+baselines.params.tracin.layer=[fc1]", "+baselines.params.if_cg.factor_max_rows=100"])
+def test_good_method_params_pass(override, tmp_path):
+    from orchestrator.config import validate
+    validate(compose([override], tmp_path), check_data=False)
+
+
 @pytest.mark.parametrize("value", ["[0]", "[1.5]", "'abc'", "[true]"])
 def test_malformed_budget_checkpoints_is_one_line_before_any_work(value, tmp_path):
     import os
@@ -111,6 +139,7 @@ def test_malformed_budget_checkpoints_is_one_line_before_any_work(value, tmp_pat
 PRESET_HASHES = {
     (): "6693add97e",
     ("experiment=tiny",): "1bfbbefd37",
+    ("experiment=fmnist_10k",): "8081878d98",      # the default's recipe, 10,000 targets
     ("train=resnet9_datamodels", "task=cifar10_resnet9"): "6c42288037",
     ("train=resnet9_fast",): "425b5d2e3b",
     ("fit=glmnet",): "6693add97e",

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import influence, representer, tracin, trak
+from .common import COMMON_DEFAULTS, DTYPES
 from .influence import if_cg, if_exact, if_lissa
 from .representer import representer_scores
 from .tracin import tracin_scores, tracin_steps
@@ -27,6 +29,39 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "tracin": tracin_scores,
     "representer": representer_scores,
 }
+
+# Each method's settings and their defaults (what resolve_params accepts, beside COMMON_DEFAULTS).
+DEFAULTS: dict[str, dict] = {
+    "if_exact": influence.DEFAULTS["exact"], "if_cg": influence.DEFAULTS["cg"],
+    "if_lissa": influence.DEFAULTS["lissa"], "trak": trak.DEFAULTS, "tracin": tracin.DEFAULTS,
+    "representer": representer.DEFAULTS,
+}
+# The settings that take one of a few words (or true/false), as the methods read them
+# (layer may also be a list of parameter names, checked against the model when it is built).
+CHOICES: dict[str, tuple] = {
+    "hessian": ("exact", "ggn"), "inverse": ("auto", "cg", "woodbury"), "layer": ("all", "last"),
+    "proj_type": ("gaussian", "rademacher"), "direction": ("margin", "class"),
+    "dtype": tuple(DTYPES), "factored": (True, False),
+}
+
+
+def check_params(method: str, params: dict | None) -> None:
+    """The settings of `method` that can be checked without a model or data: unknown keys and
+    the worded ones (CHOICES). Raises ValueError, one line naming the setting; the numbers'
+    bounds are the config's (orchestrator.config.BASELINE_PARAM_RULES)."""
+    accepted = {**COMMON_DEFAULTS, **DEFAULTS[method]}
+    unknown = sorted(set(params or {}) - set(accepted))
+    if unknown:
+        raise ValueError(f"baselines.params.{method}.{unknown[0]} is not a setting of {method}; "
+                         f"accepted: {', '.join(sorted(accepted))}")
+    for key, value in (params or {}).items():
+        allowed = CHOICES.get(key)
+        if allowed is None or (key == "layer" and not isinstance(value, str)):   # a list of names
+            continue
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            shown = "true|false" if key == "factored" else "|".join(map(str, allowed))
+            raise ValueError(f"baselines.params.{method}.{key}={value!r} must be one of {shown}")
+
 
 # Methods whose score over K checkpoints is a running combination (sum, mean) of one term per
 # checkpoint: their step generators yield after each checkpoint the scores of those so far.
