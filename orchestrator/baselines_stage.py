@@ -85,28 +85,55 @@ def wanted_files(cfg) -> dict[str, dict[int, str]]:
 
 
 def scores_table(scores: np.ndarray, meta: dict) -> pa.Table:
+    """A scores file: one row per training example, the targets in columns of MARGIN_BLOCK
+    (scores_0, scores_1, ...: the ledger's blocks), so that a reader of some targets reads
+    their columns only."""
+    from orchestrator.ledger import block_array
     n, T = scores.shape
-    table = pa.table({
-        "train_index": pa.array(np.arange(n, dtype=np.int32)),
-        "scores": pa.FixedSizeListArray.from_arrays(pa.array(scores.astype(np.float32).reshape(-1)), T),
-    })
-    return table.replace_schema_metadata({"datamodels": json.dumps(meta, default=str)})
+    table = pa.table({"train_index": pa.array(np.arange(n, dtype=np.int32)), **block_array(scores, "scores")})
+    return table.replace_schema_metadata({"datamodels": json.dumps(meta, default=str), "targets": str(T)})
 
 
-def read_scores(store, rel: str) -> tuple[np.ndarray, dict]:
-    """(scores float32 [n, T], metadata) of a verified scores file."""
-    table = store.read_table(rel)
-    col = table["scores"].combine_chunks()
-    S = col.flatten().to_numpy().reshape(table.num_rows, col.type.list_size)
-    meta = json.loads(store.read_schema(rel).metadata[b"datamodels"])
-    return S, meta
+def scores_info(store, rel: str) -> tuple[tuple[int, int], dict]:
+    """((n, T), metadata) of a scores file, from its footer and its train_index column (both
+    layouts: the blocked one and the single `scores` column of files written before it)."""
+    schema = store.read_schema(rel)
+    if "scores" in schema.names:
+        T = schema.field("scores").type.list_size
+    else:
+        T = sum(schema.field(c).type.list_size for c in schema.names if c.startswith("scores_"))
+    meta = json.loads(schema.metadata[b"datamodels"])
+    return (int(store.read_table(rel, ["train_index"]).num_rows), int(T)), meta
+
+
+def read_scores(store, rel: str, a: int = 0, b: int | None = None) -> tuple[np.ndarray, dict]:
+    """(scores float32 [n, b - a] of targets [a, b) (all by default), metadata) of a verified
+    scores file: only the columns holding those targets are read."""
+    from orchestrator.ledger import block_columns, decode_margins
+    schema = store.read_schema(rel)
+    meta = json.loads(schema.metadata[b"datamodels"])
+    if "scores" in schema.names:             # the single-column layout of older files
+        col = store.read_table(rel, ["scores"])["scores"].combine_chunks()
+        S = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+        return (S if a == 0 and b is None else S[:, a:b].copy()), meta
+    T = sum(schema.field(c).type.list_size for c in schema.names if c.startswith("scores_"))
+    b = T if b is None else b
+    if not 0 <= a <= b <= T:
+        raise ValueError(f"{store.where(rel)}: targets [{a}, {b}) asked of {T}")
+    return decode_margins(store.read_table(rel, block_columns(a, b, "scores")), a, b, "scores"), meta
 
 
 def scores_ok(store, rel: str, n: int, T: int) -> dict | None:
     """The metadata of a finished, verified scores file of shape [n, T], else None (a
-    corrupt or misshapen file is deleted, to be recomputed)."""
+    corrupt or misshapen file is deleted, to be recomputed). Verified one target block at a
+    time, so that the check holds at most one block of the file."""
+    from orchestrator.ledger import margin_columns
     try:
-        S, meta = read_scores(store, rel)
+        shape, meta = scores_info(store, rel)
+        if shape == (n, T):
+            blocked = "scores" not in store.read_schema(rel).names
+            for _, a, b in (margin_columns(T) if blocked else [("scores", 0, T)]):
+                read_scores(store, rel, a, b)
     except FileNotFoundError:
         return None
     except (CorruptFile, KeyError, ValueError) as err:
@@ -114,9 +141,9 @@ def scores_ok(store, rel: str, n: int, T: int) -> dict | None:
                   getattr(err, "reason", str(err)))
         store.delete(rel)
         return None
-    if S.shape != (n, T):
+    if shape != (n, T):
         log.error("baselines: %s has shape %s, expected (%d, %d); it will be recomputed",
-                  store.where(rel), S.shape, n, T)
+                  store.where(rel), shape, n, T)
         store.delete(rel)
         return None
     return meta

@@ -63,15 +63,34 @@ def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, flo
 def score_method(X: np.ndarray, Y: np.ndarray, weights: np.ndarray, intercept, n_boot: int,
                  seed: int) -> tuple[dict, np.ndarray]:
     """LDS (and MSE if an intercept is given) of weights [T, n] on eval masks X [e, n]."""
-    pred = X.astype(np.float32) @ weights.T.astype(np.float32)
-    if intercept is not None:
-        pred = pred + np.asarray(intercept, np.float32)[None, :]
-    per_target = lds_per_target(pred, Y)
+    return score_blocks(X, Y, [(0, Y.shape[1], weights, intercept)], intercept is not None, n_boot, seed)
+
+
+def score_blocks(X: np.ndarray, Y: np.ndarray, blocks, with_intercept: bool, n_boot: int,
+                 seed: int) -> tuple[dict, np.ndarray]:
+    """score_method over target blocks: `blocks` yields (a, b, weights [b - a, n], intercept
+    [b - a] or None) covering targets 0..T-1 in order, so that one block of a method's
+    weights is held at a time. The figures are score_method's on the whole array."""
+    Xf = X.astype(np.float32)
+    T = Y.shape[1]
+    per_target = np.full(T, np.nan)
+    sq, covered = 0.0, 0
+    for a, b, weights, intercept in blocks:
+        if a != covered:
+            raise ValueError(f"target blocks out of order: [{a}, {b}) after {covered}")
+        pred = Xf @ np.asarray(weights, np.float32).T
+        if with_intercept:
+            pred = pred + np.asarray(intercept, np.float32)[None, :]
+            sq += float(np.sum((pred - Y[:, a:b]) ** 2, dtype=np.float64))
+        per_target[a:b] = lds_per_target(pred, Y[:, a:b])
+        covered = b
+    if covered != T:
+        raise ValueError(f"target blocks cover {covered} of {T} targets")
     lo, hi = bootstrap_ci(per_target, n_boot, seed)
     out = {"mean": float(np.nanmean(per_target)), "ci95": [lo, hi],
            "median": float(np.nanmedian(per_target)), "targets": int(np.isfinite(per_target).sum())}
-    if intercept is not None:
-        out["mse"] = float(np.mean((pred - Y) ** 2))
+    if with_intercept:
+        out["mse"] = sq / Y.size
         out["margin_var"] = float(np.mean(Y.var(0)))
     return out, per_target
 
@@ -401,8 +420,9 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     """
     import tempfile
 
-    from orchestrator.baselines_stage import BaselinesError, budget_files, expected_files, read_scores
-    from orchestrator.fit_stage import fit_seconds, load_datamodels
+    from orchestrator.baselines_stage import BaselinesError, budget_files, expected_files, read_scores, scores_info
+    from orchestrator.fit_stage import fit_seconds, iter_datamodels
+    from orchestrator.ledger import margin_columns
     from orchestrator.store import CorruptFile, Layout
     cfg, store = plan.cfg, plan.store
     compute = compute or {}
@@ -410,10 +430,23 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     X, Y, counts = eval_set(plan.ledger, plan.n, plan.n_targets)
     if len(X) < 3:
         raise LedgerError(f"only {len(X)} eval masks in the ledger; LDS needs more (masks.n_eval)")
-    W, b, _ = load_datamodels(store, datamodels_dir, plan.n_targets)
     n_boot, seed = int(cfg.eval.bootstrap), int(cfg.eval.bootstrap_seed)
-    results, per_target, weights = {}, {}, {"datamodels": W}
-    results["datamodels"], per_target["datamodels"] = score_method(X, Y, W, b, n_boot, seed)
+    # Every method is scored one target block at a time (a datamodels chunk, a scores column),
+    # so that the driver holds one block of one method's [T, n] weights, whatever T and n; the
+    # plot of the top examples keeps the rows of its targets only.
+    shown = min(int(cfg.eval.get("show_targets") or 0), plan.n_targets)
+    weights: dict[str, np.ndarray] = {}
+
+    def kept(name, blocks):
+        for a, b, w, icpt in blocks:
+            if a < shown:
+                weights[name] = np.concatenate([weights.get(name, np.zeros((0, w.shape[1]), np.float32)),
+                                                np.asarray(w[:shown - a], np.float32)])
+            yield a, b, w, icpt
+
+    results, per_target = {}, {}
+    results["datamodels"], per_target["datamodels"] = score_blocks(
+        X, Y, kept("datamodels", iter_datamodels(store, datamodels_dir, plan.n_targets)), True, n_boot, seed)
     dm_fit = None
     if compute.get("datamodels") is not None and per_model is not None and compute.get("models") is not None:
         dm_fit = float(compute["datamodels"]) - float(per_model) * int(compute["models"])
@@ -422,38 +455,48 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
 
     curve = {}
     for m, d in sorted((prefix_dirs or {}).items()):
-        Wm, bm, _ = load_datamodels(store, d, plan.n_targets)
-        curve[int(m)], _ = score_method(X, Y, Wm, bm, n_boot, seed)
+        curve[int(m)], _ = score_blocks(X, Y, iter_datamodels(store, d, plan.n_targets), True, n_boot, seed)
         total, parts = datamodels_compute(int(m), compute.get("per_model", 0.0), fit_seconds(store, d))
         curve[int(m)].update(seconds=total, seconds_parts=parts)
     if curve and compute.get("models"):
         curve[int(compute["models"])] = dict(results["datamodels"])
 
+    def missing(name, rel, what, err):
+        return BaselinesError(f"evaluate: baseline {name} has no valid scores{what} at {store.where(rel)} "
+                              f"({type(err).__name__}); run stage=baselines")
+
     def scores(name, rel, what=""):
+        """(the metadata, the target blocks (a, b, scores [b - a, n], None)) of a scores file."""
         try:
-            S, meta = read_scores(store, rel)
+            shape, meta = scores_info(store, rel)
         except (FileNotFoundError, CorruptFile) as err:
-            raise BaselinesError(f"evaluate: baseline {name} has no valid scores{what} at {store.where(rel)} "
-                                 f"({type(err).__name__}); run stage=baselines") from None
-        if S.shape != (plan.n, plan.n_targets):
-            raise BaselinesError(f"evaluate: {store.where(rel)} ({name}{what}) has shape {S.shape}, expected "
+            raise missing(name, rel, what, err) from None
+        if shape != (plan.n, plan.n_targets):
+            raise BaselinesError(f"evaluate: {store.where(rel)} ({name}{what}) has shape {shape}, expected "
                                  f"({plan.n}, {plan.n_targets}); run stage=baselines")
-        return S, meta
+
+        def blocks():
+            for _, a, b in margin_columns(plan.n_targets):
+                try:
+                    S, _ = read_scores(store, rel, a, b)
+                except (FileNotFoundError, CorruptFile) as err:
+                    raise missing(name, rel, what, err) from None
+                yield a, b, S.T, None
+        return meta, blocks()
 
     budget_rel = budget_files(cfg)
     lds_budget = {}
     for name, rel in sorted(expected_files(cfg).items()):
-        S, meta = scores(name, rel)
-        results[name], per_target[name] = score_method(X, Y, S.T, None, n_boot, seed)
+        meta, blocks = scores(name, rel)
+        results[name], per_target[name] = score_blocks(X, Y, kept(name, blocks), False, n_boot, seed)
         total, parts = baseline_compute(meta.get("seconds"), meta.get("checkpoints"), per_model)
         results[name].update(seconds=total, seconds_parts=parts, params=meta.get("params"),
                              checkpoints=meta.get("checkpoints"))
-        weights[name] = S.T
         if name in budget_rel:
             curve_k = {}
             for k, brel in sorted(budget_rel[name].items()):
-                Sk, mk = scores(name, brel, f" for its first {k} checkpoints (baselines.budget_checkpoints)")
-                rk, _ = score_method(X, Y, Sk.T, None, n_boot, seed)
+                mk, blocks_k = scores(name, brel, f" for its first {k} checkpoints (baselines.budget_checkpoints)")
+                rk, _ = score_blocks(X, Y, blocks_k, False, n_boot, seed)
                 total_k, parts_k = baseline_compute(mk.get("seconds"), k, per_model)
                 curve_k[k] = {**rk, "seconds": total_k, "seconds_parts": parts_k}
             r = results[name]
@@ -474,8 +517,8 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
         x_tr, y_tr, x_tg, y_tg, num_classes = plan.task.arrays()
     except (AttributeError, TypeError, ValueError):
         x_tr = x_tg = None
-    if x_tr is not None and int(cfg.eval.get("show_targets") or 0) > 0:
-        k = min(int(cfg.eval.show_targets), plan.n_targets)
+    if x_tr is not None and shown > 0:
+        k = shown
         plots["top_examples"] = os.path.join(scratch, "top_examples.png")
         plot_top_examples(weights, x_tr, x_tg, list(range(k)), plots["top_examples"], train_labels=y_tr,
                           target_labels=y_tg, names=task_class_names(plan.task, int(num_classes)))

@@ -33,15 +33,24 @@ class LedgerError(RuntimeError):
     """A ledger that cannot be read as asked (wrong shapes, no models yet)."""
 
 
-def margin_columns(n_targets: int) -> list[tuple[str, int, int]]:
-    """(column name, first target, end) of each block of MARGIN_BLOCK targets."""
-    return [(f"margins_{b}", a, min(a + MARGIN_BLOCK, n_targets))
+def margin_columns(n_targets: int, prefix: str = "margins") -> list[tuple[str, int, int]]:
+    """(column name, first target, end) of each block of MARGIN_BLOCK targets. The scores
+    files of the baselines use the same blocks (prefix "scores")."""
+    return [(f"{prefix}_{b}", a, min(a + MARGIN_BLOCK, n_targets))
             for b, a in enumerate(range(0, n_targets, MARGIN_BLOCK))]
 
 
-def block_columns(a: int, b: int) -> list[str]:
-    """The margins columns that hold targets [a, b): one when [a, b) lies in one MARGIN_BLOCK."""
-    return [f"margins_{k}" for k in range(a // MARGIN_BLOCK, -(-b // MARGIN_BLOCK))]
+def block_columns(a: int, b: int, prefix: str = "margins") -> list[str]:
+    """The columns that hold targets [a, b): one when [a, b) lies in one MARGIN_BLOCK."""
+    return [f"{prefix}_{k}" for k in range(a // MARGIN_BLOCK, -(-b // MARGIN_BLOCK))]
+
+
+def block_array(values: np.ndarray, prefix: str = "margins") -> dict[str, pa.Array]:
+    """The {prefix}_k columns (fixed-size lists of float32, MARGIN_BLOCK targets each) that
+    hold the float32 array `values` [rows, targets]."""
+    return {name: pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(values[:, a:b], np.float32).reshape(-1), pa.float32()), b - a)
+        for name, a, b in margin_columns(values.shape[1], prefix)}
 
 
 def decode_masks(table: pa.Table) -> np.ndarray:
@@ -52,11 +61,12 @@ def decode_masks(table: pa.Table) -> np.ndarray:
                          offset=col.offset * n_bytes).reshape(len(col), n_bytes).copy()
 
 
-def decode_margins(table: pa.Table, a: int, b: int) -> np.ndarray:
-    """float32 [rows, b - a]: the margins of targets [a, b) from the table's `block_columns(a, b)`."""
+def decode_margins(table: pa.Table, a: int, b: int, prefix: str = "margins") -> np.ndarray:
+    """float32 [rows, b - a]: the margins (or another blocked array) of targets [a, b) from the
+    table's `block_columns(a, b, prefix)`."""
     out = np.empty((table.num_rows, b - a), np.float32)
-    for name in block_columns(a, b):
-        start = int(name.split("_")[1]) * MARGIN_BLOCK
+    for name in block_columns(a, b, prefix):
+        start = int(name.rsplit("_", 1)[1]) * MARGIN_BLOCK
         col = table[name].combine_chunks()
         block = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
         lo, hi = max(a, start), min(b, start + col.type.list_size)
@@ -340,23 +350,33 @@ class Ledger:
     def count(self, mask_set: str) -> int:
         return self.index().count(mask_set)
 
-    def read_columns(self, index: Index, positions: np.ndarray, columns: list[str]) -> pa.Table:
-        """`columns` of the models at `positions` of the index, in that order. Each file is
-        read once (projected to those columns) and checked against its digests again; a file
-        that changed since it was verified is quarantined and LedgerError raised."""
-        files = index.file[positions]
-        rows = index.row[positions]
-        parts, where = [], []
-        for f in np.unique(files):
-            rel = index.files[int(f)]
+    def iter_columns(self, index: Index, positions: np.ndarray, columns: list[str]):
+        """(where, table) per ledger file holding models at `positions` of the index: `where`
+        the indices into `positions` of that file's models, `table` their `columns`, in that
+        order. Each file is read once (projected to those columns) and checked against its
+        digests again; a file that changed since it was verified is quarantined and LedgerError
+        raised. Holds one file's rows at a time, for summaries over every model."""
+        files = np.asarray(index.file[positions])
+        order = np.argsort(files, kind="stable")
+        sorted_files = files[order]
+        starts = np.flatnonzero(np.r_[True, sorted_files[1:] != sorted_files[:-1]]) if len(order) else np.zeros(0, int)
+        for a, b in zip(starts, [*starts[1:], len(order)]):
+            sel = order[a:b]
+            rel = index.files[int(files[sel[0]])]
             try:
                 table = self.store.read_table(rel, columns)
             except (CorruptFile, FileNotFoundError) as err:
                 self.quarantine(rel, getattr(err, "reason", "the file is gone"))
                 raise LedgerError(f"{self.where}: {rel.rsplit('/', 1)[-1]} changed after it was verified; "
                                   f"re-run to retrain its models") from None
-            sel = np.flatnonzero(files == f)
-            parts.append(table.take(pa.array(rows[sel])))
+            yield sel, table.take(pa.array(index.row[positions[sel]]))
+
+    def read_columns(self, index: Index, positions: np.ndarray, columns: list[str]) -> pa.Table:
+        """`columns` of the models at `positions` of the index, in that order (iter_columns'
+        reads, put together)."""
+        parts, where = [], []
+        for sel, table in self.iter_columns(index, positions, columns):
+            parts.append(table)
             where.append(sel)
         if not parts:
             return pa.table({c: pa.array([], pa.null()) for c in columns})

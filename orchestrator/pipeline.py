@@ -15,6 +15,7 @@ import os
 import subprocess
 import tempfile
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator import config as C
@@ -51,16 +52,22 @@ def redacted(obj):
 
 
 def accuracy_summary(plan, index) -> dict:
-    """Mean, min and max train/target accuracy per mask set (two columns read, nothing else)."""
+    """Mean, min and max train/target accuracy per mask set: two columns read, one ledger
+    file at a time, so that the driver holds no array of every model's values."""
     out = {}
+    keys = ("target_acc", "train_acc")
     for mask_set in ("train", "eval"):
         pos = index.select(mask_set)
         if not len(pos):
             continue
-        t = plan.ledger.read_columns(index, pos, ["target_acc", "train_acc"])
-        for key in ("target_acc", "train_acc"):
-            v = t[key].to_numpy()
-            out[f"{mask_set}.{key}"] = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
+        total, low, high = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, np.inf), dict.fromkeys(keys, -np.inf)
+        for _, t in plan.ledger.iter_columns(index, pos, list(keys)):
+            for key in keys:
+                v = t[key].to_numpy().astype(np.float64)
+                total[key] += float(v.sum())
+                low[key], high[key] = min(low[key], float(v.min())), max(high[key], float(v.max()))
+        for key in keys:
+            out[f"{mask_set}.{key}"] = {"mean": total[key] / len(pos), "min": low[key], "max": high[key]}
     return out
 
 
@@ -148,6 +155,10 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
     C.check_outputs(plan)
     stage = cfg.stage
     store = plan.store
+    todo = stages.selected(stage)
+    for st in todo:            # the inputs a stage needs, before MLflow, Ray or any write
+        if st.precheck is not None:
+            st.precheck(plan)
     tracker = Tracker(plan.tracking_uri, cfg.exp.name, bool(cfg.tracking.required),
                       float(cfg.tracking.timeout_seconds), plan.artifact_root)
     resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
@@ -162,7 +173,6 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
                     "n_targets": plan.n_targets, "alpha": float(cfg.masks.alpha)})
     summary.setdefault("timings", {})
     version = code_version()
-    todo = stages.selected(stage)
     sweep_id, point = sweep_point()
     tags = {"experiment_dir": summary["experiment_dir"], "config_hash": plan.config_hash,
             "code_version": version, "stage": stage}
@@ -170,9 +180,6 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
         tags["sweep"] = sweep_id
         tags.update({f"sweep.{k.lstrip('+~')}": str(v) for k, v in point.items()})
     evaluated = any(st.name == "evaluate" for st in todo)
-    for st in todo:
-        if st.precheck is not None:
-            st.precheck(plan)
     with tracker.parent(run_name(cfg, stage, point), resolved, tags):
         tracker.log_artifact(os.path.join(scratch, "config.yaml"))
         if any(st.needs_ray for st in todo):

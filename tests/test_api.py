@@ -88,7 +88,8 @@ def test_top_agrees_with_argsort_of_the_weights_and_the_scores(exp, run_dir):
     np.testing.assert_array_equal(top.negative_scores, W[3][order[:4]])
     rel = exp.summary["baselines"]["methods"]["trak"]["file"]
     t = pq.read_table(os.path.join(run_dir, rel))
-    S = np.stack([np.asarray(s, np.float32) for s in t["scores"].to_pylist()])       # [n, T]
+    blocks = sorted((c for c in t.column_names if c.startswith("scores_")), key=lambda c: int(c.split("_")[1]))
+    S = np.concatenate([np.stack([np.asarray(s, np.float32) for s in t[c].to_pylist()]) for c in blocks], 1)  # [n, T]
     np.testing.assert_array_equal(exp.scores("trak"), S)
     top = exp.top(3, k=5, method="trak")
     np.testing.assert_array_equal(top.positive, np.argsort(S[:, 3], kind="stable")[::-1][:5])

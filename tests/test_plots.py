@@ -253,12 +253,16 @@ def fake_plan(tmp_path, n=40, T=6, e=12, overrides=()):
                            n_targets=T), Wtrue
 
 
-def test_evaluate_counts_checkpoint_training_and_draws_budget_curves(tmp_path, monkeypatch):
+def test_evaluate_counts_checkpoint_training_and_draws_budget_curves(tmp_path):
     from orchestrator import fit_stage
     plan, Wtrue = fake_plan(tmp_path)
     n, T = plan.n, plan.n_targets
     rng = np.random.default_rng(1)
-    monkeypatch.setattr(fit_stage, "load_datamodels", lambda store, d, t: (Wtrue, np.zeros(T, np.float32), None))
+    from orchestrator.store import Layout
+    from workers.lasso.problem import FitResult
+    fitted = FitResult.zeros(T, n)
+    fitted.weights[:] = Wtrue
+    plan.store.write_table(Layout.chunk("dm", 0, T), fit_stage.datamodel_table(np.arange(T), fitted, 7.0))
     files = B.wanted_files(plan.cfg)
     scoring = {}
     for method, by_k in files.items():

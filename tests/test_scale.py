@@ -152,3 +152,76 @@ def test_fit_stage_driver_loads_no_train_rows_and_fits_what_it_did(tmp_path, ray
         assert np.array_equal(packed, whole.packed[:200]) and np.array_equal(Y, whole.margins[:200, 4:8])
     finally:
         handle.close()
+
+
+def test_summaries_read_one_file_at_a_time_and_agree_with_the_whole_load(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.pipeline import accuracy_summary
+    led = planted_ledger(tmp_path, units=((0, 30), (30, 60), (60, 75)))
+    index = led.index()
+    whole = led.load("train", index=index)
+    table = led.read_columns(index, index.select("train"), ["target_acc", "train_acc", "model_id"])
+    assert np.array_equal(table["model_id"].to_numpy(), whole.model_id)
+    # any order of positions, files interleaved: the rows come back in that order
+    pos = np.random.default_rng(1).permutation(index.select("train"))
+    got = led.read_columns(index, pos, ["model_id"])["model_id"].to_numpy()
+    assert np.array_equal(got, index.model_id[pos])
+    assert sorted(len(sel) for sel, _ in led.iter_columns(index, pos, ["model_id"])) == [15, 30, 30]
+    acc = table["target_acc"].to_numpy()
+    s = accuracy_summary(SimpleNamespace(ledger=led), index)["train.target_acc"]
+    assert s["min"] == float(acc.min()) and s["max"] == float(acc.max())
+    assert abs(s["mean"] - float(acc.astype(np.float64).mean())) < 1e-12
+
+
+def test_scores_files_are_read_by_target_block_and_checked_block_by_block(tmp_path):
+    import pyarrow as pa
+
+    from orchestrator import baselines_stage as B
+    store = Store(str(tmp_path))
+    n, T = 30, MARGIN_BLOCK + 6
+    S = np.random.default_rng(0).normal(size=(n, T)).astype(np.float32)
+    store.write_table("scores/x.parquet", B.scores_table(S, {"method": "trak", "checkpoints": 1}))
+    names = store.read_schema("scores/x.parquet").names
+    assert names == ["train_index", "scores_0", "scores_1"]
+    got, meta = B.read_scores(store, "scores/x.parquet")
+    assert np.array_equal(got, S) and meta["method"] == "trak"
+    for a, b in [(0, 5), (MARGIN_BLOCK - 2, MARGIN_BLOCK + 3), (MARGIN_BLOCK, T)]:
+        assert np.array_equal(B.read_scores(store, "scores/x.parquet", a, b)[0], S[:, a:b])
+    assert B.scores_info(store, "scores/x.parquet")[0] == (n, T)
+    assert B.scores_ok(store, "scores/x.parquet", n, T) == meta
+    # files of the single-column layout written before the blocks still read, whole or sliced
+    old = pa.table({"train_index": pa.array(np.arange(n, dtype=np.int32)),
+                    "scores": pa.FixedSizeListArray.from_arrays(pa.array(S.reshape(-1)), T)})
+    store.write_table("scores/old.parquet", old.replace_schema_metadata({"datamodels": '{"method": "trak"}'}))
+    assert np.array_equal(B.read_scores(store, "scores/old.parquet")[0], S)
+    assert np.array_equal(B.read_scores(store, "scores/old.parquet", 3, 9)[0], S[:, 3:9])
+    assert B.scores_ok(store, "scores/old.parquet", n, T) == {"method": "trak"}
+    # a wrong shape is deleted, to be recomputed
+    assert B.scores_ok(store, "scores/x.parquet", n, T + 1) is None and not store.exists("scores/x.parquet")
+
+
+def test_evaluate_by_target_blocks_gives_the_whole_arrays_figures(tmp_path):
+    from orchestrator.evaluate import score_blocks, score_method
+    from workers.lasso.problem import FitResult
+    rng = np.random.default_rng(2)
+    e, n, T = 40, 25, 70
+    X = rng.random((e, n)) < 0.5
+    W = rng.normal(size=(T, n)).astype(np.float32)
+    b = rng.normal(size=T).astype(np.float32)
+    Y = (X @ W.T + b + rng.normal(size=(e, T))).astype(np.float32)
+    whole, per_whole = score_method(X, Y, W, b, 300, 4)
+    store = Store(str(tmp_path))
+    for a, z in [(30, 70), (0, 12), (12, 30)]:            # chunks of unequal size, listed out of order
+        res = FitResult.zeros(z - a, n)
+        res.weights[:], res.intercept[:] = W[a:z], b[a:z]
+        store.write_table(Layout.chunk("dm", a, z), fit_stage.datamodel_table(np.arange(a, z), res, 1.0))
+    spans = [(a, z) for a, z, _, _ in fit_stage.iter_datamodels(store, "dm", T)]
+    assert spans == [(0, 12), (12, 30), (30, 70)]
+    blocked, per_blocked = score_blocks(X, Y, fit_stage.iter_datamodels(store, "dm", T), True, 300, 4)
+    assert np.allclose(per_blocked, per_whole, equal_nan=True)
+    assert blocked["mean"] == pytest.approx(whole["mean"]) and blocked["ci95"] == pytest.approx(whole["ci95"])
+    assert blocked["mse"] == pytest.approx(whole["mse"], rel=1e-5) and blocked["targets"] == whole["targets"]
+    store.delete(Layout.chunk("dm", 12, 30))
+    with pytest.raises(FileNotFoundError, match="cover 52 of 70 targets"):
+        list(fit_stage.iter_datamodels(store, "dm", T))
