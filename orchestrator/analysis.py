@@ -479,9 +479,10 @@ def top_overlap(A: np.ndarray, B: np.ndarray, k: int) -> np.ndarray:
     return (ta[:, :, None] == tb[:, None, :]).any(2).double().mean(1).numpy()
 
 
-def other_datamodels(other: str | None, plan) -> tuple[np.ndarray, str]:
-    """(weights [T, n], where) of the experiment at compare.other, checked against this one:
-    one line naming compare.other and the fix otherwise."""
+def other_experiment(other: str | None, plan):
+    """The experiment at compare.other (api.Experiment), checked against this one without
+    reading its weights (the stage's precheck, before Ray starts): one line naming
+    compare.other and the fix otherwise."""
     from orchestrator import api
     from orchestrator.config import ConfigError
     if not other:
@@ -505,6 +506,16 @@ def other_datamodels(other: str | None, plan) -> tuple[np.ndarray, str]:
         if a is not None and b is not None and a != b:
             raise ConfigError(f"compare.other={other!r} has task.{key}={b!r}, this experiment {a!r}: not the same "
                               f"training set and targets; compare experiments of the same task")
+    if exp.datamodels_dir is None:
+        raise ConfigError(f"compare.other={other!r}: {exp.store.where()} has no datamodels; run stage=fit there")
+    return exp
+
+
+def other_datamodels(other: str | None, plan) -> tuple[np.ndarray, str]:
+    """(weights [T, n], where) of the experiment at compare.other, checked against this one."""
+    from orchestrator import api
+    from orchestrator.config import ConfigError
+    exp = other_experiment(other, plan)
     try:
         W, _, _ = exp.datamodel_arrays()
     except api.ApiError as err:

@@ -13,6 +13,12 @@ seeds with and without the removal (orchestrator.removal), and compare, per meth
   slope           the calibration slope: least squares through the origin of the actual on the
                   predicted drops over the (target, k) cells (1 = calibrated; a lasso's
                   shrinkage shows as a slope above 1).
+  held-out slope  the slope after calibrating by retraining: each target's predicted drops
+                  scaled by the slope fitted on the other targets' cells (leave one target
+                  out), then the slope of the actual drops on those over every cell; `scale`
+                  is the slope on all cells, the factor a user multiplies the method's scores
+                  by for calibrated drops. A positive factor leaves every target's ranking,
+                  and so LDS, unchanged.
 The datamodels minus random difference of the actual drop is paired (same masks, same seeds).
 
 brittleness: for targets that the models classify correctly (mean margin over the eval models
@@ -201,10 +207,12 @@ def counterfactual_stage(ctx) -> dict:
     for name in methods:
         if scores[name] is None:
             continue
-        p = np.array([c_["predicted"] for c_ in cells if c_["method"] == name])
-        a = np.array([c_["actual"] for c_ in cells if c_["method"] == name])
+        mine = [c_ for c_ in cells if c_["method"] == name]
+        p = np.array([c_["predicted"] for c_ in mine])
+        a = np.array([c_["actual"] for c_ in mine])
         fit_line[name] = {"correlation": float(np.corrcoef(p, a)[0, 1]) if len(p) > 2 and p.std() > 0 else None,
-                          "slope": float(p @ a / (p @ p)) if p @ p > 0 else None}
+                          "slope": float(p @ a / (p @ p)) if p @ p > 0 else None,
+                          **held_out_slope(p, a, np.array([c_["target"] for c_ in mine]))}
     vs_random = {}
     if "datamodels" in methods and RANDOM in methods:
         for k in ks:
@@ -230,6 +238,25 @@ def counterfactual_stage(ctx) -> dict:
     return out
 
 
+def held_out_slope(p: np.ndarray, a: np.ndarray, target: np.ndarray) -> dict:
+    """Calibration by retraining, cross-validated over targets: {"scale": the through-origin
+    slope of actual `a` on predicted `p` over all cells, "held_out_slope": the slope of `a` on
+    p scaled, for each target's cells, by the slope of the other targets' cells}. None where a
+    slope is undefined (fewer than two targets, or no predicted drop)."""
+    scale = float(p @ a / (p @ p)) if p @ p > 0 else None
+    if len(np.unique(target)) < 2 or scale is None:
+        return {"scale": scale, "held_out_slope": None}
+    q = np.empty_like(p)
+    for t in np.unique(target):
+        rest = target != t
+        pr = p[rest]
+        c = pr @ a[rest] / (pr @ pr) if pr @ pr > 0 else np.nan
+        q[~rest] = c * p[~rest]
+    ok = np.isfinite(q)
+    qq = q[ok] @ q[ok]
+    return {"scale": scale, "held_out_slope": float(q[ok] @ a[ok] / qq) if qq > 0 else None}
+
+
 def table_lines(out: dict) -> list[str]:
     """The counterfactual table as the terminal shows it: a line per method and k."""
     lines = [f"{'method':<14}{'k':>5}  {'actual drop':>12}  {'95% CI':<18}{'predicted':>10}"]
@@ -241,7 +268,9 @@ def table_lines(out: dict) -> list[str]:
     for name, f in out["fit"].items():
         corr = "-" if f["correlation"] is None else f"{f['correlation']:.3f}"
         slope = "-" if f["slope"] is None else f"{f['slope']:.3f}"
-        lines.append(f"{name:<14} predicted vs actual: r = {corr}, calibration slope = {slope}")
+        held = f.get("held_out_slope")
+        cal = "" if held is None else f"; scaled by {f['scale']:.3f} (fitted on the other targets): slope {held:.3f}"
+        lines.append(f"{name:<14} predicted vs actual: r = {corr}, calibration slope = {slope}{cal}")
     for k, d in out["datamodels_minus_random"].items():
         lines.append(f"datamodels − random, k={k}: {d['difference']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]")
     return lines

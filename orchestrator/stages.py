@@ -112,7 +112,7 @@ def _evaluate(ctx: Context) -> dict:
     index = ctx.ledger_index()
     train_seconds = plan.ledger.seconds("train", index)   # one column, not the masks
     m = len(train_seconds)
-    dm_dir = fit_stage.store_dir(m, fit_cfg)
+    dm_dir = fit_stage.full_dir(plan, index)
     prefix_dirs = {k: fit_stage.store_dir(k, fit_cfg) for k in fit_stage.prefix_sizes(fit_cfg, m)}
     per_model = float(np.sum(train_seconds)) / max(m, 1)
     compute = {"models": m, "per_model": per_model,
@@ -156,6 +156,12 @@ def _precheck_datamodels(plan) -> None:
     counterfactual.precheck(plan)
 
 
+def _precheck_compare(plan) -> None:
+    from orchestrator import analysis
+    _precheck_datamodels(plan)
+    analysis.other_experiment(plan.cfg.compare.get("other"), plan)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("masks", _masks, writes=(Layout.masks("train"), Layout.masks("eval")),
           logs=("its duration",)),
@@ -184,7 +190,7 @@ STAGES: tuple[Stage, ...] = (
           writes=("embedding.json", "embedding_*.png"), params="embedding", in_all=False,
           precheck=_precheck_datamodels, logs=("explained variance", "the spectrum", "the extremes")),
     Stage("compare", _analysis("compare"), reads=(Layout.DATAMODELS,), writes=("compare.json", "compare.png"),
-          params="compare", in_all=False, precheck=_precheck_datamodels,
+          params="compare", in_all=False, precheck=_precheck_compare,
           logs=("cosine similarity per target", "the most-disagreeing targets")),
 )
 

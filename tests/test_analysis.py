@@ -242,3 +242,14 @@ def test_compare_stage_and_its_bad_inputs(two_recipes, tmp_path):
     shutil.copytree(other, unfit, ignore=shutil.ignore_patterns("datamodels"))
     (unfit / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "fit"}))
     refused(str(unfit), r"has no datamodels; run stage=fit there")
+
+
+@pytest.mark.slow
+def test_a_bad_compare_other_is_refused_before_ray_and_mlflow(two_recipes, tmp_path):
+    from orchestrator import pipeline
+    root, _ = two_recipes
+    cfg = compose(overrides(8) + ["stage=compare", f"compare.other={root / 'nowhere'}",
+                                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], root)
+    with pytest.raises(ConfigError, match=r"compare.other=.*nowhere.*is not an experiment"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "mlflow.db").exists()          # refused before MLflow (and Ray) start

@@ -46,6 +46,7 @@ def test_counterfactual_and_brittleness_on_a_planted_task(tmp_path, ray_local):
         assert d["actual"] > 0 and abs(d["predicted"] - d["actual"]) < 0.15 * d["actual"]
         assert cf["datamodels_minus_random"][k]["ci95"][0] > 0
     assert 0.85 < cf["fit"]["datamodels"]["slope"] < 1.15 and cf["fit"]["datamodels"]["correlation"] > 0.95
+    assert 0.85 < cf["fit"]["datamodels"]["held_out_slope"] < 1.15
     store = Store(summary["experiment_dir"])
     table = json.loads(store.read_bytes("counterfactual.json"))
     assert len(table["cells"]) == 2 * 4 * 2 and store.exists("counterfactual_drop.png")
@@ -108,3 +109,23 @@ def test_counterfactual_without_datamodels_is_one_line(tmp_path, capsys):
     with pytest.raises(CounterfactualError, match=r"has no datamodels .* run stage=all \(or stage=fit\) first"):
         pipeline.run(compose(planted_overrides(tmp_path, extra=["stage=counterfactual", "counterfactual.ks=[2]"]),
                              tmp_path))
+
+
+def test_calibration_by_retraining_is_cross_validated_over_targets():
+    from orchestrator.counterfactual import held_out_slope
+    rng = np.random.default_rng(0)
+    target = np.repeat(np.arange(10), 3)
+    p = rng.uniform(1, 5, size=30)
+    a = 1.5 * p * (1 + 0.05 * rng.normal(size=30))
+    out = held_out_slope(p, a, target)
+    assert out["scale"] == pytest.approx(1.5, abs=0.05) and out["held_out_slope"] == pytest.approx(1.0, abs=0.05)
+    # one target whose drops are far off: its own cells never calibrate it (computed by hand)
+    a2 = a.copy()
+    a2[target == 0] *= 3
+    q = np.concatenate([p[target == t] * (p[target != t] @ a2[target != t]) / (p[target != t] @ p[target != t])
+                        for t in range(10)])
+    assert held_out_slope(p, a2, target)["held_out_slope"] == pytest.approx(q @ a2 / (q @ q))
+    assert abs(q @ a2 / (q @ q) - 1) > 1e-3                   # in-sample scaling would give exactly 1
+    assert held_out_slope(p[:3], a[:3], target[:3]) == {"scale": pytest.approx(p[:3] @ a[:3] / (p[:3] @ p[:3])),
+                                                         "held_out_slope": None}
+    assert held_out_slope(np.zeros(4), np.ones(4), np.arange(4)) == {"scale": None, "held_out_slope": None}
