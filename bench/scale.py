@@ -20,8 +20,29 @@ Linux a child starts with the high-water mark of the parent it was forked from.)
 
 The lasso itself (m x n design) is not run: at m = 200k, n = 50k it is hours of work here.
 
+(b) --per-target RUN: each stage's compute against the number of targets T, on the same
+models: a finished experiment's ledger with at least max(--sizes) targets (read only; e.g.
+experiment=fmnist_10k's). For each T, each in a fresh process, with the experiment's own
+settings, peak resident set (VmHWM) and wall time:
+
+  fit              the fit stage's tasks one after another, as its Ray tasks run them: every
+                   chunk of fit.targets_per_task targets read from the store (Ledger.read_block)
+                   and fit (workers.lasso.fit_lasso) with fit.cpus_per_task threads, on all good
+                   train models (the stage also fits each fit.prefixes size the same way; with
+                   --prefixes they are timed too); nothing written
+  <method>         each baselines.methods: compute_scores on the first K checkpoints and the
+                   task's first T targets, baselines.cpus_per_task threads
+  evaluate         the eval set read and LDS with its bootstrap (evaluate.score_blocks, one block
+                   of fit.targets_per_task targets at a time) of the fit's datamodels and of as
+                   many [T, n] arrays again as there are baselines, as the evaluate stage does
+
+Printed with the per-target cost and its ratio to the smallest T's. The Ray scheduling, the
+MLflow calls and the files the stages write are not in these figures (bench/orchestration.py
+measures them: about 12 ms of driver CPU per unit).
+
     .venv/bin/python bench/scale.py [--models 10000,50000,200000] [--n 50000] [--targets 1000]
                                     [--quick] [--root /tmp/scale] [--keep]
+    .venv/bin/python bench/scale.py --per-target runs/fmnist_10k-<hash> [--sizes 200,1000,10000]
 """
 from __future__ import annotations
 
@@ -205,6 +226,116 @@ def run_step(step: str, where: str, n: int, T: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------- (b) per target
+def run_config(run: str) -> dict:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(OmegaConf.load(os.path.join(run, "config.yaml")), resolve=True)
+
+
+def per_target_measure(stage: str, run: str, T: int, scratch: str, prefixes: bool = False) -> dict:
+    """One stage's compute on the first T targets of the experiment in `run` (this process)."""
+    import torch
+
+    from orchestrator import fit_stage
+    from orchestrator.ledger import Ledger
+    from orchestrator.store import Store
+    cfg = run_config(run)
+    ledger = Ledger(Store(os.path.abspath(run)))
+    n = int(cfg["task"]["n_train"])
+    out: dict = {}
+    if stage == "fit":
+        from workers.lasso import fit_lasso
+        fit_cfg = cfg["fit"]
+        torch.set_num_threads(max(1, int(fit_cfg.get("cpus_per_task") or 1)))
+        index = ledger.index()
+        pos, _, _ = ledger.good_models("train", index)
+        t0 = time.perf_counter()
+        full = None
+        sizes = [len(pos), *(fit_stage.prefix_sizes(fit_cfg, len(pos)) if prefixes else [])]
+        for m in sizes:
+            weights, intercept = [], []
+            for a, b in fit_stage.chunks(T, int(fit_cfg["targets_per_task"])):
+                packed, Y = ledger.read_block(index, pos[:m], a, b)
+                res = fit_lasso(packed, Y, fit_stage.lasso_config(fit_cfg), n=n)
+                weights.append(res.weights)
+                intercept.append(res.intercept)
+            if full is None:
+                full = (np.concatenate(weights), np.concatenate(intercept))
+        out["seconds"] = time.perf_counter() - t0
+        out["fits"] = len(sizes)
+        np.save(os.path.join(scratch, f"weights-{T}.npy"), full[0])
+        np.save(os.path.join(scratch, f"intercept-{T}.npy"), full[1])
+    elif stage == "evaluate":
+        from orchestrator.evaluate import eval_set, score_blocks
+        weights = np.load(os.path.join(scratch, f"weights-{T}.npy"), mmap_mode="r")
+        intercept = np.load(os.path.join(scratch, f"intercept-{T}.npy"))
+        per = int(cfg["fit"]["targets_per_task"])
+        methods = list(cfg["baselines"]["methods"])
+        t0 = time.perf_counter()
+        X, Y, _ = eval_set(ledger, n, int(cfg["task"]["n_targets"]))
+        Y = Y[:, :T]
+        lds = {}
+        for name in ["datamodels", *methods]:   # the baselines' scores cost the same as any [T, n]
+            blocks = ((a, b, np.array(weights[a:b]), intercept[a:b]) for a, b in fit_stage.chunks(T, per))
+            r, _ = score_blocks(X, Y, blocks, name == "datamodels", int(cfg["eval"]["bootstrap"]),
+                                int(cfg["eval"]["bootstrap_seed"]))
+            lds[name] = r["mean"]
+        out["seconds"] = time.perf_counter() - t0
+        out["lds"] = lds["datamodels"]
+    else:
+        from hydra.utils import instantiate
+
+        from orchestrator.baselines_stage import load_checkpoints
+        from workers.attribution import compute_scores
+        bcfg = cfg["baselines"]
+        torch.set_num_threads(int(bcfg.get("cpus_per_task") or 1))
+        task = instantiate({**cfg["task"], "n_targets": T}, _convert_="all")
+        model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
+        ckpts = load_checkpoints(ledger.store, int(bcfg["checkpoints"]))
+        t0 = time.perf_counter()
+        compute_scores(stage, model_fn, ckpts, x_tr, y_tr, x_tg, y_tg,
+                       dict((bcfg.get("params") or {}).get(stage) or {}), margin_kind=task.margin)
+        out["seconds"] = time.perf_counter() - t0
+    out["maxrss"] = high_water()
+    return out
+
+
+def per_target(run: str, sizes: list[int], prefixes: bool = False) -> None:
+    import tempfile
+    cfg = run_config(run)
+    have = int(cfg["task"]["n_targets"])
+    if max(sizes) > have:
+        raise SystemExit(f"--sizes: {max(sizes)} targets asked, but {run} has {have}; run "
+                         f"experiment=fmnist_10k first, or lower --sizes")
+    stages = ["fit", *cfg["baselines"]["methods"], "evaluate"]
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for T in sizes:
+            for stage in stages:
+                cmd = [sys.executable, os.path.abspath(__file__), "--per-target", run, "--measure", stage,
+                       "--targets", str(T), "--store", scratch] + (["--prefixes"] if prefixes else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                if proc.returncode:
+                    raise SystemExit(f"{stage} at T={T} failed:\n{proc.stderr[-3000:]}")
+                res[stage, T] = json.loads(proc.stdout.strip().splitlines()[-1])
+                r = res[stage, T]
+                print(f"T={T} {stage}: {r['seconds']:.1f} s, peak {mb(r['maxrss']).strip()} MB", flush=True)
+    m = cfg["masks"]["n_train"]
+    print(f"\n{run}: n={cfg['task']['n_train']}, {m} train models, fit.targets_per_task="
+          f"{cfg['fit']['targets_per_task']}, fit sets timed {res['fit', sizes[0]]['fits']} (prefixes "
+          f"{cfg['fit'].get('prefixes') if prefixes else 'not timed'}); each stage in a fresh process")
+    head = f"per target : T={sizes[0]}"
+    print(f"{'stage':<12}{'T':>7}{'seconds':>10}{'ms/target':>11}{'peak MB':>10}{head:>20}")
+    for stage in stages:
+        for T in sizes:
+            r, base = res[stage, T], res[stage, sizes[0]]
+            ratio = (r["seconds"] / T) / (base["seconds"] / sizes[0])
+            print(f"{stage:<12}{T:>7}{r['seconds']:>10.1f}{1e3 * r['seconds'] / T:>11.2f}{mb(r['maxrss']):>10}"
+                  f"{ratio:>20.3f}")
+    for T in sizes:
+        print(f"datamodels LDS on the first {T} targets: {res['evaluate', T]['lds']:.4f}")
+
+
 # ----------------------------------------------------------------------------- the table
 def mb(x: float) -> str:
     return f"{x / 2**20:9.1f}"
@@ -239,7 +370,17 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthetic ledgers under --root")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--per-target", metavar="RUN", help="(b): a finished experiment with max(--sizes) targets")
+    ap.add_argument("--sizes", default="200,1000,10000", help="(b): the numbers of targets T")
+    ap.add_argument("--prefixes", action="store_true", help="(b): also time the fit.prefixes fits")
     args = ap.parse_args()
+    if args.per_target and args.measure:
+        print(json.dumps(per_target_measure(args.measure, args.per_target, args.targets, args.store,
+                                            args.prefixes)))
+        return
+    if args.per_target:
+        per_target(args.per_target, sorted(int(x) for x in args.sizes.split(",")), args.prefixes)
+        return
     if args.measure:
         print(json.dumps(measure(args.measure, args.store, args.n, args.targets)))
         return

@@ -9,6 +9,14 @@ mean target accuracy must agree. Also measured in-process (no Ray): models/s of 
 single and batched engines with 1 (and 2) torch threads, and with --ffcv (needs the
 optional extra) the same engines streaming from a .beton instead of resident data.
 
+The arithmetic rate: each in-process engine's GFLOP/s (conv/linear FLOPs, forward_flops x 3
+per training example-step plus evaluation) as a fraction of this machine's matmul peak with
+the same thread count, measured here: float32 square GEMM (best of sizes 256-2048), and the
+batched GEMMs of the engine's own shapes (torch.bmm of k models x batch x layer, forward,
+grad-input and grad-weight). The gap between the two peaks is what the small shapes cost;
+the gap between the shapes' rate and the engine's is what the rest of a step (elementwise
+ops, the optimizer, batch gathering, evaluation) costs.
+
 Default network: the CPU demo MLP (784 -> 64 -> 10), 10 epochs, batch 100, lr 0.1, on
 Fashion-MNIST (1 000 training examples, alpha = 0.5, 200 targets) if present, else digits.
 
@@ -51,6 +59,60 @@ def flops_per_model(model_cfg, in_shape, cfg: TrainConfig, m: int, t: int) -> fl
     fwd = forward_flops(build_model(model_cfg, in_shape, 10), in_shape)
     bs = min(cfg.batch_size, m)
     return 3 * fwd * bs * (m // bs) * cfg.epochs + fwd * (m + t)
+
+
+def _best_seconds(fn, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(threads: int) -> float:
+    """GFLOP/s of float32 square GEMM with `threads` torch threads: the best over sizes."""
+    torch.set_num_threads(threads)
+    best = 0.0
+    for size in (256, 512, 1024, 2048):
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        out = torch.empty(size, size)
+        sec = _best_seconds(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), reps=3 if size >= 2048 else 5)
+        best = max(best, 2 * size ** 3 / sec / 1e9)
+    return best
+
+
+def shape_rate(threads: int, k: int, batch: int, widths: list[int]) -> float:
+    """GFLOP/s of the engine's batched GEMMs for k models, a batch and layer widths
+    (in, hidden..., out): forward x W, grad-input g Wᵀ and grad-weight xᵀ g per layer."""
+    torch.set_num_threads(threads)
+    mats = []
+    for i, o in zip(widths[:-1], widths[1:]):
+        x, w, g = torch.randn(k, batch, i), torch.randn(k, i, o), torch.randn(k, batch, o)
+        mats.append((x, w, g))
+
+    def step():
+        for x, w, g in mats:
+            torch.bmm(x, w)
+            torch.bmm(g, w.transpose(1, 2))
+            torch.bmm(x.transpose(1, 2), g)
+    flops = sum(3 * 2 * k * batch * x.shape[2] * w.shape[2] for x, w, _ in mats)
+    return flops / _best_seconds(step, reps=20) / 1e9
+
+
+def arithmetic_report(rows, fpm: float, batch: int, widths: list[int]) -> None:
+    """Each in-process engine's GFLOP/s against the measured peaks, per thread count."""
+    print("\narithmetic rate (conv/linear FLOPs) against this machine's measured float32 peaks:")
+    print(f"{'threads':>7} {'engine':<8} {'k':>3} {'GFLOP/s':>8} {'GEMM peak':>10} {'of peak':>8} "
+          f"{'k-shape bmm':>12} {'of shape':>9}")
+    peaks = {t: matmul_peak(t) for t in sorted({r[0] for r in rows})}
+    for threads, engine, k, rate, _ in rows:
+        achieved = rate * fpm / 1e9
+        shaped = shape_rate(threads, k, batch, widths)
+        print(f"{threads:>7} {engine:<8} {k:>3} {achieved:>8.2f} {peaks[threads]:>10.1f} "
+              f"{achieved / peaks[threads]:>8.3f} {shaped:>12.1f} {achieved / shaped:>9.3f}")
+    torch.set_num_threads(1)
 
 
 def in_process(model_cfg, cfg, data, masks, seeds, thread_counts):
@@ -106,6 +168,7 @@ def main():
     ap.add_argument("--models-per-step", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--in-process-only", action="store_true", help="the engines and the peaks, no Ray part")
     ap.add_argument("--ffcv", action="store_true", help="also time train.loader=ffcv (optional extra)")
     ap.add_argument("--ffcv-only", action="store_true", help="only the --ffcv comparison, then stop")
     ap.add_argument("--threads", default="1,2",
@@ -136,8 +199,12 @@ def main():
             return
     if not args.skip_in_process:
         print("in-process engine throughput (no Ray):", flush=True)
-        in_process(model_cfg, cfg, (x, y, xt, yt), masks, seeds, [int(t) for t in args.threads.split(",")])
+        rows = in_process(model_cfg, cfg, (x, y, xt, yt), masks, seeds, [int(t) for t in args.threads.split(",")])
+        widths = [int(np.prod(x.shape[1:])), *model_cfg["hidden"], 10]
+        arithmetic_report(rows, fpm, min(cfg.batch_size, m), widths)
         torch.set_num_threads(1)
+        if args.in_process_only:
+            return
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
