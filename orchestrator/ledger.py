@@ -169,10 +169,10 @@ class Index:
     set_code: np.ndarray             # per chosen model
     model_id: np.ndarray
     replica: np.ndarray
-    file: np.ndarray                 # index into files
-    row: np.ndarray                  # row inside that file
+    file: np.ndarray                 # index into files (int32)
+    row: np.ndarray                  # row inside that file (int32)
     failed: np.ndarray               # bool
-    failures: list                   # reason per chosen model ("" if good)
+    failures: dict                   # position -> reason, for the failed models only
     duplicates: int                  # rows beyond the first for some model
     sets: tuple[str, ...] = SETS     # the mask set names that set_code indexes
 
@@ -326,8 +326,8 @@ class Ledger:
         parts = [self._verified[r] for r in order]
         if not parts:
             z = np.zeros(0, np.int64)
-            return Index([], z.astype(np.int8), z, z.astype(np.int32), z, z, z.astype(bool), [], 0,
-                         self.sets.names)
+            return Index([], z.astype(np.int8), z, z.astype(np.int32), z.astype(np.int32), z.astype(np.int32),
+                         z.astype(bool), {}, 0, self.sets.names)
         set_code = np.concatenate([p.set_code for p in parts])
         model_id = np.concatenate([p.model_id for p in parts]).astype(np.int64)
         replica = np.concatenate([p.replica for p in parts]).astype(np.int32)
@@ -341,8 +341,10 @@ class Ledger:
         first[1:] = np.any(keys[1:] != keys[:-1], axis=1)
         c = o[first]
         failed = np.array([bool(failures[i]) for i in c], dtype=bool)
-        return Index(order, set_code[c], model_id[c], replica[c], file[c], row[c], failed,
-                     [failures[i] for i in c], int(len(o) - len(c)), self.sets.names)
+        # about 22 B per model: the driver's index is the one thing it holds per model
+        return Index(order, set_code[c], model_id[c], replica[c], file[c].astype(np.int32),
+                     row[c].astype(np.int32), failed, {int(p): failures[c[p]] for p in np.flatnonzero(failed)},
+                     int(len(o) - len(c)), self.sets.names)
 
     def keys(self, mask_set: str | None = None) -> set[tuple[str, int, int]]:
         return self.index().keys(mask_set)
