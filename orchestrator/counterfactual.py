@@ -136,10 +136,14 @@ def precheck(plan) -> None:
                                   f"({want}); run stage=all (or stage=fit) first")
 
 
-def _write_json(ctx, name: str, obj: dict) -> str:
+def _write_json(ctx, name: str, obj: dict, keep_in: str | None = None) -> str:
+    """<name>.json at the experiment's top (the last run's), and a copy in `keep_in` (a removal
+    experiment's directory, whose results it holds), so that every settings' table is kept."""
     rel = f"{name}.json"
     text = json.dumps(obj, indent=1, default=float)
     ctx.plan.store.write_bytes(rel, text.encode())
+    if keep_in:
+        ctx.plan.store.write_bytes(f"{keep_in}/{rel}", text.encode())
     path = os.path.join(ctx.scratch, rel)
     with open(path, "w") as f:
         f.write(text)
@@ -220,7 +224,7 @@ def counterfactual_stage(ctx) -> dict:
             vs_random[str(k)] = {"difference": mean, "ci95": ci}
     out = {"targets": targets.tolist(), "ks": ks, "masks": J, "methods": methods, "datamodels": dm_dir,
            "models": train_stats, "drop": rows, "fit": fit_line, "datamodels_minus_random": vs_random}
-    out["table"] = _write_json(ctx, "counterfactual", {**out, "cells": cells})
+    out["table"] = _write_json(ctx, "counterfactual", {**out, "cells": cells}, train_stats.get("dir"))
     from orchestrator.evaluate import method_colors, method_order
     names = method_order(methods)
     colors = method_colors(names)
@@ -267,9 +271,9 @@ def table_lines(out: dict) -> list[str]:
                          f"{'':<2}{pred:>10}")
     for name, f in out["fit"].items():
         corr = "-" if f["correlation"] is None else f"{f['correlation']:.3f}"
-        slope = "-" if f["slope"] is None else f"{f['slope']:.3f}"
+        slope = "-" if f["slope"] is None else f"{f['slope']:.4g}"
         held = f.get("held_out_slope")
-        cal = "" if held is None else f"; scaled by {f['scale']:.3f} (fitted on the other targets): slope {held:.3f}"
+        cal = "" if held is None else f"; scaled by {f['scale']:.4g} (fitted on the other targets): slope {held:.3f}"
         lines.append(f"{name:<14} predicted vs actual: r = {corr}, calibration slope = {slope}{cal}")
     for k, d in out["datamodels_minus_random"].items():
         lines.append(f"datamodels − random, k={k}: {d['difference']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]")
@@ -387,7 +391,7 @@ def brittleness_stage(ctx) -> dict:
     out = {"targets": int(len(targets)), "candidates": int(len(correct)), "ks": ks, "masks": rem.base,
            "datamodels": dm_dir, "models": train_stats, "fraction_flipped": curve,
            "verified_of_predicted": float(flipped.sum() / max(len(r_of), 1)) if r_of else None}
-    out["table"] = _write_json(ctx, "brittleness", {**out, "per_target": per_target})
+    out["table"] = _write_json(ctx, "brittleness", {**out, "per_target": per_target}, train_stats.get("dir"))
     path = os.path.join(ctx.scratch, "brittleness.png")
     plot_brittleness(curve, ks, len(targets), rem.base, path)
     out["plots"] = {"brittleness": _store_plot(ctx, "brittleness", path)}

@@ -49,6 +49,7 @@ def test_counterfactual_and_brittleness_on_a_planted_task(tmp_path, ray_local):
     assert 0.85 < cf["fit"]["datamodels"]["held_out_slope"] < 1.15
     store = Store(summary["experiment_dir"])
     table = json.loads(store.read_bytes("counterfactual.json"))
+    assert json.loads(store.read_bytes(f"{cf['models']['dir']}/counterfactual.json")) == table   # kept per settings
     assert len(table["cells"]) == 2 * 4 * 2 and store.exists("counterfactual_drop.png")
 
     # the truth: the planted task's exact drop for each cell
