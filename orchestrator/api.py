@@ -152,6 +152,17 @@ class Experiment:
         pred = X.astype(np.float32) @ W.T.astype(np.float32) + np.asarray(b, np.float32)[None, :]
         return pred[0] if np.ndim(mask) == 1 else pred
 
+    def calibration_scale(self, method: str = "datamodels") -> float:
+        """The factor that calibrates `method`'s predicted drops (the sum of its scores over the
+        examples removed) to retrained ones: the scale that stage=counterfactual fitted by
+        retraining (counterfactual.json). Multiplying every weight by it keeps each target's
+        ranking, and so LDS."""
+        fit = (self.result("counterfactual").get("fit") or {}).get(method) or {}
+        if fit.get("scale") is None:
+            raise ApiError(f"method={method!r}: counterfactual.json in {self.store.where()} has no calibration "
+                           f"for it; run stage=counterfactual with it among counterfactual.methods")
+        return float(fit["scale"])
+
     # ------------------------------------------------------------------ methods and scores
     @cached_property
     def _score_files(self) -> dict[str, dict[int, str]]:

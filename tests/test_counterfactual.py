@@ -47,6 +47,11 @@ def test_counterfactual_and_brittleness_on_a_planted_task(tmp_path, ray_local):
         assert cf["datamodels_minus_random"][k]["ci95"][0] > 0
     assert 0.85 < cf["fit"]["datamodels"]["slope"] < 1.15 and cf["fit"]["datamodels"]["correlation"] > 0.95
     assert 0.85 < cf["fit"]["datamodels"]["held_out_slope"] < 1.15
+    from orchestrator import api
+    exp = api.open(summary["experiment_dir"])
+    assert exp.calibration_scale() == pytest.approx(cf["fit"]["datamodels"]["scale"])
+    with pytest.raises(api.ApiError, match="no calibration for it"):
+        exp.calibration_scale("trak")
     store = Store(summary["experiment_dir"])
     table = json.loads(store.read_bytes("counterfactual.json"))
     assert json.loads(store.read_bytes(f"{cf['models']['dir']}/counterfactual.json")) == table   # kept per settings
