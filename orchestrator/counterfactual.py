@@ -52,25 +52,37 @@ class CounterfactualError(RuntimeError):
 
 # ----------------------------------------------------------------------------- inputs
 
-def datamodels(ctx) -> tuple[np.ndarray, np.ndarray, str]:
-    """(weights [T, n], intercepts [T], directory) of the datamodels of all good train models."""
+def datamodels(ctx, targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(weights [T, n], intercepts [T], directory) of the datamodels of all good train models;
+    with `targets`, the rows of those targets only ([len(targets), n]), read one chunk at a
+    time so that the driver never holds every target's weights."""
     from orchestrator import fit_stage
     plan = ctx.plan
     rel = fit_stage.full_dir(plan, ctx.ledger_index())
     try:
-        W, b, _ = fit_stage.load_datamodels(plan.store, rel, plan.n_targets)
+        if targets is None:
+            W, b, _ = fit_stage.load_datamodels(plan.store, rel, plan.n_targets)
+            return W, b, rel
+        want = np.asarray(targets, np.int64)
+        W, b = np.zeros((len(want), plan.n), np.float32), np.zeros(len(want), np.float32)
+        for lo, hi, Wc, bc in fit_stage.iter_datamodels(plan.store, rel, plan.n_targets):
+            sel = np.flatnonzero((want >= lo) & (want < hi))
+            W[sel], b[sel] = Wc[want[sel] - lo], bc[want[sel] - lo]
     except FileNotFoundError as err:
         raise CounterfactualError(f"{plan.cfg.stage}: {err}") from None
     return W, b, rel
 
 
-def method_scores(ctx, methods: list[str], W: np.ndarray) -> dict[str, np.ndarray | None]:
-    """method -> scores [T, n] (most positive: most helpful to the target), None for random;
-    W: the datamodels' weights."""
+def method_scores(ctx, methods: list[str], W: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray | None]:
+    """method -> scores of `targets` [len(targets), n] (most positive: most helpful to the
+    target), None for random; W: the datamodels' weights of those targets. Only the target
+    blocks of a scores file that hold them are read."""
     from orchestrator.baselines_stage import expected_files, read_scores
+    from orchestrator.ledger import margin_columns
     from orchestrator.store import CorruptFile
     plan = ctx.plan
     files = expected_files(plan.cfg)
+    want = np.asarray(targets, np.int64)
     out: dict[str, np.ndarray | None] = {}
     for name in methods:
         if name == RANDOM:
@@ -78,12 +90,17 @@ def method_scores(ctx, methods: list[str], W: np.ndarray) -> dict[str, np.ndarra
         elif name == "datamodels":
             out[name] = W
         else:
+            rows = np.zeros((len(want), plan.n), np.float32)
             try:
-                S, _ = read_scores(plan.store, files[name])
+                for _, lo, hi in margin_columns(plan.n_targets, "scores"):
+                    sel = np.flatnonzero((want >= lo) & (want < hi))
+                    if len(sel):
+                        S, _ = read_scores(plan.store, files[name], lo, hi)
+                        rows[sel] = S[:, want[sel] - lo].T
             except (FileNotFoundError, CorruptFile):
                 raise CounterfactualError(f"{plan.cfg.stage}: baseline {name} has no scores at "
                                           f"{plan.store.where(files[name])}; run stage=baselines") from None
-            out[name] = S.T
+            out[name] = rows
     return out
 
 
@@ -167,16 +184,16 @@ def counterfactual_stage(ctx) -> dict:
     c = OmegaConf.to_container(cfg.counterfactual, resolve=True)
     seed, n, alpha = int(cfg.exp.seed), plan.n, float(cfg.masks.alpha)
     methods = list(c["methods"] or ["datamodels"] + list(cfg.baselines.methods or []) + [RANDOM])
-    W, _, dm_dir = datamodels(ctx)
-    scores = method_scores(ctx, methods, W)
     targets = chosen_targets(c["targets"], int(c["n_targets"]), np.arange(plan.n_targets), seed)
+    W, _, dm_dir = datamodels(ctx, targets)           # the chosen targets' rows only
+    scores = method_scores(ctx, methods, W, targets)
     ks = sorted(int(k) for k in c["ks"])
     rem = removal.Removals("counterfactual", int(c["masks"]))
     cell: dict[tuple[str, int, int], int] = {}          # (method, target, k) -> removal index
     for name in methods:
         S = scores[name]
-        for t in targets:
-            order = top_order(None if S is None else S[t], n, seed, int(t))
+        for ti, t in enumerate(targets):
+            order = top_order(None if S is None else S[ti], n, seed, int(t))
             for k in ks:
                 cell[name, int(t), k] = rem.add(order[:k])
     log.info("counterfactual: %d targets x %d methods x %d k: %d removal sets x %d masks (+ the masks as drawn)",
@@ -199,7 +216,7 @@ def counterfactual_stage(ctx) -> dict:
                 D[ti] = margins[0, :, t] - margins[r, :, t]
                 if S is not None:
                     R = rem.removed[r]
-                    P[ti] = X[:, R] @ S[t, R]
+                    P[ti] = X[:, R] @ S[ti, R]
                 cells.append({"method": name, "target": int(t), "k": k, "removed": int(len(rem.removed[r])),
                               "actual": float(np.nanmean(D[ti])), "actual_sd": float(np.nanstd(D[ti])),
                               "predicted": None if S is None else float(np.mean(P[ti]))})
@@ -354,7 +371,6 @@ def brittleness_stage(ctx) -> dict:
     c = OmegaConf.to_container(cfg.brittleness, resolve=True)
     seed, alpha = int(cfg.exp.seed), float(cfg.masks.alpha)
     ks = sorted(int(k) for k in c["ks"])
-    W, b, dm_dir = datamodels(ctx)
     _, Y, _ = eval_set(plan.ledger, plan.n, plan.n_targets)
     correct = np.flatnonzero(Y.mean(0) > 0)
     if c["targets"]:
@@ -365,7 +381,8 @@ def brittleness_stage(ctx) -> dict:
                              int(c["n_targets"]), correct, seed)
     if not len(targets):
         raise CounterfactualError("brittleness: no target is classified correctly on average by the eval models")
-    kstar, order = support_sizes(W[targets], b[targets], alpha, max(ks))
+    W, b, dm_dir = datamodels(ctx, targets)           # the chosen targets' rows only
+    kstar, order = support_sizes(W, b, alpha, max(ks))
     rem = removal.Removals("brittleness", int(c["masks"]))
     r_of = {int(t): rem.add(order[i, :kstar[i]]) for i, t in enumerate(targets) if 1 <= kstar[i] <= max(ks)}
     log.info("brittleness: %d of %d targets have a predicted flipping set of at most %d examples; "

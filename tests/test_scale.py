@@ -225,3 +225,21 @@ def test_evaluate_by_target_blocks_gives_the_whole_arrays_figures(tmp_path):
     store.delete(Layout.chunk("dm", 12, 30))
     with pytest.raises(FileNotFoundError, match="cover 52 of 70 targets"):
         list(fit_stage.iter_datamodels(store, "dm", T))
+
+
+def test_counterfactual_reads_only_the_score_blocks_of_its_targets(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator import baselines_stage as B
+    from orchestrator.counterfactual import method_scores
+    cfg = compose([], tmp_path)
+    n, T = 20, MARGIN_BLOCK + 6
+    plan = SimpleNamespace(cfg=cfg, store=Store(str(tmp_path / "exp")), n=n, n_targets=T)
+    S = np.random.default_rng(3).normal(size=(n, T)).astype(np.float32)
+    rel = B.expected_files(cfg)["trak"]
+    plan.store.write_table(rel, B.scores_table(S, {"method": "trak"}))
+    targets = np.array([3, MARGIN_BLOCK + 1, MARGIN_BLOCK + 5])
+    W = np.ones((3, n), np.float32)
+    out = method_scores(SimpleNamespace(plan=plan), ["datamodels", "trak", "random"], W, targets)
+    assert out["datamodels"] is W and out["random"] is None
+    assert np.array_equal(out["trak"], S[:, targets].T)
