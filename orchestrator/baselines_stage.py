@@ -89,9 +89,9 @@ def scores_table(scores: np.ndarray, meta: dict) -> pa.Table:
     (scores_0, scores_1, ...: the ledger's blocks), so that a reader of some targets reads
     their columns only."""
     from orchestrator.ledger import block_array
-    n, T = scores.shape
+    n = scores.shape[0]
     table = pa.table({"train_index": pa.array(np.arange(n, dtype=np.int32)), **block_array(scores, "scores")})
-    return table.replace_schema_metadata({"datamodels": json.dumps(meta, default=str), "targets": str(T)})
+    return table.replace_schema_metadata({"datamodels": json.dumps(meta, default=str)})
 
 
 def scores_info(store, rel: str) -> tuple[tuple[int, int], dict]:

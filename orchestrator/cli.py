@@ -81,8 +81,8 @@ def _one_line(err: Exception) -> str:
         plus = ", or prefix it with + to add a new key to your task" if key.startswith("task.") else ""
         parts = key.split(".")
         if len(parts) == 4 and parts[:2] == ["baselines", "params"]:
-            from workers.attribution import COMMON_DEFAULTS, DEFAULTS
-            if parts[3] in {**COMMON_DEFAULTS, **DEFAULTS.get(parts[2], {})}:
+            from workers.attribution import DEFAULTS, accepted_params
+            if parts[2] in DEFAULTS and parts[3] in accepted_params(parts[2]):
                 return (f"{key} is a setting of {parts[2]} that the config does not set: add it with a "
                         f"leading +, e.g. +{key}=...")
         return f"unknown config key '{key}': check its spelling (`datamodels --cfg job` lists the keys){plus}"

@@ -231,9 +231,9 @@ def counterfactual_stage(ctx) -> dict:
         mine = [c_ for c_ in cells if c_["method"] == name]
         p = np.array([c_["predicted"] for c_ in mine])
         a = np.array([c_["actual"] for c_ in mine])
+        held = held_out_slope(p, a, np.array([c_["target"] for c_ in mine]))
         fit_line[name] = {"correlation": float(np.corrcoef(p, a)[0, 1]) if len(p) > 2 and p.std() > 0 else None,
-                          "slope": float(p @ a / (p @ p)) if p @ p > 0 else None,
-                          **held_out_slope(p, a, np.array([c_["target"] for c_ in mine]))}
+                          "slope": held["scale"], **held}
     vs_random = {}
     if "datamodels" in methods and RANDOM in methods:
         for k in ks:

@@ -518,9 +518,8 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     except (AttributeError, TypeError, ValueError):
         x_tr = x_tg = None
     if x_tr is not None and shown > 0:
-        k = shown
         plots["top_examples"] = os.path.join(scratch, "top_examples.png")
-        plot_top_examples(weights, x_tr, x_tg, list(range(k)), plots["top_examples"], train_labels=y_tr,
+        plot_top_examples(weights, x_tr, x_tg, list(range(shown)), plots["top_examples"], train_labels=y_tr,
                           target_labels=y_tg, names=task_class_names(plan.task, int(num_classes)))
     npz = os.path.join(scratch, "lds_per_target.npz")
     np.savez(npz, **per_target)  # type: ignore[arg-type]  # numpy's stub takes allow_pickle for **kwds

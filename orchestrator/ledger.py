@@ -120,14 +120,12 @@ def unit_table(unit: str, rows: dict, n_targets: int | None = None) -> pa.Table:
     if failure is None:
         failure = np.where(np.isfinite(margins).all(1), "", FAILED_NONFINITE)
     cols = {}
+    blocks = block_array(margins)
     for f in sch:
         if f.name == "mask":
             cols[f.name] = pa.FixedSizeBinaryArray.from_buffers(f.type, k, [None, pa.py_buffer(packed.tobytes())])
         elif f.name.startswith("margins_"):
-            a = int(f.name.split("_")[1]) * MARGIN_BLOCK
-            block = np.ascontiguousarray(margins[:, a:a + f.type.list_size])
-            cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1), pa.float32()),
-                                                             f.type.list_size)
+            cols[f.name] = blocks[f.name]
         elif f.name == "host":
             cols[f.name] = pa.array(list(rows.get("host", [socket.gethostname()] * k)), pa.string())
         elif f.name == "unit":

@@ -45,11 +45,17 @@ CHOICES: dict[str, tuple] = {
 }
 
 
+def accepted_params(method: str) -> set[str]:
+    """Every setting `method` accepts (its DEFAULTS and COMMON_DEFAULTS); empty for an unknown
+    method."""
+    return set(COMMON_DEFAULTS) | set(DEFAULTS.get(method, {}))
+
+
 def check_params(method: str, params: dict | None) -> None:
     """The settings of `method` that can be checked without a model or data: unknown keys and
     the worded ones (CHOICES). Raises ValueError, one line naming the setting; the numbers'
     bounds are the config's (orchestrator.config.BASELINE_PARAM_RULES)."""
-    accepted = {**COMMON_DEFAULTS, **DEFAULTS[method]}
+    accepted = accepted_params(method)
     unknown = sorted(set(params or {}) - set(accepted))
     if unknown:
         raise ValueError(f"baselines.params.{method}.{unknown[0]} is not a setting of {method}; "
