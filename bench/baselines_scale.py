@@ -9,7 +9,10 @@ code did not change). if_cg and tracin also run their old paths, the baselines o
 ratios: if_cg with params.inverse="cg" (CG instead of the Woodbury factor of the GGN),
 tracin with params.factored=false (dense per-example gradients). At the smallest T, which is
 the experiment's own n_targets, new and old paths are compared entry by entry and by LDS on
-the experiment's eval masks, beside the LDS its summary.json reports.
+the experiment's eval masks, beside the LDS its summary.json reports. trak's old path is
+params.factored=false (vmap's per-example gradients; at T <= n its kernel solve is the old
+one). representer's baseline is its own run at the smallest T: at T = 200 one row block
+holds every row, the old path's order of work.
 
     PYTHONPATH=. .venv/bin/python bench/baselines_scale.py [--sizes 200,1000,10000] \\
         [--old-sizes 200,1000] [--methods trak,tracin,representer,if_cg] [--threads 1]
@@ -29,7 +32,7 @@ import numpy as np
 
 RUN = "runs/fmnist_mlp-6693add97e"
 # The old path of a method whose default changed, as "method/variant", and the params it adds.
-OLD = {"if_cg": "if_cg/cg", "tracin": "tracin/dense"}
+OLD = {"if_cg": "if_cg/cg", "tracin": "tracin/dense", "trak": "trak/dense"}
 VARIANTS: dict[str, dict] = {"cg": {"inverse": "cg"}, "dense": {"factored": False}}
 
 

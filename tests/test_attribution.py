@@ -20,7 +20,9 @@ from workers.attribution.common import (
     load_checkpoint,
     output_fn,
     output_values,
+    per_example_grads,
     projection_seed,
+    stacked_grads,
 )
 from workers.attribution.influence import GGNFactor, HessianOperator, influence_scores, inverse_hvp
 from workers.attribution.reference import fit_logreg, logreg_state
@@ -206,17 +208,17 @@ def test_cg_on_network_ggn_matches_dense_solve():
 
 # --------------------------------------------------------------------------- TRAK / TracIn
 
-def _trak_closed_form(states, x, y, xt, yt, lam, proj_dim=None):
+def _trak_closed_form(states, x, y, xt, yt, lam, proj_dim=None, model_fn=mlp):
     """mean_k(1 − p) · mean_k Φ_k(Φ_kᵀΦ_k + λI)⁻¹φ_k, Φ_k = G_k R_k, in numpy float64."""
     S, Q = 0, 0
     for k, st in enumerate(states):
-        G = loop_grads(mlp, st, x, y, "margin").numpy()
-        g = loop_grads(mlp, st, xt, yt, "margin").numpy()
+        G = loop_grads(model_fn, st, x, y, "margin").numpy()
+        g = loop_grads(model_fn, st, xt, yt, "margin").numpy()
         if proj_dim is not None:
             R = Projector(G.shape[1], proj_dim, "gaussian", projection_seed(0, k), "cpu").matrix()
             G, g = G @ R.double().numpy(), g @ R.double().numpy()
         S = S + G @ np.linalg.solve(G.T @ G + lam * np.eye(G.shape[1]), g.T)
-        model = mlp().double()
+        model = model_fn().double()
         model.load_state_dict(st)
         model.eval()
         with torch.no_grad():
@@ -245,6 +247,52 @@ def test_trak_equals_closed_form():
                          {**CPU, "proj_dim": 16, "dtype": "float64", "soft_threshold": s})
     np.testing.assert_allclose(got, np.sign(want) * np.maximum(np.abs(want) - s, 0),
                                rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_trak_on_factored_gradients_and_more_targets_than_rows_equals_closed_form():
+    """An MLP without BatchNorm: the gradients are built from their factors, and with more
+    targets than training rows the kernel is solved for the rows' side. Both equal the closed
+    form, and the vmap path (factored=false)."""
+    def net():
+        return mlp(bn=False)
+    x, y = blobs(30)
+    xt, yt = blobs(45, seed=3)
+    states = [train_state(net, x, y, s, dtype=torch.float64) for s in (0, 1)]
+    want = _trak_closed_form(states, x, y, xt, yt, 0.0, 16, net)
+    for factored in (True, False):
+        got = compute_scores("trak", net, states, x, y, xt, yt,
+                             {**CPU, "proj_dim": 16, "dtype": "float64", "factored": factored})
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_per_example_grads_from_factors_equal_autograd():
+    """per_example_grads builds an MLP's gradients from their factors into one reused buffer:
+    every selection of weights and biases gives autograd's per-example gradients; a model that
+    does not factor (BatchNorm selected) takes vmap's; stacked_grads keeps every batch."""
+    def net():
+        return mlp(bn=False)
+    x, y = blobs(23)
+    state = train_state(net, x, y, 0, dtype=torch.float64)
+    full = loop_grads(net, state, x, y, "loss")
+    names = [n for n, _ in net().named_parameters()]            # 0.weight 0.bias 2.weight 2.bias
+    sizes = [int(np.prod(t.shape)) for t in net().state_dict().values()]
+    cols = dict(zip(names, np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])))
+    for layer in ("all", "last", ["0.weight"], ["2.bias", "0.bias"], ["0.weight", "2"]):
+        fm = load_checkpoint(net, state, layer, "cpu")
+        want = full[:, np.concatenate([cols[n] for n in fm.names])]
+        steps = per_example_grads(fm, x, y, "loss", "logsumexp", 10)
+        rows, G = next(steps)
+        first = G.clone()
+        for rows2, G2 in steps:
+            torch.testing.assert_close(G2, want[rows2])
+        assert G2.data_ptr() == G.data_ptr()                    # the buffer is reused
+        torch.testing.assert_close(first, want[rows])
+        torch.testing.assert_close(stacked_grads(fm, x, y, "loss", "logsumexp", 10), want)
+        torch.testing.assert_close(stacked_grads(fm, x, y, "loss", "logsumexp", 10, factored=False), want)
+    bn_state = train_state(mlp, x, y, 0, dtype=torch.float64)
+    fm = load_checkpoint(mlp, bn_state, "all", "cpu")
+    torch.testing.assert_close(stacked_grads(fm, x, y, "loss", "logsumexp", 10),
+                               loop_grads(mlp, bn_state, x, y, "loss"))
 
 
 def test_tracin_equals_weighted_gradient_dot_products():
@@ -309,6 +357,32 @@ def test_representer_scores_decompose_the_target_logits():
     zz = z.clone().requires_grad_(True)
     (d,) = torch.autograd.grad(output_values(zz, yt, "margin", "logsumexp").sum(), zz)
     np.testing.assert_allclose(got.sum(0), (d * z).sum(1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_representer_row_blocks_equal_the_checkpoint_mean(monkeypatch):
+    """The mean over checkpoints of (f_i·f_t)(α_i·d_t), accumulated in blocks of a few rows,
+    equals the formula computed whole for each checkpoint."""
+    from workers.attribution import representer
+    def net():
+        return mlp(bn=False)
+    x, y = blobs(37)
+    xt, yt = blobs(11, seed=5)
+    states = [train_state(net, x, y, s, dtype=torch.float64) for s in (0, 1, 2)]
+    want = 0
+    for st in states:
+        model = net().double()
+        model.load_state_dict(st)
+        model.eval()
+        with torch.no_grad():
+            f, ft = model[:2](x.double()), model[:2](xt.double())
+            z, zt = model(x.double()), model(xt.double())
+        alpha = -(torch.softmax(z, -1) - F.one_hot(y, 3)) / (0.5 * len(x))
+        zz = zt.clone().requires_grad_(True)
+        (d,) = torch.autograd.grad(output_values(zz, yt, "margin", "logsumexp").sum(), zz)
+        want = want + ((f @ ft.T) * (alpha @ d.T)).numpy() / len(states)
+    monkeypatch.setattr(representer, "block_bytes", 3 * len(xt) * 8)     # 3 rows a block
+    got = compute_scores("representer", net, states, x, y, xt, yt, {**CPU, "l2": 0.5})
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 # --------------------------------------------------------------------------- sign

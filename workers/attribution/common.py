@@ -192,11 +192,24 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def per_example_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str,
-                      margin_kind: str, batch_size: int, desc: str = "grads") -> Iterator[tuple[slice, Tensor]]:
+                      margin_kind: str, batch_size: int, desc: str = "grads",
+                      factored: bool = True) -> Iterator[tuple[slice, Tensor]]:
     """Yields (rows, G) with G [B, P] = ∇_θ out(z_i; θ) for the rows of (x, y).
 
     out is the margin (what="margin") or the cross-entropy training loss (what="loss").
+    When the selected parameters are all affine layers (an MLP) and `factored`, G is built
+    from the factored gradients (linear_factors: ∇_W = δ aᵀ, ∇_b = δ) into one buffer that
+    every batch reuses: the same numbers as vmap's up to rounding, at P writes per example and
+    no new [B, P] allocation per batch. G is valid until the next step: use or copy it first.
     """
+    if factored and _affine_layers(fm) is not None:
+        steps = _built_grads(fm, x, y, what, margin_kind, batch_size, desc)
+        first = next(steps, None)
+        if first is not None:          # None: the layers do not factor (linear_factors' cases)
+            yield first
+            yield from steps
+            return
+
     def single(theta, xi, yi):
         logits = fm.logits(theta, xi.unsqueeze(0))
         return output_values(logits, yi.unsqueeze(0), what, margin_kind).squeeze(0)
@@ -209,12 +222,50 @@ def per_example_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str,
         yield rows, fm.flatten_batched(g(theta, xb, yb)).detach()
 
 
+def _built_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str, margin_kind: str,
+                 batch_size: int, desc: str) -> Iterator[tuple[slice, Tensor]]:
+    """per_example_grads' factored path; yields nothing if the first batch does not factor."""
+    layers = _affine_layers(fm)
+    assert layers is not None
+    start, offsets = 0, {}
+    for name, shape in zip(fm.names, fm.shapes):
+        offsets[name] = start
+        start += math.prod(shape)
+    G = torch.empty(min(batch_size, len(x)), fm.num_params, dtype=fm.dtype, device=fm.device)
+    out = output_fn(fm, y, what, margin_kind)
+    for rows in progress(batches(len(x), batch_size), desc, total=math.ceil(len(x) / batch_size)):
+        f = linear_factors(fm, x[rows], partial(_rows_of, out, rows), batch_size)
+        if f is None:
+            return
+        B = rows.stop - rows.start
+        for (_, w, b), (a, d) in zip(layers, f):
+            o = d.shape[1]
+            if w is not None:
+                i = a.shape[1] - (b is not None)
+                torch.mul(d.unsqueeze(2), a[:, :i].unsqueeze(1),
+                          out=G[:B, offsets[w]:offsets[w] + o * i].view(B, o, i))
+            if b is not None:
+                G[:B, offsets[b]:offsets[b] + o] = d
+        yield rows, G[:B]
+
+
+def _rows_of(out: Callable[[Tensor, slice], Tensor], rows: slice, logits: Tensor, r: slice) -> Tensor:
+    """out(logits, rows r of the batch `rows`), r given as rows of the whole array."""
+    return out(logits, slice(rows.start + r.start, rows.start + r.stop))
+
+
 def stacked_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str, margin_kind: str,
-                  batch_size: int, project: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                  batch_size: int, project: Callable[[Tensor], Tensor] | None = None,
+                  factored: bool = True) -> Tensor:
     """All per-example gradients [n, P] (or projected, [n, k]) on fm.device."""
-    parts = [project(G) if project else G
-             for _, G in per_example_grads(fm, x, y, what, margin_kind, batch_size)]
-    return torch.cat(parts)
+    out = None
+    for rows, G in per_example_grads(fm, x, y, what, margin_kind, batch_size, factored=factored):
+        G = project(G) if project else G
+        if out is None:
+            out = torch.empty(len(x), G.shape[1], dtype=G.dtype, device=G.device)
+        out[rows] = G
+    assert out is not None, "no examples"
+    return out
 
 
 # Per-example gradients of affine layers in factored form: for a layer applied to one input
@@ -227,10 +278,10 @@ def stacked_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str, margin_k
 Factors = list[tuple[Tensor, Tensor]]   # per selected layer (Ã [n, in(+1)], Δ [n, out])
 
 
-def _affine_layers(fm: FunctionalModel) -> list[tuple[nn.Module, bool, bool]] | None:
-    """(module, weight selected, bias selected) for every module owning a selected
-    parameter, if each is an affine layer (nn.Linear, or a one-copy GroupedLinear) and the
-    selected parameters are its weight/bias only; else None."""
+def _affine_layers(fm: FunctionalModel) -> list[tuple[nn.Module, str | None, str | None]] | None:
+    """(module, name of its weight, name of its bias; None where not selected) for every module
+    owning a selected parameter, if each is an affine layer (nn.Linear, or a one-copy
+    GroupedLinear) and the selected parameters are its weight/bias only; else None."""
     chosen = set(fm.names)
     out, covered = [], set()
     for prefix, m in fm.module.named_modules():
@@ -241,7 +292,7 @@ def _affine_layers(fm: FunctionalModel) -> list[tuple[nn.Module, bool, bool]] | 
         w, b = f"{prefix}.weight" if prefix else "weight", f"{prefix}.bias" if prefix else "bias"
         if not affine or own & chosen - {w, b}:
             return None
-        out.append((m, w in chosen, b in chosen))
+        out.append((m, w if w in chosen else None, b if b in chosen else None))
         covered |= own & chosen
     return out if covered == chosen else None
 
@@ -289,7 +340,7 @@ def linear_factors(fm: FunctionalModel, x: Tensor, out: Callable[[Tensor, slice]
             a = s[0][0].detach()
             d = torch.stack([torch.zeros_like(s[0][1]) if g[i] is None else g[i].detach() for g in per_k], 1)
             ones = torch.ones(len(a), 1, dtype=a.dtype, device=a.device)
-            a = torch.cat([a, ones], 1) if w and b else a if w else ones
+            a = torch.cat([a, ones], 1) if w and b else a if w else ones   # names, or None
             parts[i].append((a.repeat_interleave(K, 0), d.reshape(-1, d.shape[-1])))
     return [(torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for ps in parts]
 

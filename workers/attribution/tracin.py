@@ -33,8 +33,9 @@ from .common import (
     to_numpy_scores,
 )
 
-# factored: take the dot products from factored gradients when the model allows (false: always
-# the dense per-example gradients; the same scores up to rounding, for cross-checks and timing)
+# factored: take the dot products from factored gradients when the model allows, and build the
+# projected path's gradients from them (false: always vmap's dense per-example gradients; the
+# same scores up to rounding, for cross-checks and timing)
 DEFAULTS = {"layer": "all", "lrs": None, "proj_dim": None, "proj_type": "gaussian", "factored": True}
 
 
@@ -63,11 +64,12 @@ def tracin_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, pa
                 total[rows] -= float(lr) * factor_dots([(a[rows], d[rows]) for a, d in f], ft)
             yield partial(to_numpy_scores, total)
             continue
-        Gt = stacked_grads(fm, x_target, y_target, "margin", margin_kind, p["batch_size"], proj)
+        Gt = stacked_grads(fm, x_target, y_target, "margin", margin_kind, p["batch_size"], proj,
+                           p["factored"])
         if total is None:
             total = torch.zeros(len(x_train), len(Gt), dtype=Gt.dtype, device=fm.device)
         for rows, G in per_example_grads(fm, x_train, y_train, "loss", margin_kind,
-                                         p["batch_size"], "train grads"):
+                                         p["batch_size"], "train grads", p["factored"]):
             total[rows] -= float(lr) * ((proj(G) if proj is not None else G) @ Gt.T)
         yield partial(to_numpy_scores, total)
 

@@ -11,6 +11,10 @@ optionally soft-thresholded, S(τ, s) = sign(τ)·max(|τ| − s, 0). Positive s
 including z_i raises z's margin (the Newton step on the linearised model). Unlike the
 `traker` package, the inverse kernel is NOT divided by its mean absolute entry and nothing is
 stored in float16: scores are the formula above, with the kernel solved in params.dtype.
+
+Cost per target and checkpoint: 2·P·d multiply-adds for its projection (the whole of it at
+large T), 2·n·d for its kernel scores. An MLP's per-example gradients are built from their
+factors (common.per_example_grads) rather than by vmap; the projection is the same dense R.
 """
 from __future__ import annotations
 
@@ -35,14 +39,18 @@ from .common import (
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
+# factored: build the per-example gradients of an all-affine model from its factors
+# (common.per_example_grads; false: vmap's, the same numbers up to rounding, for cross-checks)
 DEFAULTS = {"layer": "all", "proj_dim": 2048, "proj_type": "gaussian", "lam": 0.0,
-            "dtype": "float32", "soft_threshold": None}
+            "dtype": "float32", "soft_threshold": None, "factored": True}
 
 
 def kernel_scores(Phi: Tensor, phi_t: Tensor, lam: float, dtype: torch.dtype,
                   block: int = 16384) -> Tensor:
     """Φ (ΦᵀΦ + λI)⁻¹ φ_tᵀ [n, T] for Φ [n, d], φ_t [T, d]; the kernel is accumulated and
-    solved (Cholesky) in `dtype`, the result is returned in `dtype`."""
+    solved (Cholesky) in `dtype`, the result is returned in `dtype`. The solve takes the
+    fewer right-hand sides: the targets' (ΦᵀΦ + λI)⁻¹ φ_tᵀ when T <= n, else the training
+    rows' Φ (ΦᵀΦ + λI)⁻¹ (the kernel is symmetric), 2·d²·min(n, T) multiply-adds."""
     d = Phi.shape[1]
     K = torch.zeros(d, d, dtype=dtype, device=Phi.device)
     for rows in batches(len(Phi), block):
@@ -54,8 +62,12 @@ def kernel_scores(Phi: Tensor, phi_t: Tensor, lam: float, dtype: torch.dtype,
         raise ValueError(f"TRAK kernel ΦᵀΦ + λI ({d}x{d}, n={len(Phi)}) is not positive definite "
                          f"in {dtype}; set params.lam > 0, lower params.proj_dim or use "
                          f"params.dtype='float64'")
-    A = torch.cholesky_solve(phi_t.to(dtype).T, L)  # [d, T]
-    return torch.cat([Phi[rows].to(dtype) @ A for rows in batches(len(Phi), block)])
+    if len(phi_t) <= len(Phi):
+        A = torch.cholesky_solve(phi_t.to(dtype).T, L)  # [d, T]
+        return torch.cat([Phi[rows].to(dtype) @ A for rows in batches(len(Phi), block)])
+    At = phi_t.to(dtype).T                             # [d, T]
+    return torch.cat([torch.cholesky_solve(Phi[rows].to(dtype).T, L).T @ At
+                      for rows in batches(len(Phi), block)])
 
 
 def ensemble(S_sum: Tensor, Q_sum: Tensor, K: int, soft_threshold: float | None) -> Tensor:
@@ -67,9 +79,9 @@ def ensemble(S_sum: Tensor, Q_sum: Tensor, K: int, soft_threshold: float | None)
     return scores
 
 
-def features(fm, x, y, margin_kind, batch_size, projector):
+def features(fm, x, y, margin_kind, batch_size, projector, factored=True):
     """Projected margin gradients [n, d] (or the gradients themselves)."""
-    return stacked_grads(fm, x, y, "margin", margin_kind, batch_size, projector)
+    return stacked_grads(fm, x, y, "margin", margin_kind, batch_size, projector, factored)
 
 
 def trak_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, params,
@@ -84,8 +96,8 @@ def trak_steps(model_fn, checkpoints, x_train, y_train, x_target, y_target, para
     for k, state in enumerate(checkpoints):
         fm = load_checkpoint(model_fn, state, p["layer"], p["device"])
         proj = make_projector(p, fm.num_params, k)
-        Phi = features(fm, x_train, y_train, margin_kind, p["batch_size"], proj)
-        phi_t = features(fm, x_target, y_target, margin_kind, p["batch_size"], proj)
+        Phi = features(fm, x_train, y_train, margin_kind, p["batch_size"], proj, p["factored"])
+        phi_t = features(fm, x_target, y_target, margin_kind, p["batch_size"], proj, p["factored"])
         logits, _ = forward_all(fm, x_train, p["batch_size"])
         prob = torch.softmax(logits.double(), -1).gather(
             1, y_train.to(logits.device).long()[:, None]).squeeze(1)
