@@ -3,7 +3,10 @@
 Unit files live in the store's `ledger/` and are named by their content digest, written
 atomically, and verified before anything in them is used: the footer, page checksums, the
 schema column by column, a digest of every column, and each row against the experiment
-(config hash, α, the seed of each model, and every mask regenerated from the seed). A
+(config hash, α, the seed of each model, and every mask regenerated from the seed). The
+regeneration, most of the work, is done once per file content and experiment: the files
+that passed are recorded in `ledger/_checked/<key>.json`, and a later reader skips it for a
+recorded file whose content is still what its name says (every other check still runs). A
 file that fails any check is moved to `ledger/_quarantine/` with one log line, and its
 models count as missing (they are retrained). A model whose margins are not finite is kept
 as failed, with its reason: counted, never fitted. Duplicate rows for one model (a retried
@@ -11,15 +14,25 @@ unit) are resolved by content, the same way on every reader.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from orchestrator import masks as M
-from orchestrator.store import CorruptFile, Layout, content_digest, table_digests, type_name
+from orchestrator.store import (
+    CorruptFile,
+    Layout,
+    StoreError,
+    content_digest,
+    file_digests,
+    table_digests,
+    type_name,
+)
 from workers import bits
 
 log = logging.getLogger(__name__)
@@ -210,6 +223,7 @@ class Ledger:
         self.sets = sets or M.MaskSets()  # its mask sets, and how their masks and seeds are regenerated
         self.quarantined: list[dict] = []
         self._verified: dict[str, _FileKeys] = {}
+        self._checked: set[str] | None = None   # file names recorded as passing the experiment checks
 
     @property
     def where(self) -> str:
@@ -241,8 +255,10 @@ class Ledger:
         log.error("ledger: %s quarantined to %s: %s; its models will be retrained",
                   name, self.store.where(dest), reason)
 
-    def _verify(self, rel: str) -> _FileKeys:
-        """Read a whole unit file and check it; CorruptFile says why not."""
+    def _verify(self, rel: str, checked: bool = False) -> _FileKeys:
+        """Read a whole unit file and check it; CorruptFile says why not. `checked`: the file's
+        name is in the record of files whose seeds and masks were regenerated and matched; if
+        its content is still the content its name was given for, that is not done again."""
         table = self.store.read_table(rel)
         ident = self.identity
         names = table.column_names
@@ -275,6 +291,7 @@ class Ledger:
         unit, _, digest = name.rpartition("-")
         if set(table["unit"].to_pylist()) != {unit}:
             raise CorruptFile(rel, "its rows name another unit than its file name")
+        checked = checked and content_digest(file_digests(rel, table.schema)) == digest
         if ident:
             hashes = set(table["config_hash"].to_pylist())
             if hashes != {ident.config_hash}:
@@ -286,6 +303,7 @@ class Ledger:
                                        f"this experiment has {ident.alpha}")
             if np.any(ids < 0) or np.any(reps < 0):
                 raise CorruptFile(rel, "negative model id or replica")
+        if ident and not checked:
             seeds = table["seed"].to_numpy()
             packed = np.frombuffer(table["mask"].combine_chunks().buffers()[1], np.uint8,
                                    count=len(ids) * n_bytes,
@@ -306,18 +324,30 @@ class Ledger:
 
     def index(self) -> Index:
         """Verify the files not verified yet (quarantining those that fail) and index every
-        model. Metadata only: masks and margins are read to check them, then dropped."""
+        model. Metadata only: masks and margins are read to check them, then dropped. Every
+        file is read and checked whole; the regeneration of its seeds and masks (most of the
+        work) is done once per file content and experiment, and recorded (`_checked_rel`)."""
         files = self.files()
+        checked = self._load_checked()
+        added = False
         for rel in files:
             if rel in self._verified:
                 continue
+            name = rel.rsplit("/", 1)[-1]
             try:
-                self._verified[rel] = self._verify(rel)
+                self._verified[rel] = self._verify(rel, name in checked)
             except FileNotFoundError:
                 continue
             except CorruptFile as err:
                 self.quarantine(rel, err.reason)
+                checked.discard(name)
+                continue
+            if self.identity is not None and name not in checked:
+                checked.add(name)
+                added = True
         present = set(files)
+        if added:
+            self._save_checked({rel.rsplit("/", 1)[-1] for rel in present if rel in self._verified})
         for rel in [r for r in self._verified if r not in present]:
             del self._verified[rel]
         order = sorted(self._verified, key=lambda r: (self._verified[r].digest, r))
@@ -343,6 +373,42 @@ class Ledger:
         return Index(order, set_code[c], model_id[c], replica[c], file[c].astype(np.int32),
                      row[c].astype(np.int32), failed, {int(p): failures[c[p]] for p in np.flatnonzero(failed)},
                      int(len(o) - len(c)), self.sets.names)
+
+    def _checked_rel(self) -> str:
+        """Where the record of checked files of this experiment and these mask sets is."""
+        assert self.identity is not None
+        key = json.dumps({**asdict(self.identity), **self.sets.describe()}, sort_keys=True, default=str)
+        return Layout.checked(hashlib.sha256(key.encode()).hexdigest()[:16], self.root)
+
+    def _load_checked(self) -> set[str]:
+        """The record's file names (read once per Ledger); empty without an identity, without
+        a record, or with one that does not parse (then every file is checked again)."""
+        if self._checked is None:
+            self._checked = set()
+            if self.identity is not None:
+                rel = self._checked_rel()
+                try:
+                    names = json.loads(self.store.read_bytes(rel))["files"]
+                    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+                        raise TypeError("not a list of file names")
+                    self._checked = set(names)
+                except FileNotFoundError:
+                    pass
+                except (ValueError, KeyError, TypeError, StoreError) as err:
+                    log.warning("ledger: %s is unreadable (%s); every file's masks are regenerated "
+                                "and checked again", self.store.where(rel), str(err)[:160])
+        return self._checked
+
+    def _save_checked(self, names: set[str]) -> None:
+        """Replace the record with `names`; a store that refuses only costs the next reader
+        the checks again (one warning)."""
+        rel = self._checked_rel()
+        self._checked = set(names)
+        try:
+            self.store.write_bytes(rel, json.dumps({"files": sorted(names)}, indent=0).encode())
+        except (OSError, StoreError) as err:
+            log.warning("ledger: could not record the checked files at %s (%s); the next run "
+                        "checks them again", self.store.where(rel), str(err)[:160])
 
     def keys(self, mask_set: str | None = None) -> set[tuple[str, int, int]]:
         return self.index().keys(mask_set)

@@ -6,6 +6,7 @@ any mask and the ledger can be checked against it. Model seeds are derived the s
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 import numpy as np
@@ -64,6 +65,11 @@ class MaskSets:
 
     names: tuple[str, ...] = MASK_SETS
 
+    def describe(self) -> dict:
+        """What decides these sets' masks and seeds besides the experiment's identity (a key
+        for records of checks made against them)."""
+        return {"sets": type(self).__name__, "names": list(self.names)}
+
     def masks(self, seed: int, mask_set: str, ids, n: int, alpha: float) -> np.ndarray:
         return make_masks(seed, mask_set, ids, n, alpha)
 
@@ -82,6 +88,13 @@ class RemovalSets(MaskSets):
         self.names = (name,)
         self.base = int(base)
         self.removed = [np.asarray(r, dtype=np.int64) for r in removed]
+
+    def describe(self) -> dict:
+        removed = hashlib.sha256()
+        for r in self.removed:
+            removed.update(len(r).to_bytes(8, "little"))
+            removed.update(np.ascontiguousarray(r, dtype=np.int64).tobytes())
+        return {**super().describe(), "base": self.base, "removed": removed.hexdigest()[:32]}
 
     def model_id(self, r: int, j: int) -> int:
         return int(r) * self.base + int(j)

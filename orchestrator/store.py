@@ -211,7 +211,8 @@ def verify_table(rel: str, table: pa.Table, digests: dict[str, str]) -> None:
             raise CorruptFile(rel, f"column {name!r} does not match its digest")
 
 
-def _digests_of(rel: str, schema: pa.Schema) -> dict[str, str]:
+def file_digests(rel: str, schema: pa.Schema) -> dict[str, str]:
+    """The column digests a file was written with (its footer's); CorruptFile without them."""
     meta = schema.metadata or {}
     if DIGESTS_KEY not in meta:
         raise CorruptFile(rel, "no column digests in its metadata (not written by this project)")
@@ -243,6 +244,12 @@ class Layout:
     def quarantine(root: str = LEDGER) -> str:
         """Where the unreadable files of the ledger in `root` are moved."""
         return f"{root}/_quarantine"
+
+    @staticmethod
+    def checked(key: str, root: str = LEDGER) -> str:
+        """The record of the ledger's files whose rows passed the checks against the
+        experiment of `key` (Ledger.index skips regenerating their masks)."""
+        return f"{root}/_checked/{key}.json"
 
     @staticmethod
     def checkpoint(mask_set: str, model_id: int, replica: int) -> str:
@@ -428,7 +435,7 @@ class Store:
         called corrupt, so that a connection cut mid-read is retried, never quarantined."""
         def parse(source):
             pf = pq.ParquetFile(source, page_checksum_verification=True)
-            return pf.read(columns=columns), _digests_of(rel, pf.schema_arrow)
+            return pf.read(columns=columns), file_digests(rel, pf.schema_arrow)
 
         def get():
             try:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator import masks as M
-from orchestrator.ledger import FAILED_NONFINITE, Identity, Ledger, LedgerError
+from orchestrator.ledger import FAILED_NONFINITE, Identity, Ledger, LedgerError, unit_table
 from orchestrator.store import Store
 from workers import bits
 
@@ -248,3 +248,57 @@ def test_killed_writer_leaves_no_readable_partial_file(tmp_path):
     led = Ledger(Store(path))
     assert len(led.files()) == 1  # only the first unit; the killed one left only a temp file
     assert led.count("train") == 1 and not led.quarantined
+
+
+def test_masks_checked_once_per_file_content_and_experiment(tmp_path, monkeypatch, caplog):
+    """Ledger.index regenerates a file's masks once: a later reader (a later run) finds the file
+    in the record of checked files and only reads and verifies it. A file rewritten under a
+    recorded name, a record that does not parse, another experiment's reader and a record that
+    cannot be written all fall back to the full check."""
+    calls = []
+    real = M.make_masks
+    monkeypatch.setattr(M, "make_masks", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    led = ledger(tmp_path)
+    rel_a = led.write_unit("a", rows([0, 1])[2])
+    led.write_unit("b", rows([2, 3])[2])
+    calls.clear()
+    want = led.index()
+    assert len(calls) == 2 and os.listdir(tmp_path / "ledger" / "_checked")
+    calls.clear()
+    again = ledger(tmp_path).index()                          # the next run: no regeneration
+    assert calls == [] and again.keys() == want.keys() and np.array_equal(again.file, want.file)
+
+    # a file rewritten under its recorded name, with masks of another seed and valid digests
+    _, _, r = rows([0, 1])
+    r["mask"] = bits.pack(real(99, "train", [0, 1], 20, 0.5))
+    _write_raw(tmp_path / rel_a, unit_table("a", r, 5))
+    calls.clear()
+    reader = ledger(tmp_path)
+    assert reader.index().keys("train") == {("train", 2, 0), ("train", 3, 0)}
+    assert [q["reason"] for q in reader.quarantined] == ["masks that exp.seed and masks.alpha do not give"]
+
+    # a record that does not parse: a warning, every file checked, the record written again
+    record = next((tmp_path / "ledger" / "_checked").iterdir())
+    record.write_bytes(b"\x00garbage")
+    calls.clear()
+    caplog.clear()
+    assert ledger(tmp_path).index().keys() == {("train", 2, 0), ("train", 3, 0)}
+    assert len(calls) == 1 and "unreadable" in caplog.text
+    calls.clear()
+    ledger(tmp_path).index()
+    assert calls == []
+
+    # a record that cannot be written: one warning naming its path, the index unchanged
+    shutil.rmtree(tmp_path / "ledger" / "_checked")
+    (tmp_path / "ledger" / "_checked").write_text("not a directory")
+    caplog.clear()
+    assert ledger(tmp_path).index().keys() == {("train", 2, 0), ("train", 3, 0)}
+    assert "could not record the checked files" in caplog.text and "_checked" in caplog.text
+    os.unlink(tmp_path / "ledger" / "_checked")
+    ledger(tmp_path).index()
+
+    # another experiment's reader (another seed) is not covered by this record
+    other = Identity("h0", 0.5, 8, 20, 5)
+    reader = Ledger(Store(str(tmp_path)), other)
+    assert reader.index().keys() == set()
+    assert ["seed" in q["reason"] for q in reader.quarantined] == [True]
