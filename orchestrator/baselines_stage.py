@@ -109,12 +109,11 @@ def scores_info(store, rel: str) -> tuple[tuple[int, int], dict]:
 def read_scores(store, rel: str, a: int = 0, b: int | None = None) -> tuple[np.ndarray, dict]:
     """(scores float32 [n, b - a] of targets [a, b) (all by default), metadata) of a verified
     scores file: only the columns holding those targets are read."""
-    from orchestrator.ledger import block_columns, decode_margins
+    from orchestrator.ledger import block_columns, decode_margins, list_matrix
     schema = store.read_schema(rel)
     meta = json.loads(schema.metadata[b"datamodels"])
     if "scores" in schema.names:             # the single-column layout of older files
-        col = store.read_table(rel, ["scores"])["scores"].combine_chunks()
-        S = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+        S = list_matrix(store.read_table(rel, ["scores"])["scores"])
         return (S if a == 0 and b is None else S[:, a:b].copy()), meta
     T = sum(schema.field(c).type.list_size for c in schema.names if c.startswith("scores_"))
     b = T if b is None else b

@@ -19,6 +19,7 @@ from dataclasses import fields
 import numpy as np
 import pyarrow as pa
 
+from orchestrator.ledger import list_matrix
 from orchestrator.store import CorruptFile, Layout
 from orchestrator.workpool import Item, Pool, shuffled
 
@@ -133,10 +134,10 @@ def fit_seconds(store, rel_dir: str) -> float:
     return total
 
 
-def iter_datamodels(store, rel_dir: str, n_targets: int):
-    """(a, b, weights float32 [b - a, n], intercept [b - a]) of each chunk of the datamodels in
-    `rel_dir`, in target order, verified, one chunk read at a time; FileNotFoundError naming
-    the directory when the chunks do not cover targets 0..n_targets-1 exactly."""
+def _chunk_files(store, rel_dir: str, n_targets: int) -> list[tuple[int, str, np.ndarray]]:
+    """(first target, path, sorted target ids) of each chunk of the datamodels in `rel_dir`, in
+    target order; FileNotFoundError naming the directory when they do not cover targets
+    0..n_targets-1 exactly."""
     files = store.list(rel_dir, ".parquet")
     if not files:
         raise FileNotFoundError(f"no datamodels in {store.where(rel_dir)}; run stage=fit first")
@@ -145,33 +146,29 @@ def iter_datamodels(store, rel_dir: str, n_targets: int):
         ids = np.sort(store.read_table(e.rel, ["target_id"])["target_id"].to_numpy())
         spans.append((int(ids.min()) if len(ids) else 0, e.rel, ids))
     spans.sort(key=lambda s: s[0])
-    ids = np.concatenate([s[2] for s in spans]) if spans else np.zeros(0, np.int64)
+    ids = np.concatenate([s[2] for s in spans])
     if len(ids) != n_targets or not np.array_equal(ids, np.arange(n_targets)):
         raise FileNotFoundError(f"datamodels in {store.where(rel_dir)} cover {len(np.unique(ids))} of "
                                 f"{n_targets} targets; run stage=fit to finish them")
-    for a, rel, chunk_ids in spans:
+    return spans
+
+
+def iter_datamodels(store, rel_dir: str, n_targets: int):
+    """(a, b, weights float32 [b - a, n], intercept [b - a]) of each chunk of the datamodels in
+    `rel_dir`, in target order, verified, one chunk read at a time (_chunk_files' errors)."""
+    for a, rel, chunk_ids in _chunk_files(store, rel_dir, n_targets):
         table = store.read_table(rel, ["target_id", "weights", "intercept"])
         order = np.argsort(table["target_id"].to_numpy(), kind="stable")
-        col = table["weights"].combine_chunks()
-        W = col.flatten().to_numpy().reshape(len(col), col.type.list_size)[order]
-        yield a, a + len(chunk_ids), W, table["intercept"].to_numpy()[order]
+        yield a, a + len(chunk_ids), list_matrix(table["weights"])[order], table["intercept"].to_numpy()[order]
 
 
 def load_datamodels(store, rel_dir: str, n_targets: int):
-    """(weights float32 [T, n], intercept [T], table of per-target stats), verified."""
-    files = store.list(rel_dir, ".parquet")
-    if not files:
-        raise FileNotFoundError(f"no datamodels in {store.where(rel_dir)}; run stage=fit first")
-    table = pa.concat_tables([store.read_table(e.rel).replace_schema_metadata(None) for e in files])
-    order = np.argsort(table["target_id"].to_numpy(), kind="stable")
-    table = table.take(pa.array(order))
-    ids = table["target_id"].to_numpy()
-    if len(ids) != n_targets or not np.array_equal(ids, np.arange(n_targets)):
-        raise FileNotFoundError(f"datamodels in {store.where(rel_dir)} cover {len(np.unique(ids))} of "
-                                f"{n_targets} targets; run stage=fit to finish them")
-    col = table["weights"].combine_chunks()
-    W = col.flatten().to_numpy().reshape(len(ids), col.type.list_size)
-    return W, table["intercept"].to_numpy(), table
+    """(weights float32 [T, n], intercept [T], table of per-target stats), verified, in target
+    order (_chunk_files' errors)."""
+    table = pa.concat_tables([store.read_table(rel).replace_schema_metadata(None)
+                              for _, rel, _ in _chunk_files(store, rel_dir, n_targets)])
+    table = table.take(pa.array(np.argsort(table["target_id"].to_numpy(), kind="stable")))
+    return list_matrix(table["weights"]), table["intercept"].to_numpy(), table
 
 
 def prefix_sizes(fit_cfg: dict, m: int) -> list[int]:

@@ -74,15 +74,22 @@ def decode_masks(table: pa.Table) -> np.ndarray:
                          offset=col.offset * n_bytes).reshape(len(col), n_bytes).copy()
 
 
+def list_matrix(col) -> np.ndarray:
+    """A fixed-size-list column (an Array or a ChunkedArray) as a 2-D array [rows, list size]:
+    the decoding of block_array's columns, of the datamodels' weights and of the old scores."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+
+
 def decode_margins(table: pa.Table, a: int, b: int, prefix: str = "margins") -> np.ndarray:
     """float32 [rows, b - a]: the margins (or another blocked array) of targets [a, b) from the
     table's `block_columns(a, b, prefix)`."""
     out = np.empty((table.num_rows, b - a), np.float32)
     for name in block_columns(a, b, prefix):
         start = int(name.rsplit("_", 1)[1]) * MARGIN_BLOCK
-        col = table[name].combine_chunks()
-        block = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
-        lo, hi = max(a, start), min(b, start + col.type.list_size)
+        block = list_matrix(table[name])
+        lo, hi = max(a, start), min(b, start + block.shape[1])
         out[:, lo - a:hi - a] = block[:, lo - start:hi - start]
     return out
 
