@@ -94,10 +94,11 @@ def scores_table(scores: np.ndarray, meta: dict) -> pa.Table:
     return table.replace_schema_metadata({"datamodels": json.dumps(meta, default=str)})
 
 
-def scores_info(store, rel: str) -> tuple[tuple[int, int], dict]:
-    """((n, T), metadata) of a scores file, from its footer and its train_index column (both
-    layouts: the blocked one and the single `scores` column of files written before it)."""
-    schema = store.read_schema(rel)
+def scores_info(store, rel: str, schema: pa.Schema | None = None) -> tuple[tuple[int, int], dict]:
+    """((n, T), metadata) of a scores file, from its footer (`schema`, if already read) and its
+    train_index column (both layouts: the blocked one and the single `scores` column of files
+    written before it)."""
+    schema = schema or store.read_schema(rel)
     if "scores" in schema.names:
         T = schema.field("scores").type.list_size
     else:
@@ -106,11 +107,13 @@ def scores_info(store, rel: str) -> tuple[tuple[int, int], dict]:
     return (int(store.read_table(rel, ["train_index"]).num_rows), int(T)), meta
 
 
-def read_scores(store, rel: str, a: int = 0, b: int | None = None) -> tuple[np.ndarray, dict]:
+def read_scores(store, rel: str, a: int = 0, b: int | None = None,
+                schema: pa.Schema | None = None) -> tuple[np.ndarray, dict]:
     """(scores float32 [n, b - a] of targets [a, b) (all by default), metadata) of a verified
-    scores file: only the columns holding those targets are read."""
+    scores file: only the columns holding those targets are read. `schema`: its footer, if
+    already read (a reader of every block reads it once, not once a block)."""
     from orchestrator.ledger import block_columns, decode_margins, list_matrix
-    schema = store.read_schema(rel)
+    schema = schema or store.read_schema(rel)
     meta = json.loads(schema.metadata[b"datamodels"])
     if "scores" in schema.names:             # the single-column layout of older files
         S = list_matrix(store.read_table(rel, ["scores"])["scores"])
@@ -128,11 +131,12 @@ def scores_ok(store, rel: str, n: int, T: int) -> dict | None:
     time, so that the check holds at most one block of the file."""
     from orchestrator.ledger import margin_columns
     try:
-        shape, meta = scores_info(store, rel)
+        schema = store.read_schema(rel)
+        shape, meta = scores_info(store, rel, schema)
         if shape == (n, T):
-            blocked = "scores" not in store.read_schema(rel).names
+            blocked = "scores" not in schema.names
             for _, a, b in (margin_columns(T) if blocked else [("scores", 0, T)]):
-                read_scores(store, rel, a, b)
+                read_scores(store, rel, a, b, schema)
     except FileNotFoundError:
         return None
     except (CorruptFile, KeyError, ValueError) as err:

@@ -92,10 +92,11 @@ def method_scores(ctx, methods: list[str], W: np.ndarray, targets: np.ndarray) -
         else:
             rows = np.zeros((len(want), plan.n), np.float32)
             try:
+                schema = plan.store.read_schema(files[name])
                 for _, lo, hi in margin_columns(plan.n_targets, "scores"):
                     sel = np.flatnonzero((want >= lo) & (want < hi))
                     if len(sel):
-                        S, _ = read_scores(plan.store, files[name], lo, hi)
+                        S, _ = read_scores(plan.store, files[name], lo, hi, schema)
                         rows[sel] = S[:, want[sel] - lo].T
             except (FileNotFoundError, CorruptFile):
                 raise CounterfactualError(f"{plan.cfg.stage}: baseline {name} has no scores at "

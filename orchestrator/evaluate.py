@@ -468,7 +468,8 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     def scores(name, rel, what=""):
         """(the metadata, the target blocks (a, b, scores [b - a, n], None)) of a scores file."""
         try:
-            shape, meta = scores_info(store, rel)
+            schema = store.read_schema(rel)
+            shape, meta = scores_info(store, rel, schema)
         except (FileNotFoundError, CorruptFile) as err:
             raise missing(name, rel, what, err) from None
         if shape != (plan.n, plan.n_targets):
@@ -478,7 +479,7 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
         def blocks():
             for _, a, b in margin_columns(plan.n_targets):
                 try:
-                    S, _ = read_scores(store, rel, a, b)
+                    S, _ = read_scores(store, rel, a, b, schema)
                 except (FileNotFoundError, CorruptFile) as err:
                     raise missing(name, rel, what, err) from None
                 yield a, b, S.T, None

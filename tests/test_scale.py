@@ -189,7 +189,15 @@ def test_scores_files_are_read_by_target_block_and_checked_block_by_block(tmp_pa
     for a, b in [(0, 5), (MARGIN_BLOCK - 2, MARGIN_BLOCK + 3), (MARGIN_BLOCK, T)]:
         assert np.array_equal(B.read_scores(store, "scores/x.parquet", a, b)[0], S[:, a:b])
     assert B.scores_info(store, "scores/x.parquet")[0] == (n, T)
-    assert B.scores_ok(store, "scores/x.parquet", n, T) == meta
+
+    class Counting(Store):          # the real store, counting its footer reads
+        schemas = 0
+
+        def read_schema(self, rel):
+            Counting.schemas += 1
+            return super().read_schema(rel)
+    assert B.scores_ok(Counting(str(tmp_path)), "scores/x.parquet", n, T) == meta
+    assert Counting.schemas == 1    # once for the file, not once per target block
     # files of the single-column layout written before the blocks still read, whole or sliced
     old = pa.table({"train_index": pa.array(np.arange(n, dtype=np.int32)),
                     "scores": pa.FixedSizeListArray.from_arrays(pa.array(S.reshape(-1)), T)})
