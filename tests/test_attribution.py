@@ -295,6 +295,23 @@ def test_per_example_grads_from_factors_equal_autograd():
                                loop_grads(mlp, bn_state, x, y, "loss"))
 
 
+def test_gradients_that_stop_factoring_mid_way_raise_never_fall_short():
+    """A model whose layer is applied twice only on small batches: its first batches factor,
+    its last does not. per_example_grads raises naming the rows, rather than yield fewer."""
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.lin(self.lin(x)) if len(x) < 10 else self.lin(x)
+    x, y = blobs(23, C=5)
+    fm = load_checkpoint(Odd, Odd().state_dict(), "all", "cpu")
+    with pytest.raises(RuntimeError, match="rows 20-23 do not factor"):
+        list(per_example_grads(fm, x, y, "loss", "logsumexp", 10))
+    assert len(stacked_grads(fm, x, y, "loss", "logsumexp", 10, factored=False)) == 23
+
+
 def test_tracin_equals_weighted_gradient_dot_products():
     x, y = blobs(40)
     xt, yt = blobs(3, seed=2)

@@ -235,8 +235,11 @@ def _built_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str, margin_ki
     out = output_fn(fm, y, what, margin_kind)
     for rows in progress(batches(len(x), batch_size), desc, total=math.ceil(len(x) / batch_size)):
         f = linear_factors(fm, x[rows], partial(_rows_of, out, rows), batch_size)
-        if f is None:
+        if f is None and rows.start == 0:
             return
+        if f is None:       # never silently short: the caller has used the first batches already
+            raise RuntimeError(f"per-example gradients: rows {rows.start}-{rows.stop} do not factor "
+                               f"although the first batch did; set params.factored=false (trak, tracin)")
         B = rows.stop - rows.start
         for (_, w, b), (a, d) in zip(layers, f):
             o = d.shape[1]
