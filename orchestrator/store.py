@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import urllib.parse
 import uuid
@@ -122,7 +123,14 @@ def open_filesystem(uri: str):
 
 # ----------------------------------------------------------------------------- errors
 _PERMANENT = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY", "InvalidAccessKeyId", "SIGNATURE",
-              "NO_SUCH_BUCKET", "NoSuchBucket", "Forbidden", "403", "credentials")
+              "NO_SUCH_BUCKET", "NoSuchBucket", "Forbidden", "credentials")
+# HTTP 403 as a number of its own: not the digits of a port (":49403", "port 8403") or an address
+_HTTP_403 = re.compile(r"(?<!port )(?<![\d:.])403(?!\d)")
+
+
+def _permanent(text: str) -> bool:
+    """An object store's reply that retrying cannot change (credentials, a missing bucket)."""
+    return any(p in text for p in _PERMANENT) or _HTTP_403.search(text) is not None
 
 
 def _reason(err: BaseException) -> str:
@@ -142,7 +150,7 @@ def _hint(err: BaseException, remote: bool) -> str:
         return "free space there or set store.uri to a location with room; finished work is kept"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "make it writable or set store.uri to a writable location"
-    if remote and any(p in text for p in _PERMANENT):
+    if remote and _permanent(text):
         return ("check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role) "
                 "and that the bucket exists")
     if remote:
@@ -156,7 +164,7 @@ def _transient(err: BaseException, remote: bool) -> bool:
     a permission or a missing bucket."""
     if not remote or isinstance(err, FileNotFoundError):
         return False
-    return not any(p in str(err) for p in _PERMANENT)
+    return not _permanent(str(err))
 
 
 # ----------------------------------------------------------------------------- digests
