@@ -98,7 +98,7 @@ def scores_info(store, rel: str, schema: pa.Schema | None = None) -> tuple[tuple
     """((n, T), metadata) of a scores file, from its footer (`schema`, if already read) and its
     train_index column (both layouts: the blocked one and the single `scores` column of files
     written before it)."""
-    schema = schema or store.read_schema(rel)
+    schema = schema if schema is not None else store.read_schema(rel)
     if "scores" in schema.names:
         T = schema.field("scores").type.list_size
     else:
@@ -113,7 +113,7 @@ def read_scores(store, rel: str, a: int = 0, b: int | None = None,
     scores file: only the columns holding those targets are read. `schema`: its footer, if
     already read (a reader of every block reads it once, not once a block)."""
     from orchestrator.ledger import block_columns, decode_margins, list_matrix
-    schema = schema or store.read_schema(rel)
+    schema = schema if schema is not None else store.read_schema(rel)
     meta = json.loads(schema.metadata[b"datamodels"])
     if "scores" in schema.names:             # the single-column layout of older files
         S = list_matrix(store.read_table(rel, ["scores"])["scores"])

@@ -202,8 +202,9 @@ def per_example_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str,
     every batch reuses: the same numbers as vmap's up to rounding, at P writes per example and
     no new [B, P] allocation per batch. G is valid until the next step: use or copy it first.
     """
-    if factored and _affine_layers(fm) is not None:
-        steps = _built_grads(fm, x, y, what, margin_kind, batch_size, desc)
+    layers = _affine_layers(fm) if factored else None
+    if layers is not None:
+        steps = _built_grads(fm, layers, x, y, what, margin_kind, batch_size, desc)
         first = next(steps, None)
         if first is not None:          # None: the layers do not factor (linear_factors' cases)
             yield first
@@ -222,11 +223,11 @@ def per_example_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str,
         yield rows, fm.flatten_batched(g(theta, xb, yb)).detach()
 
 
-def _built_grads(fm: FunctionalModel, x: Tensor, y: Tensor, what: str, margin_kind: str,
-                 batch_size: int, desc: str) -> Iterator[tuple[slice, Tensor]]:
-    """per_example_grads' factored path; yields nothing if the first batch does not factor."""
-    layers = _affine_layers(fm)
-    assert layers is not None
+def _built_grads(fm: FunctionalModel, layers: list[tuple[nn.Module, str | None, str | None]],
+                 x: Tensor, y: Tensor, what: str, margin_kind: str, batch_size: int,
+                 desc: str) -> Iterator[tuple[slice, Tensor]]:
+    """per_example_grads' factored path over `layers` (_affine_layers'); yields nothing if the
+    first batch does not factor."""
     start, offsets = 0, {}
     for name, shape in zip(fm.names, fm.shapes):
         offsets[name] = start
