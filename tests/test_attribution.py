@@ -402,6 +402,25 @@ def test_representer_row_blocks_equal_the_checkpoint_mean(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+def test_representer_forward_runs_in_large_batches_with_the_same_scores():
+    """Representer points only run the model forward (no per-example gradients), so their
+    batch_size defaults to 2048, not the other methods' 128: 3000 targets and 300 training
+    rows take 3 calls of the model per checkpoint, and the scores do not depend on it."""
+    x, y = blobs(300)
+    xt, yt = blobs(3000, seed=5)
+    states = [train_state(lambda: mlp(bn=False), x, y, s) for s in (0, 1)]
+    calls = []
+
+    def net():
+        model = mlp(bn=False)
+        model.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))
+        return model
+    got = compute_scores("representer", net, states, x, y, xt, yt, CPU)
+    assert calls == [300, 2048, 952] * 2
+    small = compute_scores("representer", net, states, x, y, xt, yt, {**CPU, "batch_size": 128})
+    np.testing.assert_allclose(got, small, rtol=1e-5, atol=1e-6 * np.abs(small).max())
+
+
 # --------------------------------------------------------------------------- sign
 
 @pytest.mark.parametrize("method,params", [

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from .common import batches, forward_all, load_checkpoint, output_values, resolve_params, to_numpy_scores
 
-DEFAULTS = {"l2": 1.0, "direction": "margin"}
+# batch_size bounds a forward pass only (no per-example gradients are formed), so its default is
+# larger than the other methods': fewer calls into the model, each a larger matrix product.
+DEFAULTS = {"l2": 1.0, "direction": "margin", "batch_size": 2048}
 block_bytes = 1 << 22     # the accumulated block of training rows (see representer_scores)
 
 
