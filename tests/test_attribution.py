@@ -280,6 +280,10 @@ def test_per_example_grads_from_factors_equal_autograd():
     for layer in ("all", "last", ["0.weight"], ["2.bias", "0.bias"], ["0.weight", "2"]):
         fm = load_checkpoint(net, state, layer, "cpu")
         want = full[:, np.concatenate([cols[n] for n in fm.names])]
+        at = fm.flat_slices()                                    # where G's columns come from
+        assert list(at) == fm.names and at[fm.names[-1]].stop == fm.num_params
+        for n, cols_n in at.items():
+            torch.testing.assert_close(fm.theta_flat()[cols_n], fm.params[n].reshape(-1))
         steps = per_example_grads(fm, x, y, "loss", "logsumexp", 10)
         rows, G = next(steps)
         first = G.clone()

@@ -151,6 +151,14 @@ class FunctionalModel:
     def theta_flat(self) -> Tensor:
         return torch.cat([self.params[n].reshape(-1) for n in self.names])
 
+    def flat_slices(self) -> dict[str, slice]:
+        """Where each selected parameter lies in theta_flat() and in a gradient row [P]."""
+        at, start = {}, 0
+        for n, shape in zip(self.names, self.shapes):
+            at[n] = slice(start, start + math.prod(shape))
+            start = at[n].stop
+        return at
+
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         sizes = [math.prod(s) for s in self.shapes]
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(sizes), self.shapes)}
@@ -228,14 +236,11 @@ def _built_grads(fm: FunctionalModel, layers: list[tuple[nn.Module, str | None, 
                  desc: str) -> Iterator[tuple[slice, Tensor]]:
     """per_example_grads' factored path over `layers` (_affine_layers'); yields nothing if the
     first batch does not factor."""
-    start, offsets = 0, {}
-    for name, shape in zip(fm.names, fm.shapes):
-        offsets[name] = start
-        start += math.prod(shape)
+    at = fm.flat_slices()
     G = torch.empty(min(batch_size, len(x)), fm.num_params, dtype=fm.dtype, device=fm.device)
     out = output_fn(fm, y, what, margin_kind)
     for rows in progress(batches(len(x), batch_size), desc, total=math.ceil(len(x) / batch_size)):
-        f = linear_factors(fm, x[rows], partial(_rows_of, out, rows), batch_size)
+        f = linear_factors(fm, x[rows], partial(_rows_of, out, rows), batch_size, layers)
         if f is None and rows.start == 0:
             return
         if f is None:       # never silently short: the caller has used the first batches already
@@ -243,13 +248,11 @@ def _built_grads(fm: FunctionalModel, layers: list[tuple[nn.Module, str | None, 
                                f"although the first batch did; set params.factored=false (trak, tracin)")
         B = rows.stop - rows.start
         for (_, w, b), (a, d) in zip(layers, f):
-            o = d.shape[1]
             if w is not None:
                 i = a.shape[1] - (b is not None)
-                torch.mul(d.unsqueeze(2), a[:, :i].unsqueeze(1),
-                          out=G[:B, offsets[w]:offsets[w] + o * i].view(B, o, i))
+                torch.mul(d.unsqueeze(2), a[:, :i].unsqueeze(1), out=G[:B, at[w]].view(B, d.shape[1], i))
             if b is not None:
-                G[:B, offsets[b]:offsets[b] + o] = d
+                G[:B, at[b]] = d
         yield rows, G[:B]
 
 
@@ -315,12 +318,14 @@ def output_fn(fm: FunctionalModel, y: Tensor, what: str, margin_kind: str) -> Ca
 
 
 def linear_factors(fm: FunctionalModel, x: Tensor, out: Callable[[Tensor, slice], Tensor],
-                   batch_size: int) -> Factors | None:
+                   batch_size: int, layers: list[tuple[nn.Module, str | None, str | None]] | None = None
+                   ) -> Factors | None:
     """The per-example gradients of out(logits, rows) ([B], or [B, K]: K outputs per example,
     gradient rows ordered (example, k)) w.r.t. the selected parameters in factored form,
     [(Ã, Δ)] per layer; None when they do not factor (a selected parameter outside an affine
-    layer, a layer used more than once or on an input that is not one vector per example)."""
-    layers = _affine_layers(fm)
+    layer, a layer used more than once or on an input that is not one vector per example).
+    `layers`: _affine_layers(fm), when the caller has it already."""
+    layers = _affine_layers(fm) if layers is None else layers
     if layers is None:
         return None
     parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in layers]
