@@ -99,12 +99,23 @@ def scores_info(store, rel: str, schema: pa.Schema | None = None) -> tuple[tuple
     train_index column (both layouts: the blocked one and the single `scores` column of files
     written before it)."""
     schema = schema if schema is not None else store.read_schema(rel)
-    if "scores" in schema.names:
-        T = schema.field("scores").type.list_size
-    else:
-        T = sum(schema.field(c).type.list_size for c in schema.names if c.startswith("scores_"))
-    meta = json.loads(schema.metadata[b"datamodels"])
-    return (int(store.read_table(rel, ["train_index"]).num_rows), int(T)), meta
+    T, meta = _footer(rel, schema)
+    return (int(store.read_table(rel, ["train_index"]).num_rows), T), meta
+
+
+def _footer(rel: str, schema: pa.Schema) -> tuple[int, dict]:
+    """(T, metadata) of a scores file's footer; CorruptFile when it is another file's."""
+    try:
+        if "scores" in schema.names:
+            T = schema.field("scores").type.list_size
+        else:
+            T = sum(schema.field(c).type.list_size for c in schema.names if c.startswith("scores_"))
+        meta = json.loads((schema.metadata or {})[b"datamodels"])
+    except (KeyError, AttributeError, ValueError) as err:
+        raise CorruptFile(rel, f"not a scores file ({type(err).__name__}: {err})") from None
+    if "train_index" not in schema.names or not isinstance(meta, dict):
+        raise CorruptFile(rel, "not a scores file (no train_index column or metadata)")
+    return int(T), meta
 
 
 def read_scores(store, rel: str, a: int = 0, b: int | None = None,
@@ -114,29 +125,53 @@ def read_scores(store, rel: str, a: int = 0, b: int | None = None,
     already read (a reader of every block reads it once, not once a block)."""
     from orchestrator.ledger import block_columns, decode_margins, list_matrix
     schema = schema if schema is not None else store.read_schema(rel)
-    meta = json.loads(schema.metadata[b"datamodels"])
+    T, meta = _footer(rel, schema)
     if "scores" in schema.names:             # the single-column layout of older files
         S = list_matrix(store.read_table(rel, ["scores"])["scores"])
         return (S if a == 0 and b is None else S[:, a:b].copy()), meta
-    T = sum(schema.field(c).type.list_size for c in schema.names if c.startswith("scores_"))
     b = T if b is None else b
     if not 0 <= a <= b <= T:
         raise ValueError(f"{store.where(rel)}: targets [{a}, {b}) asked of {T}")
     return decode_margins(store.read_table(rel, block_columns(a, b, "scores")), a, b, "scores"), meta
 
 
+class ScoresFile:
+    """One scores file whose footer is read once (on construction: FileNotFoundError,
+    CorruptFile): `shape` (n, T) and `meta`, then its targets by block. The one way the
+    readers of every block (the check, evaluate, counterfactual) read it."""
+
+    def __init__(self, store, rel: str):
+        self.store, self.rel = store, rel
+        self.schema = store.read_schema(rel)
+        self.shape, self.meta = scores_info(store, rel, self.schema)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """[a, b) of each stored block of targets (the whole file in the older one-column layout)."""
+        from orchestrator.ledger import margin_columns
+        if "scores" in self.schema.names:
+            return [(0, self.shape[1])]
+        return [(a, b) for _, a, b in margin_columns(self.shape[1], "scores")]
+
+    def read(self, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Scores float32 [n, b - a] of targets [a, b)."""
+        return read_scores(self.store, self.rel, a, b, self.schema)[0]
+
+    def blocks(self):
+        """(a, b, scores [n, b - a]) of every stored block, one block held at a time."""
+        for a, b in self.ranges():
+            yield a, b, self.read(a, b)
+
+
 def scores_ok(store, rel: str, n: int, T: int) -> dict | None:
     """The metadata of a finished, verified scores file of shape [n, T], else None (a
     corrupt or misshapen file is deleted, to be recomputed). Verified one target block at a
     time, so that the check holds at most one block of the file."""
-    from orchestrator.ledger import margin_columns
     try:
-        schema = store.read_schema(rel)
-        shape, meta = scores_info(store, rel, schema)
+        f = ScoresFile(store, rel)
+        shape, meta = f.shape, f.meta
         if shape == (n, T):
-            blocked = "scores" not in schema.names
-            for _, a, b in (margin_columns(T) if blocked else [("scores", 0, T)]):
-                read_scores(store, rel, a, b, schema)
+            for _ in f.blocks():
+                pass
     except FileNotFoundError:
         return None
     except (CorruptFile, KeyError, ValueError) as err:

@@ -77,8 +77,7 @@ def method_scores(ctx, methods: list[str], W: np.ndarray, targets: np.ndarray) -
     """method -> scores of `targets` [len(targets), n] (most positive: most helpful to the
     target), None for random; W: the datamodels' weights of those targets. Only the target
     blocks of a scores file that hold them are read."""
-    from orchestrator.baselines_stage import expected_files, read_scores
-    from orchestrator.ledger import margin_columns
+    from orchestrator.baselines_stage import ScoresFile, expected_files
     from orchestrator.store import CorruptFile
     plan = ctx.plan
     files = expected_files(plan.cfg)
@@ -92,12 +91,11 @@ def method_scores(ctx, methods: list[str], W: np.ndarray, targets: np.ndarray) -
         else:
             rows = np.zeros((len(want), plan.n), np.float32)
             try:
-                schema = plan.store.read_schema(files[name])
-                for _, lo, hi in margin_columns(plan.n_targets, "scores"):
+                f = ScoresFile(plan.store, files[name])
+                for lo, hi in f.ranges():
                     sel = np.flatnonzero((want >= lo) & (want < hi))
                     if len(sel):
-                        S, _ = read_scores(plan.store, files[name], lo, hi, schema)
-                        rows[sel] = S[:, want[sel] - lo].T
+                        rows[sel] = f.read(lo, hi)[:, want[sel] - lo].T
             except (FileNotFoundError, CorruptFile):
                 raise CounterfactualError(f"{plan.cfg.stage}: baseline {name} has no scores at "
                                           f"{plan.store.where(files[name])}; run stage=baselines") from None

@@ -420,9 +420,8 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     """
     import tempfile
 
-    from orchestrator.baselines_stage import BaselinesError, budget_files, expected_files, read_scores, scores_info
+    from orchestrator.baselines_stage import BaselinesError, ScoresFile, budget_files, expected_files
     from orchestrator.fit_stage import fit_seconds, iter_datamodels
-    from orchestrator.ledger import margin_columns
     from orchestrator.store import CorruptFile, Layout
     cfg, store = plan.cfg, plan.store
     compute = compute or {}
@@ -468,8 +467,8 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     def scores(name, rel, what=""):
         """(the metadata, the target blocks (a, b, scores [b - a, n], None)) of a scores file."""
         try:
-            schema = store.read_schema(rel)
-            shape, meta = scores_info(store, rel, schema)
+            f = ScoresFile(store, rel)
+            shape, meta = f.shape, f.meta
         except (FileNotFoundError, CorruptFile) as err:
             raise missing(name, rel, what, err) from None
         if shape != (plan.n, plan.n_targets):
@@ -477,12 +476,11 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
                                  f"({plan.n}, {plan.n_targets}); run stage=baselines")
 
         def blocks():
-            for _, a, b in margin_columns(plan.n_targets):
-                try:
-                    S, _ = read_scores(store, rel, a, b, schema)
-                except (FileNotFoundError, CorruptFile) as err:
-                    raise missing(name, rel, what, err) from None
-                yield a, b, S.T, None
+            try:
+                for a, b, S in f.blocks():
+                    yield a, b, S.T, None
+            except (FileNotFoundError, CorruptFile) as err:
+                raise missing(name, rel, what, err) from None
         return meta, blocks()
 
     budget_rel = budget_files(cfg)

@@ -12,7 +12,7 @@ import pytest
 from orchestrator import fit_stage
 from orchestrator import masks as M
 from orchestrator.ledger import MARGIN_BLOCK, Identity, Ledger, LedgerError, block_columns
-from orchestrator.store import Layout, Store, StoreHandle
+from orchestrator.store import CorruptFile, Layout, Store, StoreHandle
 from tests.conftest import compose
 from tests.test_ledger import rows
 from tests.test_pipeline import planted_overrides
@@ -198,6 +198,10 @@ def test_scores_files_are_read_by_target_block_and_checked_block_by_block(tmp_pa
             return super().read_schema(rel)
     assert B.scores_ok(Counting(str(tmp_path)), "scores/x.parquet", n, T) == meta
     assert Counting.schemas == 1    # once for the file, not once per target block
+    f = B.ScoresFile(Counting(str(tmp_path)), "scores/x.parquet")
+    assert f.shape == (n, T) and f.ranges() == [(0, MARGIN_BLOCK), (MARGIN_BLOCK, T)]
+    assert np.array_equal(np.concatenate([S_ab for _, _, S_ab in f.blocks()], 1), S)
+    assert Counting.schemas == 2
     # files of the single-column layout written before the blocks still read, whole or sliced
     old = pa.table({"train_index": pa.array(np.arange(n, dtype=np.int32)),
                     "scores": pa.FixedSizeListArray.from_arrays(pa.array(S.reshape(-1)), T)})
@@ -205,6 +209,20 @@ def test_scores_files_are_read_by_target_block_and_checked_block_by_block(tmp_pa
     assert np.array_equal(B.read_scores(store, "scores/old.parquet")[0], S)
     assert np.array_equal(B.read_scores(store, "scores/old.parquet", 3, 9)[0], S[:, 3:9])
     assert B.scores_ok(store, "scores/old.parquet", n, T) == {"method": "trak"}
+    assert B.ScoresFile(store, "scores/old.parquet").ranges() == [(0, T)]   # read whole, once
+    # the footer of another Parquet file in its place: corrupt (deleted, to be recomputed),
+    # whether it lacks the metadata, holds no JSON there, or has no train_index
+    others = [pa.table({"train_index": pa.array([0], pa.int32())}),
+              pa.table({"train_index": pa.array([0], pa.int32())}).replace_schema_metadata({"datamodels": "{"}),
+              pa.table({"x": pa.array([0.0])}).replace_schema_metadata({"datamodels": "{}"})]
+    for other in others:
+        store.write_table("scores/other.parquet", other)
+        with pytest.raises(CorruptFile, match="not a scores file"):
+            B.ScoresFile(store, "scores/other.parquet")
+        with pytest.raises(CorruptFile, match="not a scores file"):
+            B.read_scores(store, "scores/other.parquet")
+        assert B.scores_ok(store, "scores/other.parquet", n, T) is None
+        assert not store.exists("scores/other.parquet")
     # a wrong shape is deleted, to be recomputed
     assert B.scores_ok(store, "scores/x.parquet", n, T + 1) is None and not store.exists("scores/x.parquet")
 
