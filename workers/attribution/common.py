@@ -160,8 +160,7 @@ class FunctionalModel:
         return at
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        sizes = [math.prod(s) for s in self.shapes]
-        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(sizes), self.shapes)}
+        return {n: flat[at].view(self.params[n].shape) for n, at in self.flat_slices().items()}
 
     def flatten_batched(self, tensors: dict[str, Tensor]) -> Tensor:
         """{name: [B, *shape]} -> [B, P] in the order of `names`."""
