@@ -132,14 +132,19 @@ def _write_csv(ctx, rel: str, header: list[str], rows: list[list]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 
-def plot_rows(rows: list[tuple[str, list]], title: str, path: str) -> None:
-    """A grid of images, one row per (label, cells); a cell is (image, caption, colour) or
-    None (an empty gap). Every image is captioned; the row's label is left of its first cell."""
+def plot_rows(rows: list[tuple[str, list]], title: str, path: str) -> dict:
+    """A grid of images, one row per (label, cells); a cell is (image, caption, colour),
+    (None, text, colour) (a note in place of an image) or None (an empty gap). Every image is
+    captioned; the row's label is left of its first cell; the title is wrapped to the width."""
+    import textwrap
+
     from orchestrator.evaluate import _plt, _save, _show
     plt = _plt()
     cols = max([len(c) for _, c in rows] + [1])
-    fig, axes = plt.subplots(max(len(rows), 1), cols, figsize=(1.1 * cols + 1.8, 1.45 * max(len(rows), 1) + 0.7),
-                             squeeze=False)
+    width = 1.2 * cols + 1.8
+    lines = max([1] + [len(cell[1].split("\n")) for _, cells in rows for cell in cells if cell is not None])
+    fig, axes = plt.subplots(max(len(rows), 1), cols, squeeze=False, layout="constrained",
+                             figsize=(width, (1.25 + 0.14 * lines) * max(len(rows), 1) + 0.8))
     for r, (label, cells) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -148,30 +153,40 @@ def plot_rows(rows: list[tuple[str, list]], title: str, path: str) -> None:
                 ax.axis("off")
                 continue
             img, caption, color = cell
+            if img is None:
+                ax.axis("off")
+                ax.text(0.5, 0.5, caption, ha="center", va="center", fontsize=8, color=color, wrap=True,
+                        transform=ax.transAxes)
+                continue
             _show(ax, img)
             ax.set_title(caption, fontsize=8, pad=2, color=color)
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9, labelpad=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
+    chars = max(40, int(width * 72 / (0.55 * 9)))
+    fig.suptitle("\n".join(line for para in title.split("\n") for line in textwrap.wrap(para, chars)), fontsize=9)
+    return _save(fig, path)
 
 
-def plot_spectra(spectra: dict[str, np.ndarray], path: str) -> None:
-    """Explained variance ratio against component, one line per representation (log y)."""
+def plot_spectra(spectra: dict[str, np.ndarray], path: str) -> dict:
+    """Explained variance ratio against component (integer ticks), one line per
+    representation (log y)."""
+    from matplotlib.ticker import MaxNLocator
+
     from orchestrator.evaluate import _plt, _save
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.8, 4.3))
     for (name, evr), color in zip(spectra.items(), ("tab:blue", "tab:orange", "tab:green")):
         evr = np.asarray(evr)
         ax.plot(np.arange(1, len(evr) + 1), evr, "-o", markersize=4, color=color,
                 label=f"{name} (first {len(evr)}: {evr.sum():.2f} of the variance)")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10, steps=[1, 2, 5, 10]))
     ax.set_xlabel("principal component", fontsize=10)
     ax.set_ylabel("explained variance ratio", fontsize=10)
+    ax.tick_params(labelsize=9)
     ax.set_title("Spectrum of the targets: datamodel weights and the model's last layer", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8.5)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- leakage
@@ -248,15 +263,23 @@ def top_weights(W: np.ndarray, k: int) -> np.ndarray:
                            for a in range(0, len(W), ROWS)] or [np.empty((0, k), np.int64)])
 
 
+def positive_top(W: np.ndarray, k: int) -> np.ndarray:
+    """top_weights, with -1 in place of an example whose weight is not positive: a lasso
+    datamodel has few non-zero weights, and a zero weight is not a top-weight example."""
+    top = top_weights(W, k)
+    return np.where(np.take_along_axis(W, top, axis=1) > 0, top, -1) if top.size else top
+
+
 def find_leakage(x_train, x_target, W: np.ndarray, conf: LeakageConf) -> dict:
     """Near-duplicate (target, training example) pairs among each target's nearest
     neighbours, with each pair's datamodel weight and rank, and how often a target's
-    top-weight examples are its nearest neighbour in input space. W: [T, n] for these targets."""
+    top-weight examples (its largest positive weights: `top`, -1 past the last positive one)
+    are its nearest neighbour in input space. W: [T, n] for these targets."""
     sims, ids = nearest(x_target, x_train, conf.neighbours, conf.block, conf.device)
     thr = float(conf.threshold) if conf.threshold is not None else robust_threshold(sims[:, 0], conf.spread)
     t_of, j_of = np.nonzero(sims >= thr)
     i_of = ids[t_of, j_of]
-    top = top_weights(W, conf.top)
+    top = positive_top(W, conf.top)
     nn1 = ids[:, 0]
     return {"threshold": thr, "nearest_similarity": sims[:, 0], "nearest_ids": ids, "nearest_sims": sims,
             "top": top, "pairs": {"target": t_of, "train_id": i_of, "neighbour": j_of + 1,
@@ -293,7 +316,7 @@ def leakage_stage(ctx, settings: dict) -> dict:
            "nearest_similarity": {f"q{int(q * 100)}": float(np.quantile(nn, q)) for q in (0, 0.5, 0.9, 0.99, 1)},
            "flagged_pairs": len(rows), "flagged_targets": int(len(np.unique(p["target"]))),
            "top1_is_nearest": res["top1_is_nearest"], "nearest_in_top": res["nearest_in_top"],
-           "flagged_in_top": int((p["rank"] <= conf.top).sum())}
+           "flagged_in_top": int(((p["rank"] <= conf.top) & (p["weight"] > 0)).sum())}
     out["table"] = _write_json(ctx, "leakage", {**out, "pairs": [dict(zip(header, r)) for r in rows]})
     out["csv"] = _write_csv(ctx, "leakage_pairs.csv", header, rows)
     plots = {}
@@ -317,10 +340,15 @@ def leakage_stage(ctx, settings: dict) -> dict:
         flagged = list(dict.fromkeys(int(t) for t in p["target"][order]))
         shown = (flagged + [t for t in range(T) if t not in set(flagged)])[:conf.show_targets]
         plot_rows([(f"target #{t}", _top_cells(t, res, W, x_tr, y_tr, x_tg, y_tg, names)) for t in shown],
-                  f"Each target, its {conf.top} largest-weight training examples (+k) and its nearest "
-                  f"neighbour in input space (s: similarity; red: s ≥ {res['threshold']:.4f})", path)
+                  f"Each target, the training examples with its {conf.top} largest positive datamodel "
+                  f"weights (+k, weight w; zero weights are not shown) and its nearest neighbour in input "
+                  f"space (s: similarity; red: s ≥ {res['threshold']:.4f}; rank: of its weight)", path)
         plots["leakage_top"] = _store_plot(ctx, "leakage_top", path)
     out["plots"] = plots
+    out["files"] = [out["table"], out["csv"], *plots.values()]
+    out["headline"] = [f"{len(rows)} near-duplicate (target, training example) pairs with similarity >= "
+                       f"{res['threshold']:.4f} among {T} targets; the largest-weight example is the target's "
+                       f"nearest neighbour for {res['top1_is_nearest']} of them"]
     ctx.tracker.log_metrics({"leakage_flagged_pairs": len(rows), "leakage_threshold": res["threshold"],
                              "leakage_top1_is_nearest": res["top1_is_nearest"]})
     log.info("leakage: %d pairs with similarity >= %.4f among %d targets; the top-weight example is the nearest "
@@ -329,18 +357,34 @@ def leakage_stage(ctx, settings: dict) -> dict:
 
 
 def _top_cells(t: int, res: dict, W, x_tr, y_tr, x_tg, y_tg, names) -> list:
-    """A leakage_top.png row: the target, its top-weight examples, a gap, its nearest neighbour."""
+    """A leakage_top.png row: the target, its top-weight examples (positive weights only: a
+    note where there are fewer), a gap, its nearest neighbour."""
     thr = res["threshold"]
     sim_of = dict(zip(res["nearest_ids"][t].tolist(), res["nearest_sims"][t].tolist()))
     cells: list = [(x_tg[t], f"target\n{_label(names, y_tg[t])}", "black")]
-    for j, i in enumerate(res["top"][t]):
-        s = sim_of.get(int(i))
+    top = [int(i) for i in res["top"][t] if i >= 0]
+    for j, i in enumerate(top):
+        s = sim_of.get(i)
         cells.append((x_tr[i], f"+{j + 1} {_label(names, y_tr[i])}\nw={W[t, i]:+.3g}"
-                      + (f" s={s:.3f}" if s is not None else ""), "darkred" if s is not None and s >= thr else "black"))
+                      + (f"\ns={s:.3f}" if s is not None else ""),
+                      "darkred" if s is not None and s >= thr else "black"))
+    cells += _no_more_weights(len(top), len(res["top"][t]))
     i, s = int(res["nearest_ids"][t, 0]), float(res["nearest_sims"][t, 0])
-    rank = int(weight_ranks(W, np.array([t]), np.array([i]))[0])
-    cells += [None, (x_tr[i], f"nearest, s={s:.3f}\nrank {rank}", "darkred" if s >= thr else "black")]
+    if W[t, i] > 0:
+        weight = f"rank {int(weight_ranks(W, np.array([t]), np.array([i]))[0])}"
+    else:
+        weight = "weight 0" if W[t, i] == 0 else f"w={W[t, i]:+.3g}"
+    cells += [None, (x_tr[i], f"nearest\ns={s:.3f}\n{weight}", "darkred" if s >= thr else "black")]
     return cells
+
+
+def _no_more_weights(shown: int, wanted: int) -> list:
+    """The cells after a datamodel's `shown` positive-weight examples, up to `wanted`: a note,
+    then gaps."""
+    if shown >= wanted:
+        return []
+    note = "no positive\nweight in this\ndatamodel" if shown == 0 else "no more\npositive\nweights"
+    return [(None, note, "dimgray")] + [None] * (wanted - shown - 1)
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -383,15 +427,21 @@ def last_layer_features(plan, checkpoint: int, device: str) -> np.ndarray:
     train-set checkpoint `checkpoint`."""
     from orchestrator.store import Layout
     from workers.attribution.common import forward_all, load_checkpoint
-    from workers.checkpoints import from_bytes
+    from workers.checkpoints import CheckpointError, checkpoint_identity, from_bytes
     from workers.devices import resolve_device
     rel = Layout.checkpoint("train", checkpoint, 0)
     try:
-        state = from_bytes(plan.store.read_bytes(rel))
+        blob = plan.store.read_bytes(rel)
     except FileNotFoundError:
         raise AnalysisError(f"embedding.checkpoint={checkpoint}: no checkpoint at {plan.store.where(rel)}; run "
                             f"stage=train with train.checkpoints>={checkpoint + 1} (or set "
                             f"embedding.features=false)") from None
+    try:       # its digest, and this experiment's train model `checkpoint`, before anything is unpickled
+        state = from_bytes(blob, checkpoint_identity(plan.identity.config_hash, "train", checkpoint, 0))
+    except CheckpointError as err:
+        raise AnalysisError(f"embedding.checkpoint={checkpoint}: checkpoint {plan.store.where(rel)} fails "
+                            f"verification ({err.reason}); run stage=train to retrain it (the bad file is "
+                            f"moved to {Layout.CHECKPOINTS}/_quarantine/)") from None
     model_fn, _, _, x_tg, _ = plan.task.attribution_inputs()
     fm = load_checkpoint(model_fn, state, "last", str(resolve_device(device)))
     _, feats = forward_all(fm, x_tg, 512, features=True)
@@ -445,13 +495,19 @@ def embedding_stage(ctx, settings: dict) -> dict:
     if imgs is not None:
         x_tg, y_tg = imgs[2], imgs[3]
         rows = [(f"PC{c + 1} {'+' if end == 'high' else '−'}",
-                 [(x_tg[t], f"#{t} {_label(names, y_tg[t])}\n{proj[t, c]:+.3f}", "black") for t in ends[end][c]])
+                 [(x_tg[t], f"#{t} ({_label(names, y_tg[t])})\n{proj[t, c]:+.3f}", "black") for t in ends[end][c]])
                 for c in range(k) for end in ("high", "low")]
         path = os.path.join(ctx.scratch, "embedding_extremes.png")
         plot_rows(rows, "Targets with the most extreme projections on the leading principal components of the "
-                        "unit-norm datamodel weights (+: the largest, −: the smallest)", path)
+                        "unit-norm datamodel weights (+: the largest, −: the smallest); captions: #target "
+                        "(class) and its projection", path)
         plots["embedding_extremes"] = _store_plot(ctx, "embedding_extremes", path)
     out["plots"] = plots
+    out["files"] = [out["table"], *plots.values()]
+    out["headline"] = [f"the first {k} principal components of the {len(kept)} non-zero datamodels explain "
+                       + ", ".join(f"{v:.3f}" for v in evr[:k]) + " of their variance"
+                       + ("" if feats_evr is None else "; of the last-layer features: "
+                          + ", ".join(f"{v:.3f}" for v in feats_evr[:k]))]
     ctx.tracker.log_metrics({f"embedding_evr_{c + 1}": float(evr[c]) for c in range(k)})
     log.info("embedding: the first %d components explain %s of the datamodels' variance", k,
              ", ".join(f"{v:.3f}" for v in evr[:k]))
@@ -567,18 +623,25 @@ def compare_stage(ctx, settings: dict) -> dict:
         rows = []
         for t in worst:
             for tag, W in (("this", WA), ("other", WB)):
-                cells: list = [(x_tg[t], f"#{t} {_label(names, y_tg[t])}\ncos {cos[t]:.3f}", "black")]
-                for j, i in enumerate(top_weights(W[t:t + 1], conf.top)[0]):
+                cells: list = [(x_tg[t], f"target #{t} ({_label(names, y_tg[t])})\ncos {cos[t]:.3f}", "black")]
+                top = [int(i) for i in positive_top(W[t:t + 1], conf.top)[0] if i >= 0]
+                for j, i in enumerate(top):
                     cells.append((x_tr[i], f"+{j + 1} {_label(names, y_tr[i])}\nw={W[t, i]:+.3g}",
                                   "darkgreen" if int(y_tr[i]) == int(y_tg[t]) else "black"))
-                rows.append((tag, cells))
+                rows.append((tag, cells + _no_more_weights(len(top), conf.top)))
         path = os.path.join(ctx.scratch, "compare.png")
-        plot_rows(rows, f"Targets where the two experiments' datamodels disagree most (lowest cosine): each "
-                        f"one's {conf.top} largest-weight training examples.\nthis: {_short(where_a)}; other: "
+        plot_rows(rows, f"Targets where the two experiments' datamodels disagree most (lowest cosine): the "
+                        f"training examples of each one's {conf.top} largest positive weights (+k, weight w; zero "
+                        f"weights are not shown; green: the target's class).\nthis: {_short(where_a)}\nother: "
                         f"{_short(where_b)}",
                   path)
         plots["compare"] = _store_plot(ctx, "compare", path)
     out["plots"] = plots
+    out["files"] = [out["table"], *plots.values()]
+    out["headline"] = ([f"cosine of the two datamodels per target: mean {dist['mean']:.3f}, median "
+                        f"{dist['median']:.3f} over {len(v)} targets; top-{conf.top} overlap "
+                        f"{float(overlap.mean()):.3f}; other: {where_b}"] if dist else
+                       [f"no target has a non-zero datamodel in both experiments; other: {where_b}"])
     if dist:
         ctx.tracker.log_metrics({"compare_cosine_mean": dist["mean"], "compare_cosine_median": dist["median"]})
         log.info("compare: cosine of the datamodels per target: mean %.3f, median %.3f, 5%% %.3f",

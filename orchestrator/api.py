@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.ledger import Identity, Ledger, LedgerError
+from orchestrator.ledger import Identity, Ledger, LedgerError, limits
 from orchestrator.store import CorruptFile, Layout, Store, StoreError
 from workers import bits
 
@@ -65,11 +65,17 @@ def open(where: str, datamodels: str | None = None, retry_seconds: float = 60.0)
 
 def _read_json(store, rel: str) -> dict | None:
     try:
-        return json.loads(store.read_bytes(rel))
+        data = json.loads(store.read_bytes(rel))
     except FileNotFoundError:
         return None
     except ValueError as err:
         raise ApiError(f"{store.where(rel)} is not valid JSON ({err}); re-run the stage that writes it") from None
+    except StoreError as err:
+        raise ApiError(str(err)) from None
+    if not isinstance(data, dict):
+        raise ApiError(f"{store.where(rel)} holds a JSON {type(data).__name__}, not an object; re-run the stage "
+                       f"that writes it")
+    return data
 
 
 class Experiment:
@@ -87,9 +93,21 @@ class Experiment:
                            f"pipeline printed (results: runs/<name>-<hash>) or its store URI")
         from omegaconf import OmegaConf
         self.summary: dict = summary
-        self.config: dict = OmegaConf.to_container(OmegaConf.create(config_text), resolve=False)  # type: ignore[assignment]
-        self.n = int(summary["n"])
-        self.n_targets = int(summary["n_targets"])
+        try:
+            config = OmegaConf.to_container(OmegaConf.create(config_text), resolve=False)
+        except Exception as err:  # noqa: BLE001 - YAML and OmegaConf errors of many kinds
+            config = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+        if not isinstance(config, dict):
+            why = config if isinstance(config, str) else f"a YAML {type(config).__name__}, not a mapping"
+            raise ApiError(f"{store.where(Layout.CONFIG)} is not a readable config ({why}); re-run the pipeline "
+                           f"on this experiment to rewrite it")
+        self.config = config
+        try:
+            self.n = int(summary["n"])
+            self.n_targets = int(summary["n_targets"])
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(f"{store.where(Layout.SUMMARY)} lacks n or n_targets; re-run the pipeline on this "
+                           f"experiment to rewrite it") from None
         self.datamodels_dir = self._datamodels_dir(datamodels)
         self._cache: dict[str, Any] = {}          # scores files and the eval set, once read
 
@@ -101,6 +119,11 @@ class Experiment:
             return self.store.read_bytes(rel).decode()
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError:
+            raise ApiError(f"{self.store.where(rel)} is not text; re-run the pipeline on this experiment to "
+                           f"rewrite it") from None
+        except StoreError as err:
+            raise ApiError(str(err)) from None
 
     # ------------------------------------------------------------------ datamodels
     @property
@@ -250,7 +273,13 @@ class Experiment:
         exp = self.config.get("exp") or {}
         ident = Identity(str(self.summary["config_hash"]), float(self.summary["alpha"]), int(exp.get("seed", 0)),
                          self.n, self.n_targets)
-        return _ReadOnlyLedger(self.store, ident, str(self.summary.get("ledger") or Layout.LEDGER))
+        masks, ev = self.config.get("masks") or {}, self.config.get("eval") or {}
+        try:     # the models the experiment's last run used (masks.n_train, masks.n_eval, eval.replicas)
+            use = limits(int(masks["n_train"]), int(masks["n_eval"]), int(ev["replicas"]))
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(f"{self.store.where(Layout.CONFIG)} lacks masks.n_train, masks.n_eval or "
+                           f"eval.replicas; re-run the pipeline to rewrite it") from None
+        return _ReadOnlyLedger(self.store, ident, str(self.summary.get("ledger") or Layout.LEDGER), limits=use)
 
     def ledger(self, mask_set: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(masks bool [m, n], margins float32 [m, T], model ids int64 [m]) of every good model

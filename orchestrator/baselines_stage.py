@@ -3,8 +3,11 @@ TracIn, representer points) from the checkpoints the train stage saved.
 
 One Ray task per method builds the task's data, reads the first K checkpoints from the
 store, and writes a verified Parquet file of scores (train example × target) with the
-method, its parameters and its compute time. A method whose file reads back verified for
-the same parameters and checkpoints is not recomputed.
+method, its parameters, its compute time and the digests of the checkpoints it used. Every
+checkpoint is verified (its digest, and that it is this experiment's model i) before the
+stage starts and again before it is loaded; one that fails stops the stage with one line
+naming it (run stage=train: it retrains it). A method whose file reads back verified for the
+same parameters and the same checkpoints (the digests in its metadata) is not recomputed.
 
 Checkpoint budgets: the checkpoint ensembles (TRAK, TracIn: workers.attribution.STEPS) are
 also scored with their first k checkpoints for every k in baselines.budget_checkpoints below
@@ -25,8 +28,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from orchestrator.store import CorruptFile, Layout
-from orchestrator.train_stage import missing_checkpoints, worker_slots
+from orchestrator.store import CorruptFile, Layout, StoreError
+from orchestrator.train_stage import check_checkpoint, worker_slots
 from orchestrator.workpool import Item, Pool
 
 log = logging.getLogger(__name__)
@@ -162,10 +165,12 @@ class ScoresFile:
             yield a, b, self.read(a, b)
 
 
-def scores_ok(store, rel: str, n: int, T: int) -> dict | None:
+def scores_ok(store, rel: str, n: int, T: int, digests: list[str] | None = None) -> dict | None:
     """The metadata of a finished, verified scores file of shape [n, T], else None (a
     corrupt or misshapen file is deleted, to be recomputed). Verified one target block at a
-    time, so that the check holds at most one block of the file."""
+    time, so that the check holds at most one block of the file. `digests`: those of the
+    checkpoints the file must have been computed from (its metadata's `checkpoint_digests`);
+    a file of other checkpoints, or one written before files recorded them, is recomputed."""
     try:
         f = ScoresFile(store, rel)
         shape, meta = f.shape, f.meta
@@ -184,31 +189,76 @@ def scores_ok(store, rel: str, n: int, T: int) -> dict | None:
                   store.where(rel), shape, n, T)
         store.delete(rel)
         return None
+    if digests is not None and meta.get("checkpoint_digests") != list(digests):
+        what = "other checkpoints" if "checkpoint_digests" in meta else "checkpoints it does not record"
+        log.warning("baselines: %s was computed from %s than the %d in %s now; it will be recomputed",
+                    store.where(rel), what, len(digests), store.where(Layout.CHECKPOINTS))
+        return None
     return meta
 
 
-def load_checkpoints(store, k: int) -> list[dict]:
-    """The first k train-set checkpoints, loaded with weights_only."""
-    from workers.checkpoints import from_bytes
+def bad_checkpoint(store, rel: str, reason: str) -> BaselinesError:
+    """The one line for a checkpoint the baselines cannot use: its path, why, and the fix."""
+    if reason == "missing":
+        return BaselinesError(f"checkpoint {store.where(rel)} is missing; run stage=train (it saves "
+                              f"baselines.checkpoints of them)")
+    return BaselinesError(f"checkpoint {store.where(rel)} fails verification ({reason}); run stage=train to "
+                          f"retrain it (the bad file is moved to {Layout.CHECKPOINTS}/_quarantine/)")
+
+
+def checkpoint_digests(store, k: int, config_hash: str) -> list[str]:
+    """The digests of the first k train-set checkpoints, each verified (its bytes, and the
+    identity of this experiment's model i) without unpickling; BaselinesError (one line naming
+    the file) at the first that is missing or fails."""
     out = []
+    for i in range(k):
+        digest, why = check_checkpoint(store, i, config_hash)
+        if digest is None:
+            raise bad_checkpoint(store, Layout.checkpoint("train", i, 0), why)
+        out.append(digest)
+    return out
+
+
+def read_checkpoints(store, k: int, config_hash: str | None = None,
+                     digests: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """(state dicts, digests) of the first k train-set checkpoints, each verified before it is
+    loaded with weights_only: its digest, the identity of experiment `config_hash`'s model i
+    (when given), and the digest the caller saw (`digests`, when given: the files are the ones
+    it checked). BaselinesError (one line naming the file) when one is missing or fails."""
+    from workers.checkpoints import CheckpointError, checkpoint_identity, from_bytes, verify
+    states, seen = [], []
     for i in range(k):
         rel = Layout.checkpoint("train", i, 0)
         try:
             blob = store.read_bytes(rel)
         except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint {store.where(rel)} is missing; run stage=train with "
-                                    f"baselines.checkpoints>={k}") from None
-        out.append(from_bytes(blob))
-    return out
+            raise bad_checkpoint(store, rel, "missing") from None
+        expect = checkpoint_identity(config_hash, "train", i, 0) if config_hash is not None else None
+        try:
+            digest = verify(blob, expect)
+            if digests is not None and digest != digests[i]:
+                raise CheckpointError("it changed since the stage checked it (another run retrained it?)")
+            states.append(from_bytes(blob, expect))
+        except CheckpointError as err:
+            raise bad_checkpoint(store, rel, err.reason) from None
+        seen.append(digest)
+    return states, seen
+
+
+def load_checkpoints(store, k: int, config_hash: str | None = None) -> list[dict]:
+    """The first k train-set checkpoints, verified (read_checkpoints), loaded with weights_only."""
+    return read_checkpoints(store, k, config_hash)[0]
 
 
 def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files, threads: int,
-                   store_handle) -> dict:
+                   store_handle, config_hash: str | None = None, digests: list[str] | None = None) -> dict:
     """Runs in a Ray task: build the task, load checkpoints, score, write the file(s).
 
     files: the scores file to write, or {k: file} for the checkpoint budgets k to write (a
     checkpoint ensemble, workers.attribution.STEPS; k = n_ckpt is the method's own file).
-    Returns {k: metadata written}."""
+    config_hash, digests: the experiment the checkpoints must belong to and the digests the
+    driver verified (read_checkpoints). Each file's metadata records the digests of the
+    checkpoints it was computed from (`checkpoint_digests`). Returns {k: metadata written}."""
     import torch
     from hydra.utils import instantiate
 
@@ -219,7 +269,8 @@ def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files
     store = store_handle.open()
     task = instantiate(task_cfg, _convert_="all")
     model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
-    ckpts = load_checkpoints(store, n_ckpt)    # all K even for smaller budgets: params (tracin lrs) are per K
+    # all K even for smaller budgets: params (tracin lrs) are per K
+    ckpts, seen = read_checkpoints(store, n_ckpt, config_hash, digests)
     margin_kind = getattr(task, "margin", "logsumexp")
     from orchestrator.raycluster import worker_logging
     from workers.logs import repeats_summarised
@@ -242,7 +293,8 @@ def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files
     written = {}
     for k in sorted(results, reverse=True):      # the method's own file first
         scores, seconds, per_ckpt = results[k]
-        meta = {"method": method, "params": params, "checkpoints": k, "seconds": seconds}
+        meta = {"method": method, "params": params, "checkpoints": k, "seconds": seconds,
+                "checkpoint_digests": seen[:k]}
         if per_ckpt is not None:
             meta["checkpoint_seconds"] = per_ckpt
         if k != n_ckpt:
@@ -266,10 +318,8 @@ def run(plan, tracker) -> dict:
                              f"attribution_inputs(); set baselines.methods=[]")
     n_ckpt = int(bcfg["checkpoints"])
     budget_sizes(cfg)                          # a malformed budget list fails before any work
-    lost = missing_checkpoints(store, n_ckpt)
-    if lost:
-        raise BaselinesError(f"baselines need {n_ckpt} checkpoints in {store.where(Layout.CHECKPOINTS)} "
-                             f"({len(lost)} missing); run stage=train (it saves baselines.checkpoints of them)")
+    config_hash = plan.identity.config_hash
+    digests = checkpoint_digests(store, n_ckpt, config_hash)   # every checkpoint verified, or one line
     import ray
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     threads = int(bcfg.get("cpus_per_task") or 1)
@@ -284,7 +334,7 @@ def run(plan, tracker) -> dict:
         is kept in `metas`)."""
         todo = {}
         for k, rel in files[method].items():
-            meta = scores_ok(store, rel, plan.n, plan.n_targets)
+            meta = scores_ok(store, rel, plan.n, plan.n_targets, digests[:k])
             if meta is None:
                 todo[k] = rel
             else:
@@ -312,7 +362,7 @@ def run(plan, tracker) -> dict:
 
     def submit(_, payload):
         method, params, todo = payload
-        return remote.remote(task_cfg, method, params, n_ckpt, todo, threads, plan.handle)
+        return remote.remote(task_cfg, method, params, n_ckpt, todo, threads, plan.handle, config_hash, digests)
 
     def done(its):
         return [it.key for it in its if not missing(it.payload[0])]
@@ -328,7 +378,8 @@ def run(plan, tracker) -> dict:
     if items:
         Pool("baselines", submit=submit, capacity=lambda: max(1, worker_slots(threads, gpus)), per_worker=1,
              claims=plan.claims, done=done, on_result=on_result, unit="method",
-             max_deaths=int(cfg.train.max_worker_deaths)).run(items)
+             max_deaths=int(cfg.train.max_worker_deaths), fatal=(StoreError, BaselinesError),
+             timeout=0).run(items)     # no deadline: methods differ too much in cost for a median to judge
     for method in methods:       # computed elsewhere (another driver): read what it wrote
         if method not in out:
             todo = missing(method)

@@ -4,22 +4,35 @@ Before Hydra runs, the arguments are parsed as Hydra parses them (`--config-dir 
 `--config-dir=DIR` alike), the config is composed and validated, and every output location
 is checked, so a typo, an impossible value, missing data or an unwritable store is one
 line on stderr (exit 2) with nothing written and no Ray started. A fault at run time (disk
-full, a store or MLflow server gone, work that keeps failing) is one line too (exit 1).
+full, a store or MLflow server gone, work that keeps failing) is one line too (exit 1). One
+handler prints every error, foreseen or not, as one line with its secrets redacted, so
+Hydra's own report (a traceback, and the overrides with their credentials) is never reached;
+`--debug` or `hydra.verbose` adds the traceback. Ctrl-C and SIGTERM are one line too.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import traceback
+from typing import NoReturn
 
 import hydra
+from hydra.core.plugins import Plugins
 from omegaconf import DictConfig
 
-# Registers hydra/launcher=parallel. Hydra finds plugins by scanning the hydra_plugins
-# namespace on sys.path, which an editable install does not expose; importing it here works
-# from any directory and for any kind of install.
-import hydra_plugins.datamodels_launcher  # noqa: F401,E402
+# hydra/launcher=parallel: importing the module stores its config; the class is registered with
+# Hydra below. Hydra finds plugin classes by scanning the hydra_plugins namespace on sys.path,
+# which the editable install leaves empty (`datamodels -m` then failed with "Unknown plugin
+# class"); registering it works from any directory and for any kind of install. Where the scan
+# does find the module it runs it again, so the class registered is the module's own after the
+# scan (registered once, not twice).
+import hydra_plugins.datamodels_launcher as launcher  # noqa: E402
 import orchestrator.schema  # noqa: F401,E402  (registers the structured configs: conf/config.yaml extends them)
+
+_plugins = Plugins.instance()
+_plugins.register(launcher.ParallelLauncher)
 
 
 def _conf_dir() -> str:
@@ -34,8 +47,49 @@ def _conf_dir() -> str:
 CONF_DIR = _conf_dir()
 log = logging.getLogger("orchestrator")
 
-# Hydra commands that do not run the pipeline: no checks before them.
-PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion")
+# Hydra commands that do not run the pipeline: no checks before them (`--cfg` is checked: the
+# config it prints is one that would run).
+PASS_THROUGH = ("help", "hydra_help", "info", "shell_completion")
+DEBUG_ENV = "DATAMODELS_DEBUG"      # set by --debug (and so passed to a sweep's points)
+
+
+def debugging() -> bool:
+    """--debug or hydra.verbose: errors come with their traceback."""
+    return os.environ.get(DEBUG_ENV) == "1"
+
+
+def fail(message: str, code: int, err: BaseException | None = None) -> NoReturn:
+    """Print one line (`datamodels: error: ...`, secrets redacted) and exit with `code`; with
+    --debug the traceback (redacted too) comes first."""
+    from orchestrator.errors import redact_text
+    if err is not None and debugging():
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        print(redact_text(text), file=sys.stderr, end="", flush=True)
+    print(f"datamodels: error: {redact_text(' '.join(message.split()))}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def unexpected(err: BaseException) -> NoReturn:
+    """An error no check foresaw: one line with its type, and how to see the traceback."""
+    from orchestrator.errors import one_line
+    hint = "" if debugging() else "; run again with --debug for the traceback"
+    fail(f"{type(err).__name__}: {one_line(err)} (an unexpected error{hint}; what was finished is kept)", 1, err)
+
+
+def interrupted(cfg: DictConfig | None = None, signum: int = signal.SIGINT) -> NoReturn:
+    """Ctrl-C (or SIGTERM): one line saying what is kept and how to resume; exit 128 + the signal."""
+    where = ""
+    if cfg is not None:
+        try:
+            from orchestrator.config import config_hash, experiment_uri
+            from orchestrator.store import redact
+            where = f" in {redact(experiment_uri(cfg, config_hash(cfg)))}"
+        except Exception:  # noqa: BLE001 - the message must not fail
+            where = ""
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    print(f"datamodels: {what}: every finished unit, fit chunk and scores file is kept{where}; run the "
+          f"same command again to resume", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def runtime_errors() -> tuple:
@@ -43,13 +97,14 @@ def runtime_errors() -> tuple:
     from orchestrator.analysis import AnalysisError
     from orchestrator.baselines_stage import BaselinesError
     from orchestrator.counterfactual import CounterfactualError
+    from orchestrator.fit_stage import DatamodelsError
     from orchestrator.ledger import LedgerError
-    from orchestrator.store import StoreError
+    from orchestrator.store import CorruptFile, StoreError
     from orchestrator.tracking import TrackingError
     from orchestrator.train_stage import TrainStageError
     from orchestrator.workpool import PoolError
     return (StoreError, TrackingError, PoolError, LedgerError, BaselinesError, TrainStageError,
-            CounterfactualError, AnalysisError, FileNotFoundError)
+            CounterfactualError, AnalysisError, DatamodelsError, CorruptFile, FileNotFoundError)
 
 
 def _yaml_error(err: BaseException | None) -> str | None:
@@ -181,37 +236,89 @@ def preflight(argv: list[str]) -> None:
         plan = validate(cfg)
         check_outputs(plan, hydra_dir=os.path.join(str(hydra_root), "hydra"))
     except ConfigError as err:
-        print(f"datamodels: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err), 2, err)
     except runtime_errors() as err:
-        print(f"datamodels: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err), 2, err)
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors, shortened
-        print(f"datamodels: error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        fail(_one_line(err), 2, err)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
+    """The run, under the one handler of every error: nothing reaches Hydra's own report
+    (which prints a traceback and the overrides, credentials included)."""
     from orchestrator import pipeline
     from orchestrator.config import ConfigError
     try:
-        pipeline.run(cfg)
+        try:
+            pipeline.run(cfg)
+        finally:
+            _stop_ray()
     except ConfigError as err:
-        print(f"datamodels: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err), 2, err)
     except runtime_errors() as err:
-        log.debug("run-time fault", exc_info=True)
-        print(f"datamodels: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(err), 1, err)
+    except KeyboardInterrupt:
+        interrupted(cfg)
+    except SystemExit:
+        # SIGTERM (tracking.Terminated), or Ray's SystemExit(1) for a signal during ray.get
+        from orchestrator.tracking import signal_received
+        signum = signal_received()
+        if signum is not None:
+            interrupted(cfg, signum)
+        raise
+    except Exception as err:  # noqa: BLE001 - the one top-level handler: one line, never a traceback
+        unexpected(err)
+
+
+def _stop_ray() -> None:
+    """Stop this process's Ray (a local instance it started, or its connection) before exit,
+    with Ctrl-C ignored meanwhile: a Ctrl-C in Ray's own shutdown at exit would print a
+    traceback and leave Ray's processes half stopped, once every result is already kept."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway: Ray's own processes are stopped at its exit
+        pass
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _debug_flag(argv: list[str]) -> list[str]:
+    """argv without --debug; --debug, or hydra.verbose set to anything but false, turns on
+    tracebacks (DEBUG_ENV, which a sweep's points inherit)."""
+    verbose = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.verbose=")]
+    if "--debug" in argv or any(v.strip().lower() not in ("false", "0", "null", "[]", "") for v in verbose):
+        os.environ[DEBUG_ENV] = "1"
+    return [a for a in argv if a != "--debug"]
 
 
 def main() -> None:
+    from orchestrator.errors import install_redaction
+    install_redaction()
+    # A user's task module in the directory the command runs from is importable, as under
+    # `python -m orchestrator` (after the installed packages: a local file never shadows them).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    sys.argv = [sys.argv[0], *_debug_flag(sys.argv[1:])]
     if "--version" in sys.argv[1:] or "-V" in sys.argv[1:]:
         from orchestrator.pipeline import code_version
         print(f"datamodels {code_version()}")
         return
-    from workers.logs import plain_when_not_a_terminal
-    plain_when_not_a_terminal()
-    preflight(sys.argv[1:])
-    app()
+    try:
+        from workers.logs import plain_when_not_a_terminal
+        plain_when_not_a_terminal()
+        preflight(sys.argv[1:])
+        try:
+            app()
+        finally:
+            _stop_ray()            # a sweep's launcher starts the local instance its points join
+    except KeyboardInterrupt:
+        interrupted()
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001 - Hydra's and the sweep launcher's errors too: one line
+        unexpected(err)

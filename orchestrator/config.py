@@ -202,6 +202,8 @@ class Plan:
     handle: Any = None           # StoreHandle for tasks (set once Ray is connected)
     claims: Any = None           # orchestrator.claims.Claims (set by the pipeline)
     artifact_root: str | None = None   # tracking.artifact_root as a URI (file:// for a local path)
+    models_per_unit: int | None = None  # the experiment's unit size (orchestrator.experiment.check)
+    marker: dict | None = None          # the directory's experiment.json, as check found it
 
     @property
     def identity(self):
@@ -236,13 +238,35 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def store_setting(cfg: DictConfig) -> tuple[str, str]:
+    """(the setting that places the experiment, its value): exp.dir, store.uri or exp.root."""
+    for key in ("exp.dir", "store.uri"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value:
+            return key, str(value)
+    return "exp.root", str(OmegaConf.select(cfg, "exp.root", default=None))
+
+
 def experiment_uri(cfg: DictConfig, chash: str) -> str:
-    """exp.dir if set, else <store.uri or exp.root>/<exp.name>-<hash>."""
+    """exp.dir if set, else <store.uri or exp.root>/<exp.name>-<hash>. A value that is neither
+    a local path nor a store URI (`store.uri_problem`: `s3://` without a bucket, an unknown
+    scheme, a Windows path, ...) is a ConfigError naming its setting, never taken for a local
+    path; exp.root, where Hydra's logs go too, must be a local directory."""
     from orchestrator import store as S
-    if cfg.exp.get("dir"):
-        return str(cfg.exp.dir)
-    root = cfg.store.get("uri") or cfg.exp.root
-    return S.join(str(root), f"{cfg.exp.name}-{chash}")
+    root = OmegaConf.select(cfg, "exp.root", default=None)
+    problem = "is not set; give a local directory, e.g. exp.root=runs" if root is None else S.uri_problem(str(root))
+    if problem is None and S.uri_scheme(str(root)) is not None:
+        problem = ("must be a local directory (Hydra's logs go there too); put the experiments on an object store "
+                   "with store.uri=s3://BUCKET/prefix")
+    if problem:
+        raise ConfigError(f"exp.root={S.redact(str(root))} {problem}")
+    key, value = store_setting(cfg)
+    problem = S.uri_problem(value)
+    if problem:
+        raise ConfigError(f"{key}={S.redact(value)} {problem}")
+    if key == "exp.dir":
+        return value
+    return S.join(value, f"{cfg.exp.name}-{chash}")
 
 
 def _number(cfg, key: str, kind=float):
@@ -253,6 +277,21 @@ def _number(cfg, key: str, kind=float):
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} is not a {kind.__name__}; set {key}=<{kind.__name__}>") from None
+
+
+def _task_error(target, err: BaseException) -> str:
+    """Why task._target_ could not be built, from the deepest error of the chain (Hydra wraps
+    the user's own error, or the import's, in its InstantiationException)."""
+    seen, cur = set(), err
+    while (cur.__cause__ or cur.__context__) is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__  # type: ignore[assignment]
+    lines = [ln.strip() for ln in str(cur).strip().splitlines() if ln.strip()]
+    why = f"{type(cur).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    if isinstance(cur, ImportError):
+        return (f"task._target_={target}: cannot import it ({why}); put its module in the directory you run "
+                f"from or on PYTHONPATH, or install it")
+    return f"task: cannot build {target!r}: {why}"
 
 
 def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
@@ -294,8 +333,7 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     try:
         task = instantiate(cfg.task, _convert_="all")
     except Exception as err:  # noqa: BLE001 - user classes can raise anything
-        msg = str(err).strip().splitlines()
-        raise ConfigError(f"task: cannot build {cfg.task.get('_target_')!r}: {msg[-1] if msg else err}") from None
+        raise ConfigError(_task_error(cfg.task.get("_target_"), err)) from None
     if check_data:
         try:
             task.check()
@@ -316,13 +354,15 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     try:
         store = S.Store(uri, float(cfg.store.retry_seconds))
     except S.StoreError as err:
-        raise ConfigError(f"{'exp.dir' if cfg.exp.get('dir') else 'store.uri'}: {err}") from None
+        key, value = store_setting(cfg)
+        raise ConfigError(f"{key}={S.redact(value)}: {err}") from None
     tracking = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if not cfg.tracking.enabled:
         tracking = None
-    from orchestrator.ledger import Ledger
+    from orchestrator.ledger import Ledger, limits
     plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store)
-    plan.ledger = Ledger(store, plan.identity)
+    plan.ledger = Ledger(store, plan.identity,
+                         limits=limits(int(cfg.masks.n_train), int(cfg.masks.n_eval), int(cfg.eval.replicas)))
     root = cfg.tracking.get("artifact_root")
     if root:
         root = str(root)
@@ -331,10 +371,16 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
 
 
 def _writable_dir(path: str) -> str | None:
-    """None if `path` (a directory, created or not yet) could be written; else why not."""
+    """None if `path` (a directory, created or not yet) can be written; else why not. Found
+    out by doing it: a missing directory is created (what the setting names, and no more)
+    and removed again with the parents this made, an existing one gets a hidden file that
+    is deleted again; permissions alone do not tell (root may write anywhere, yet nothing
+    can be created under /proc)."""
+    import tempfile
     path = os.path.abspath(path)
-    probe = path
+    probe, missing = path, []
     while not os.path.exists(probe):
+        missing.append(probe)
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         return f"{probe} is not a directory"
@@ -346,36 +392,69 @@ def _writable_dir(path: str) -> str | None:
             return f"{probe} is on a read-only file system"
     except OSError:
         pass
+    try:
+        if missing:
+            os.makedirs(path)
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=".datamodels-probe-", dir=path)
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as err:
+        what = err.filename or path
+        return f"{what} cannot be {'created' if missing else 'written'} ({err.strerror or err})"
+    finally:
+        for made in missing:            # deepest first; stop at one that is not empty (another writer)
+            try:
+                os.rmdir(made)
+            except OSError:
+                break
     return None
+
+
+def _selected(cfg: DictConfig) -> list:
+    from orchestrator import stages
+    return stages.selected(str(cfg.stage))
 
 
 def check_outputs(plan: Plan, hydra_dir: str | None = None) -> None:
     """Every place this run will write can be written: the store (a probe object, written,
-    read back and deleted), the MLflow store, and Hydra's output directory. One line each."""
+    read back and deleted), the MLflow store, and Hydra's output directory; a cluster to join
+    answers (raycluster.check_address, when a stage needs Ray); the stage's inputs are there
+    (stages.check_inputs). One line each."""
     from orchestrator import store as S
     cfg = plan.cfg
-    setting = "exp.dir" if cfg.exp.get("dir") else ("store.uri" if cfg.store.get("uri") else "exp.root")
+    if plan.tracking_uri:      # first: these checks write nothing (the store's probe below does)
+        from orchestrator.tracking import TrackingError, absolute_uri, check_reachable, check_uri
+        try:            # a URI MLflow cannot open is a mistake in the setting, whatever tracking.required says
+            check_uri(plan.tracking_uri)
+        except TrackingError as err:
+            raise ConfigError(f"tracking.uri={err}, or set tracking.enabled=false") from None
+        plan.tracking_uri = absolute_uri(plan.tracking_uri)    # the same store from any directory
+        try:
+            check_reachable(plan.tracking_uri, float(cfg.tracking.timeout_seconds))
+        except TrackingError as err:
+            if cfg.tracking.required:
+                raise ConfigError(f"tracking.uri={err}; or set tracking.enabled=false, or tracking.required=false "
+                                  f"to run without it") from None
+            import logging
+            logging.getLogger(__name__).warning("tracking.uri=%s; running without tracking (tracking.required=false)",
+                                                err)
+            plan.tracking_uri = None
+    key, value = store_setting(cfg)
+    if any(st.needs_ray for st in _selected(cfg)):       # before anything is written
+        from orchestrator import raycluster
+        raycluster.check_address(cfg.cluster)
     try:
         plan.store.probe()
     except S.StoreError as err:
-        raise ConfigError(f"{setting}: {err}") from None
+        raise ConfigError(f"{key}={S.redact(value)}: {str(err).replace('set store.uri', f'set {key}')}") from None
     if hydra_dir is not None:
         why = _writable_dir(hydra_dir)
         if why:
             raise ConfigError(f"exp.root={cfg.exp.root}: Hydra's output directory {hydra_dir} cannot be written "
                               f"({why}); set exp.root to a writable directory")
-    if plan.tracking_uri:
-        from orchestrator.tracking import TrackingError, check_reachable
-        try:
-            check_reachable(plan.tracking_uri, float(cfg.tracking.timeout_seconds))
-        except TrackingError as err:
-            if cfg.tracking.required:
-                raise ConfigError(f"tracking.uri: {err}; fix it (start the MLflow server, a writable path), or set "
-                                  f"tracking.enabled=false, or tracking.required=false to run without it") from None
-            import logging
-            logging.getLogger(__name__).warning("tracking.uri: %s; running without tracking (tracking.required=false)",
-                                                err)
-            plan.tracking_uri = None
+    from orchestrator import stages
+    stages.check_inputs(plan)      # the stage's inputs are there (read-only; before Hydra's or MLflow's writes)
     if plan.tracking_uri and plan.artifact_root and plan.artifact_root.startswith("file://"):
         why = _writable_dir(plan.artifact_root[len("file://"):])
         if why:

@@ -39,6 +39,7 @@ import os
 import numpy as np
 
 from orchestrator import removal
+from orchestrator.evaluate import sig
 from orchestrator.store import Layout
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,30 @@ def top_order(scores: np.ndarray | None, n: int, seed: int, target: int) -> np.n
     return np.argsort(-scores, kind="stable")
 
 
+def default_ks(section: str) -> list[int]:
+    """The shipped default of `<section>.ks` (orchestrator.schema)."""
+    from orchestrator import schema
+    conf = schema.CounterfactualConf() if section == "counterfactual" else schema.BrittlenessConf()
+    return list(conf.ks)
+
+
+def stage_ks(cfg, section: str, size: int) -> tuple[list[int], list[int]]:
+    """(the k values the stage uses, the shipped defaults left out): a k above the mask size
+    `size` cannot be removed from a mask. The shipped default grid (`<section>.ks` as the schema
+    declares it) is cut to the mask size: its values above it are left out, and where none is
+    left, the mask size itself is used. Values the user set are used as given (check_settings
+    refuses an impossible one before any work)."""
+    ks = sorted({int(k) for k in cfg[section].ks})
+    if ks != sorted(set(default_ks(section))):
+        return ks, []
+    kept = [k for k in ks if k <= size]
+    return kept or [size], [k for k in ks if k > size]
+
+
 def check_settings(cfg, n: int, n_targets: int) -> None:
-    """The removal stages' settings, before any Ray work: one line naming the setting."""
+    """The removal stages' settings, before any Ray work: one line naming the setting. The
+    shipped default ks are cut to the mask size (stage_ks); a k that the user set above it is
+    refused."""
     from orchestrator.config import ConfigError
     from orchestrator.masks import mask_size
     size = mask_size(n, float(cfg.masks.alpha))
@@ -132,7 +155,15 @@ def check_settings(cfg, n: int, n_targets: int) -> None:
                 raise ConfigError(f"{section}.targets: {t!r} is not a target id; this task has targets "
                                   f"0..{n_targets - 1}")
         for k in list(c.ks):
-            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= size:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ConfigError(f"{section}.ks: {k!r} must be a count of training examples from 1 to the "
+                                  f"mask size {size} (round(masks.alpha * n)); e.g. {section}.ks=[10,20,50]")
+        if not list(c.ks):
+            raise ConfigError(f"{section}.ks is empty: give at least one count of training examples to remove, "
+                              f"from 1 to the mask size {size}; e.g. {section}.ks=[10,20,50]")
+        ks, _ = stage_ks(cfg, section, size)
+        for k in ks:
+            if k > size:
                 raise ConfigError(f"{section}.ks: {k!r} must be a count of training examples from 1 to the "
                                   f"mask size {size} (round(masks.alpha * n)); e.g. {section}.ks=[10,20,50]")
         if section == "counterfactual":
@@ -143,10 +174,38 @@ def check_settings(cfg, n: int, n_targets: int) -> None:
                                       f"(a baseline must be in baselines.methods)")
 
 
+def resolved_ks(ctx, section: str) -> list[int]:
+    """The stage's k values (stage_ks), with one info line naming the shipped defaults left out."""
+    from orchestrator.masks import mask_size
+    cfg = ctx.plan.cfg
+    size = mask_size(ctx.plan.n, float(cfg.masks.alpha))
+    ks, dropped = stage_ks(cfg, section, size)
+    if dropped:
+        log.info("%s: the default %s.ks %s %s above the mask size %d (round(masks.alpha * n)) and left out; "
+                 "using ks=%s", section, section, dropped, "is" if len(dropped) == 1 else "are", size, ks)
+    return ks
+
+
+def quick_precheck(plan) -> None:
+    """Before anything is written (config.check_outputs), reading no ledger: the experiment
+    has datamodels at all."""
+    if not plan.store.list_dirs(Layout.DATAMODELS):
+        _none_yet(plan)
+
+
+def _none_yet(plan):
+    models = "" if plan.store.list(Layout.LEDGER, ".parquet") else " (nor any trained models)"
+    raise CounterfactualError(f"{plan.cfg.stage}: {plan.store.where()} has no datamodels yet{models}; "
+                              f"run stage=all (or stage=fit) first")
+
+
 def precheck(plan) -> None:
     """Before Ray starts: the datamodels (and scores) the stage needs exist."""
     from orchestrator import fit_stage
-    want = fit_stage.full_dir(plan, plan.ledger.index())
+    index = plan.ledger.index()
+    if not index.count("train"):
+        _none_yet(plan)
+    want = fit_stage.full_dir(plan, index)
     if not plan.store.list(want, ".parquet"):
         raise CounterfactualError(f"{plan.cfg.stage}: {plan.store.where()} has no datamodels for these fit settings "
                                   f"({want}); run stage=all (or stage=fit) first")
@@ -186,7 +245,7 @@ def counterfactual_stage(ctx) -> dict:
     targets = chosen_targets(c["targets"], int(c["n_targets"]), np.arange(plan.n_targets), seed)
     W, _, dm_dir = datamodels(ctx, targets)           # the chosen targets' rows only
     scores = method_scores(ctx, methods, W, targets)
-    ks = sorted(int(k) for k in c["ks"])
+    ks = resolved_ks(ctx, "counterfactual")
     rem = removal.Removals("counterfactual", int(c["masks"]))
     cell: dict[tuple[str, int, int], int] = {}          # (method, target, k) -> removal index
     for name in methods:
@@ -221,7 +280,8 @@ def counterfactual_stage(ctx) -> dict:
                               "predicted": None if S is None else float(np.mean(P[ti]))})
             mean, ci = removal.bootstrap_mean(D, n_boot, seed)
             rows[name][str(k)] = {"actual": mean, "ci95": ci,
-                                  "predicted": None if S is None else float(np.mean(P))}
+                                  "predicted": None if S is None else float(np.mean(P)),
+                                  "targets": int(np.isfinite(D).any(1).sum())}
             drops[name][k] = D
     fit_line = {}
     for name in methods:
@@ -246,9 +306,11 @@ def counterfactual_stage(ctx) -> dict:
     colors = method_colors(names)
     plots = {"counterfactual_drop": os.path.join(ctx.scratch, "counterfactual_drop.png"),
              "counterfactual_calibration": os.path.join(ctx.scratch, "counterfactual_calibration.png")}
-    plot_drops(rows, ks, names, colors, plots["counterfactual_drop"])
+    plot_drops(rows, ks, names, colors, plots["counterfactual_drop"], J)
     plot_calibration(cells, fit_line, names, colors, plots["counterfactual_calibration"])
     out["plots"] = {k: _store_plot(ctx, k, p) for k, p in plots.items()}
+    out["files"] = [out["table"], *out["plots"].values()]
+    out["headline"] = counterfactual_headline(out)
     metrics = {f"cf_drop_{m}_k{k}": r["actual"] for m in rows for k, r in rows[m].items()}
     metrics.update({f"cf_slope_{m}": f["slope"] for m, f in fit_line.items() if f["slope"] is not None})
     metrics.update({f"cf_corr_{m}": f["correlation"] for m, f in fit_line.items() if f["correlation"] is not None})
@@ -296,52 +358,99 @@ def table_lines(out: dict) -> list[str]:
     return lines
 
 
-def plot_drops(rows: dict, ks: list[int], names: list[str], colors: dict, path: str) -> None:
-    from orchestrator.evaluate import _plt, _save
+def counterfactual_headline(out: dict) -> list[str]:
+    """The closing block's lines: each method's actual drop at the largest k, and the
+    calibration slopes (actual per unit of predicted drop)."""
+    if not out["ks"]:
+        return []
+    k = str(max(out["ks"]))
+    drops = ", ".join(f"{m} {sig(r[k]['actual'])}" for m, r in out["drop"].items() if k in r)
+    lines = [f"margin drop after removing each method's top {k} (mean of {len(out['targets'])} targets × "
+             f"{out['masks']} masks): {drops}"]
+    slopes = ", ".join(f"{m} {sig(f['slope'])}" for m, f in out["fit"].items())
+    if slopes:
+        lines.append(f"calibration slope (actual / predicted drop): {slopes}")
+    return lines
+
+
+def plot_drops(rows: dict, ks: list[int], names: list[str], colors: dict, path: str, masks: int | None = None) -> dict:
+    """Each method's actual margin drop (95% CI) against k, log x ticked at the ks. A point
+    that averages over fewer targets than the others (a target whose retrained models all
+    failed has no drop) is tagged with its count, "n=7 targets"."""
+    from orchestrator.evaluate import _place_tags, _plt, _save, count_log_axis
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8.2, 4.8))
+    counts = [rows[name][str(k)].get("targets") for name in names for k in ks]
+    full = max([c for c in counts if c is not None], default=None)
+    tags = []
     for i, name in enumerate(names):
         r = rows[name]
-        x = np.array(ks, float) * (1 + 0.02 * (i - len(names) / 2))     # a little apart
+        x = np.array(ks, float) * (1 + 0.02 * (i - (len(names) - 1) / 2))     # a little apart
         y = np.array([r[str(k)]["actual"] for k in ks])
         lo = np.array([r[str(k)]["ci95"][0] for k in ks])
         hi = np.array([r[str(k)]["ci95"][1] for k in ks])
-        ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="-o", color=colors[name], capsize=3, label=name)
+        err = np.nan_to_num(np.clip([y - lo, hi - y], 0, None))
+        ax.errorbar(x, y, yerr=err, fmt="-o", color=colors[name], capsize=3, label=name)
+        tags += [(xi, yi, f"n={r[str(k)]['targets']} targets", colors[name]) for xi, yi, k in zip(x, y, ks)
+                 if r[str(k)].get("targets") is not None and r[str(k)]["targets"] < full]
     ax.axhline(0, color="gray", linewidth=1, linestyle="--")
-    ax.set_xscale("log")
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
+    count_log_axis(ax, ks)
+    if tags:
+        _place_tags(ax, tags)
     ax.set_xlabel("k: training examples removed (the method's top k for the target)", fontsize=10)
-    ax.set_ylabel("actual margin drop after retraining\n(mean over targets and masks, 95% CI)", fontsize=10)
+    over = f"{full} targets" if full is not None else "targets"
+    ax.set_ylabel(f"actual margin drop after retraining\n(mean over {over}" + (f" × {masks} masks" if masks else "")
+                  + ", 95% CI)", fontsize=10)
+    ax.tick_params(labelsize=9)
     ax.set_title("Counterfactual: removing each method's top-k examples", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    _save(fig, path)
+    note = ("n=…: the targets a point averages\nover, fewer where every retrained\nmodel of a target failed"
+            if tags else None)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=9)
+    if note:
+        ax.text(1.02, 0.0, note, transform=ax.transAxes, fontsize=8, va="bottom", ha="left", color="dimgray")
+    return _save(fig, path)
 
 
-def plot_calibration(cells: list[dict], fit_line: dict, names: list[str], colors: dict, path: str) -> None:
+def plot_calibration(cells: list[dict], fit_line: dict, names: list[str], colors: dict, path: str) -> dict:
+    """Predicted against actual drop, one panel per method with scores (at most three
+    panels a row), each titled with the correlation and the calibration slope in significant
+    digits (a baseline's scores have their own units: its slope may be 0.0029 or 3700)."""
+    from matplotlib.ticker import MaxNLocator
+
     from orchestrator.evaluate import _plt, _save
     plt = _plt()
     shown = [m for m in names if m in fit_line]
-    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3.6 * max(1, len(shown)), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], shown):
-        p = np.array([c["predicted"] for c in cells if c["method"] == name])
-        a = np.array([c["actual"] for c in cells if c["method"] == name])
+    cols = min(3, max(1, len(shown)))
+    nrows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.9 * cols, 3.5 * nrows + 0.5), squeeze=False,
+                             layout="constrained")
+    for ax, name in zip(axes.flat, shown):
+        p = np.array([c["predicted"] for c in cells if c["method"] == name], float)
+        a = np.array([c["actual"] for c in cells if c["method"] == name], float)
         ax.scatter(p, a, s=14, color=colors[name], alpha=0.7)
-        lim = [min(p.min(), a.min(), 0), max(p.max(), a.max(), 0)]
-        if name == "datamodels":
-            ax.plot(lim, lim, color="gray", linestyle="--", linewidth=1, label="actual = predicted")
-            ax.legend(fontsize=8, loc="upper left")
         f = fit_line[name]
-        corr = "-" if f["correlation"] is None else f"{f['correlation']:.2f}"
-        slope = "-" if f["slope"] is None else f"{f['slope']:.2f}"
-        ax.set_title(f"{name}\nr = {corr}, slope = {slope}", fontsize=10)
+        if f["slope"] is not None and np.isfinite(p).any():
+            xs = np.array([min(np.nanmin(p), 0), np.nanmax(p)])
+            ax.plot(xs, f["slope"] * xs, color=colors[name], linewidth=1, label="fitted slope")
+        if name == "datamodels":
+            lim = [min(np.nanmin(p), np.nanmin(a), 0), max(np.nanmax(p), np.nanmax(a), 0)]
+            ax.plot(lim, lim, color="gray", linestyle="--", linewidth=1, label="actual = predicted")
+        ax.legend(fontsize=8, loc="best")
+        held = f.get("held_out_slope")
+        ax.set_title(f"{name}\nr = {sig(f['correlation'], 2)}, slope = {sig(f['slope'])}"
+                     + (f" (held out: {sig(held)})" if held is not None else ""), fontsize=9.5)
         ax.set_xlabel("predicted drop (sum of scores removed)", fontsize=9)
+        ax.set_ylabel("actual drop (retrained)", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.tick_params(labelsize=8.5)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("actual drop (retrained)", fontsize=9)
-    fig.suptitle("Predicted against actual margin drop, one point per (target, k)", fontsize=11)
-    fig.tight_layout()
-    _save(fig, path)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.suptitle("Predicted against actual margin drop, one point per (target, k); slope: actual per unit of "
+                 "predicted drop\n(held out: the slope once each target is scaled by the other targets' fit)",
+                 fontsize=10)
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- brittleness
@@ -369,7 +478,7 @@ def brittleness_stage(ctx) -> dict:
     cfg = plan.cfg
     c = OmegaConf.to_container(cfg.brittleness, resolve=True)
     seed, alpha = int(cfg.exp.seed), float(cfg.masks.alpha)
-    ks = sorted(int(k) for k in c["ks"])
+    ks = resolved_ks(ctx, "brittleness")
     _, Y, _ = eval_set(plan.ledger, plan.n, plan.n_targets)
     correct = np.flatnonzero(Y.mean(0) > 0)
     if c["targets"]:
@@ -410,7 +519,13 @@ def brittleness_stage(ctx) -> dict:
     out["table"] = _write_json(ctx, "brittleness", {**out, "per_target": per_target}, train_stats.get("dir"))
     path = os.path.join(ctx.scratch, "brittleness.png")
     plot_brittleness(curve, ks, len(targets), rem.base, path)
-    out["plots"] = {"brittleness": _store_plot(ctx, "brittleness", path)}
+    plots = {"brittleness": _store_plot(ctx, "brittleness", path)}
+    out["plots"] = plots
+    out["files"] = [out["table"], *plots.values()]
+    k = str(max(ks))
+    out["headline"] = [f"targets flipped by removing at most {k} training examples: {curve[k]['predicted']:.2f} "
+                       f"predicted, {curve[k]['verified']:.2f} verified by retraining (of {len(targets)} correctly "
+                       f"classified targets)"]
     ctx.tracker.log_metrics({**{f"brittle_predicted_k{k}": v["predicted"] for k, v in curve.items()},
                              **{f"brittle_verified_k{k}": v["verified"] for k, v in curve.items()}})
     for k, v in curve.items():
@@ -419,21 +534,22 @@ def brittleness_stage(ctx) -> dict:
     return out
 
 
-def plot_brittleness(curve: dict, ks: list[int], targets: int, masks: int, path: str) -> None:
-    from orchestrator.evaluate import _plt, _save
+def plot_brittleness(curve: dict, ks: list[int], targets: int, masks: int, path: str) -> dict:
+    """The fraction of the targets flipped by removing at most k examples against k (log x
+    ticked at the ks), predicted and verified: two styles, so that equal curves both show."""
+    from orchestrator.evaluate import _plt, _save, count_log_axis
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.3))
-    ax.plot(ks, [curve[str(k)]["predicted"] for k in ks], "-o", color="tab:blue",
-            label="predicted by the datamodels (greedy by weight)")
-    ax.plot(ks, [curve[str(k)]["verified"] for k in ks], "-s", color="tab:orange",
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    ax.plot(ks, [curve[str(k)]["predicted"] for k in ks], "--o", color="tab:blue", markersize=9,
+            markerfacecolor="none", linewidth=2, label="predicted by the datamodels (greedy by weight)")
+    ax.plot(ks, [curve[str(k)]["verified"] for k in ks], "-s", color="tab:orange", markersize=5,
             label=f"verified: mean margin < 0 after retraining ({masks} masks)")
-    ax.set_xscale("log")
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
+    count_log_axis(ax, ks)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("k: training examples removed", fontsize=10)
-    ax.set_ylabel(f"fraction of {targets} correctly\nclassified targets flipped", fontsize=10)
+    ax.set_xlabel("k: training examples removed (at most)", fontsize=10)
+    ax.set_ylabel(f"fraction of the {targets} correctly\nclassified targets flipped", fontsize=10)
+    ax.tick_params(labelsize=9)
     ax.set_title("Brittleness: targets flipped by removing at most k examples", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    _save(fig, path)
+    ax.legend(fontsize=9, loc="upper left")
+    return _save(fig, path)

@@ -151,9 +151,108 @@ def _plt():
 DPI = 100          # every plot is saved at this dpi; no text is smaller than 8 pt
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: str) -> dict:
+    """Save at DPI (tight bounding box) and close; return what a reader of the PNG sees
+    (`drawn_text`): every text drawn and the pairs of texts that overlap."""
     fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
+    report = drawn_text(fig)
     _plt().close(fig)
+    return report
+
+
+def drawn_text(fig) -> dict:
+    """{"texts": the visible, non-empty texts of a drawn figure (tick labels inside the view,
+    titles, axis labels, legends, annotations), "ticks": {"x"/"y": the tick labels drawn, per
+    axes}, "overlaps": [(a, b)] pairs of texts whose boxes overlap by more than a pixel}."""
+    from matplotlib.text import Text
+    fig.canvas.draw()            # every position as drawn on the figure's own canvas (savefig's may be shifted)
+    renderer = fig.canvas.get_renderer()
+    skip: set[int] = set()
+    shown: list = []
+    ticks: dict[str, list[list[str]]] = {"x": [], "y": []}
+    for ax in fig.axes:
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                skip.update((id(tick.label1), id(tick.label2)))
+            if not ax.axison or not axis.get_visible():
+                skip.update((id(axis.label), id(axis.offsetText)))
+                continue
+            labels = []
+            for tick in axis._update_ticks():        # the ticks drawn: those inside the view
+                for lab in (tick.label1, tick.label2):
+                    if tick.get_visible() and lab.get_visible() and lab.get_text().strip():
+                        shown.append(lab)
+                        labels.append(lab.get_text())
+            ticks[name].append(labels)
+    for t in fig.findobj(Text):
+        if id(t) not in skip and t.get_visible() and t.get_text().strip() and t.figure is not None:
+            shown.append(t)
+    shown = list({id(t): t for t in shown}.values())
+    boxes = np.array([[b.x0, b.y0, b.x1, b.y1] for b in (t.get_window_extent(renderer) for t in shown)]
+                     ).reshape(-1, 4)
+    overlaps = []
+    if len(boxes):
+        w = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+        h = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+        for a, b in zip(*np.nonzero(np.triu((w > 1) & (h > 1), 1))):
+            overlaps.append((shown[a].get_text(), shown[b].get_text()))
+    return {"texts": [t.get_text() for t in shown], "ticks": ticks, "overlaps": overlaps}
+
+
+def plain_number(v: float) -> str:
+    """A count or a tick value as a reader writes it: 150, 0.5, 2000 (never 1.5×10²)."""
+    v = float(v)
+    return str(int(round(v))) if v.is_integer() or (abs(v) >= 10 and abs(v - round(v)) < 1e-9) else f"{v:g}"
+
+
+def sig(v: float | None, digits: int = 3) -> str:
+    """`v` with `digits` significant digits in plain decimals (0.00292, 1.83, 3676), '-' for
+    None or NaN; scientific only outside [1e-4, 1e6)."""
+    if v is None or not np.isfinite(v):
+        return "-"
+    v = float(v)
+    if v == 0:
+        return "0"
+    mag = int(np.floor(np.log10(abs(v))))
+    if not -4 <= mag < 6:
+        return f"{v:.{digits}g}"
+    return f"{v:.{max(0, digits - 1 - mag)}f}"
+
+
+def count_log_axis(ax, values, axis: str = "x", label_inches: float = 0.35, under: list[str] | None = None) -> None:
+    """A log axis of counts ticked at `values` only, labelled as plain integers (5, 10, 150):
+    matplotlib's default puts labels such as 3×10¹ between them. Values too close to a
+    labelled neighbour for `label_inches` keep their tick without a label. `under`: a second
+    line under each value's label (in the order of the sorted values)."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+    vals = sorted({float(v) for v in values if v and v > 0})
+    if not vals:
+        return
+    set_scale, set_lim = (ax.set_xscale, ax.set_xlim) if axis == "x" else (ax.set_yscale, ax.set_ylim)
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    set_scale("log")
+    lo, hi = np.log10(vals[0]), np.log10(vals[-1])
+    pad = 0.06 * (hi - lo) if hi > lo else 0.18
+    set_lim(10 ** (lo - pad), 10 ** (hi + pad))
+    fig = ax.figure
+    pos = ax.get_position()
+    inches = pos.width * fig.get_figwidth() if axis == "x" else pos.height * fig.get_figheight()
+    min_gap = (hi - lo + 2 * pad) * label_inches / max(inches, 1e-6)
+    logs = np.log10(vals)
+    keep = [0]                         # the first and the last are always labelled
+    for j in range(1, len(vals)):
+        if logs[j] - logs[keep[-1]] >= min_gap:
+            keep.append(j)
+    if keep[-1] != len(vals) - 1:
+        while len(keep) > 1 and logs[-1] - logs[keep[-1]] < min_gap:
+            keep.pop()
+        keep.append(len(vals) - 1)
+    labels = [plain_number(v) if j in keep else "" for j, v in enumerate(vals)]
+    if under:
+        labels = [f"{lab}\n{u}" if lab and u else lab for lab, u in zip(labels, under)]
+    which.set_major_locator(FixedLocator(vals))
+    which.set_major_formatter(FixedFormatter(labels))
+    which.set_minor_locator(NullLocator())
 
 
 def _ci_err(r: dict) -> list[list[float]]:
@@ -161,7 +260,7 @@ def _ci_err(r: dict) -> list[list[float]]:
     return [[max(r["mean"] - lo, 0.0)], [max(hi - r["mean"], 0.0)]]
 
 
-def plot_lds(results: dict, per_target: dict, path: str) -> None:
+def plot_lds(results: dict, per_target: dict, path: str) -> dict:
     """One row per method (datamodels first, then the baselines alphabetically): a dot per
     target at its LDS, and the mean over targets with its 95% bootstrap CI; the right axis
     prints the mean, the CI and the number of targets."""
@@ -199,11 +298,11 @@ def plot_lds(results: dict, per_target: dict, path: str) -> None:
                        Line2D([], [], marker="D", color="black", label="mean over targets, 95% bootstrap CI")],
               fontsize=9, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax.set_title("Linear Datamodeling Score per method", fontsize=11, pad=24)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def plot_lds_vs_compute(results: dict, curve: dict, path: str, budgets: dict | None = None,
-                        per_model: float | None = None) -> None:
+                        per_model: float | None = None) -> dict:
     """Mean LDS (95% CI) against the compute each method costs, log x (the TRAK paper's
     Figure 1 format). Counted: datamodels = training the m models used + fitting the lasso
     (`curve`: one point per prefix fit of the first m models); a baseline = training its k
@@ -221,11 +320,11 @@ def plot_lds_vs_compute(results: dict, curve: dict, path: str, budgets: dict | N
         r = results[name]
         if name == "datamodels" and curve:
             pts = sorted((int(m), c) for m, c in curve.items() if c.get("seconds"))
-            tags = [f"m={m}" for m, _ in pts]
+            tags = _point_tags("m", pts)
             label = f"datamodels: train m models + fit lasso (m = {', '.join(str(m) for m, _ in pts)})"
         elif name in budgets and budgets[name]:
             pts = sorted((int(k), c) for k, c in budgets[name].items() if c.get("seconds"))
-            tags = [f"k={k}" for k, _ in pts]
+            tags = _point_tags("k", pts)
             label = f"{name}: train k checkpoints + score (k = {', '.join(str(k) for k, _ in pts)})"
         else:
             if not r.get("seconds"):
@@ -256,34 +355,45 @@ def plot_lds_vs_compute(results: dict, curve: dict, path: str, budgets: dict | N
         note = ("Compute counted: training seconds = trained models × mean seconds per trained model"
                 + (f" ({per_model:.3g} s)" if per_model else "")
                 + ";\nm = models the datamodels were fit on, k = checkpoints (trained models) a baseline uses; "
-                  "fitting and scoring seconds as measured.")
+                  "fitting and scoring seconds as measured."
+                + ("\nn = the targets a point averages over (those with a defined LDS), where the points of a "
+                   "curve differ." if any("n=" in tag for *_, tag, _ in labels) else ""))
         ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False,
                   title=note, title_fontsize=8.5)
-    _save(fig, path)
+    return _save(fig, path)
+
+
+def _point_tags(key: str, pts: list) -> list[str]:
+    """"m=38" per (m, point) of a curve, with ", n=35 targets" where the points' target counts differ."""
+    return [f"{key}={v}" + (f", {n}" if n else "") for (v, _), n in zip(pts, targets_note([c for _, c in pts])[1])]
 
 
 def _place_tags(ax, tags, fontsize: float = 8) -> None:
-    """Annotate points (x, y, text, colour) to their right, each tag moved down until it
+    """Annotate points (x, y, text, colour) to their right (to their left where the tag would
+    run past the axes' right edge, into a legend beside them), each tag moved down until it
     overlaps no tag placed before it (points of one method often lie close together)."""
     ax.set_xlim(ax.get_xlim())
     ax.set_ylim(ax.get_ylim())
     scale = 72.0 / ax.figure.dpi                 # display pixels -> points
+    right = ax.get_window_extent().x1 * scale
     placed: list[tuple[float, float, float]] = []   # (x0, x1, y) of placed tags, in points
     for x, y, text, color in sorted(tags, key=lambda t: -t[1]):
         px, py = (v * scale for v in ax.transData.transform((x, y)))
-        x0, x1 = px + 6, px + 6 + 0.62 * fontsize * len(text)
+        width = 0.62 * fontsize * len(text)
+        left = px + 6 + width > right
+        x0, x1 = (px - 6 - width, px - 6) if left else (px + 6, px + 6 + width)
         dy = 3.0
         while any(a < x1 and x0 < b and abs(py + dy - q) < fontsize + 2 for a, b, q in placed):
             dy -= fontsize + 2
         placed.append((x0, x1, py + dy))
-        ax.annotate(text, (x, y), xytext=(6, dy), textcoords="offset points", fontsize=fontsize, color=color,
-                    va="bottom" if dy > 0 else "center")
+        ax.annotate(text, (x, y), xytext=(-6 if left else 6, dy), textcoords="offset points", fontsize=fontsize,
+                    color=color, ha="right" if left else "left", va="bottom" if dy > 0 else "center")
 
 
 def _plain_log_ticks(ax) -> None:
     """Log-x tick labels as plain numbers (0.5, 2, 30, 1000), minor ones too over a short range."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    fmt = FuncFormatter(lambda v, _: plain_number(v))
     lo, hi = ax.get_xlim()
     if lo > 0 and hi / lo < 1000:      # up to three decades: ticks at 1, 2, 5 × 10^j
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -291,22 +401,43 @@ def _plain_log_ticks(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def plot_lds_vs_models(curve: dict, path: str) -> None:
+def targets_note(points) -> tuple[str, list[str]]:
+    """(an axis-label phrase, a tag per point) for a curve whose points each average over
+    `targets` targets (a point's dict key): "over 50 targets" and no tags when the count is the
+    same everywhere; else "over the targets with a defined value (n per point)" and "n=35" tags."""
+    counts = [p.get("targets") for p in points]
+    if not counts or any(c is None for c in counts):
+        return "", [""] * len(counts)
+    if len(set(counts)) == 1:
+        return f"over {counts[0]} targets", [""] * len(counts)
+    return "over the targets with a defined LDS (n per point)", [f"n={c} targets" for c in counts]
+
+
+def plot_lds_vs_models(curve: dict, path: str) -> dict:
+    """The datamodels' mean LDS (95% CI) against the number of train models they were fit
+    on, log x ticked at those counts; where the points average over different numbers of
+    targets (a datamodel that is all zeros has no LDS), each tick says over how many."""
     plt = _plt()
-    ms = sorted(curve)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    mean = [curve[m]["mean"] for m in ms]
-    lo = [curve[m]["ci95"][0] for m in ms]
-    hi = [curve[m]["ci95"][1] for m in ms]
-    ax.plot(ms, mean, "o-")
-    ax.fill_between(ms, lo, hi, alpha=0.3)
-    ax.set_xscale("log")
-    ax.set_xlabel("train models used to fit the datamodels")
-    ax.set_ylabel("LDS")
-    ax.set_title("Datamodels: LDS against number of models")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    ms = sorted(int(m) for m in curve)
+    pts = [curve[m] if m in curve else curve[str(m)] for m in ms]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    mean = [p["mean"] for p in pts]
+    lo = [p["ci95"][0] for p in pts]
+    hi = [p["ci95"][1] for p in pts]
+    ax.plot(ms, mean, "o-", color="tab:blue", label="mean LDS over targets")
+    ax.fill_between(ms, lo, hi, alpha=0.3, color="tab:blue", label="95% bootstrap CI")
+    phrase, tags = targets_note(pts)
+    varying = any(tags)
+    count_log_axis(ax, ms, under=[t.replace(" targets", "") for t in tags] if varying else None)
+    ax.set_xlabel("train models the datamodels were fit on (m)"
+                  + ("\nn: targets with a defined LDS (a datamodel of all zeros has none)" if varying else ""),
+                  fontsize=10)
+    ax.set_ylabel("LDS" + (f" (mean {phrase})" if phrase and not varying else ""), fontsize=10)
+    ax.tick_params(labelsize=9)
+    ax.grid(alpha=0.3)
+    ax.set_title("Datamodels: LDS against number of models", fontsize=11)
+    ax.legend(fontsize=8.5, loc="lower right")
+    return _save(fig, path)
 
 
 def _show(ax, img) -> None:
@@ -324,14 +455,14 @@ def _show(ax, img) -> None:
 
 
 def plot_top_examples(weights: dict, images, target_images, targets, path: str, top: int = 5, *,
-                      train_labels=None, target_labels=None, names=None) -> None:
+                      train_labels=None, target_labels=None, names=None) -> dict | None:
     """For each shown target, one row per method (datamodels first): the target image, then the
     `top` training images with the most positive scores (+1 the largest) and the `top` with the
     most negative (−1 the smallest). Every image is captioned with its class (the target's true
     class; a training image's label, green when it is the target's class) and a training image
     with its score; a header row per target names the columns."""
     if images is None:
-        return
+        return None
     plt = _plt()
     methods = method_order(weights)
     label = (lambda y: names[int(y)] if names is not None and 0 <= int(y) < len(names) else str(int(y)))
@@ -347,7 +478,8 @@ def plot_top_examples(weights: dict, images, target_images, targets, path: str, 
     col_of = [0] + [2 + j for j in range(top)] + [3 + top + j for j in range(top)]
     fig.suptitle(f"Top {top} training images by score, per target and method.  +k: k-th most positive score "
                  f"(including the image raises the target's margin); −k: k-th most negative.\n"
-                 f"Captions: the image's class (green: the target's class) and its score.", fontsize=9,
+                 f"Captions: the image's class (green: the target's class) and its score; a zero score is not "
+                 f"shown.", fontsize=9,
                  y=1 - 0.08 / (cell_h * sum(heights) + 0.6), va="top")
     r = 0
     for t in targets:
@@ -370,9 +502,18 @@ def plot_top_examples(weights: dict, images, target_images, targets, path: str, 
             _show(ax, target_images[t])
             ax.set_title(tclass if tclass is not None else "", fontsize=8.5, fontweight="bold", pad=2)
             ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10, labelpad=8)
-            shown = list(order[::-1][:top]) + list(order[:top])
-            for c, i in zip(col_of[1:], shown):
+            pos = [int(i) for i in order[::-1][:top] if w[i] > 0]      # a zero score is neither: not shown
+            neg = [int(i) for i in order[:top] if w[i] < 0]
+            shown = pos + [None] * (top - len(pos)) + neg + [None] * (top - len(neg))
+            for j, (c, i) in enumerate(zip(col_of[1:], shown)):
                 ax = fig.add_subplot(gs[r, c])
+                if i is None:
+                    ax.axis("off")
+                    if j in (len(pos), top + len(neg)):               # the first empty cell of a side says why
+                        side = "positive" if j < top else "negative"
+                        ax.text(0.5, 0.5, f"no{' more' if j % top else ''}\n{side}\nscores", ha="center",
+                                va="center", fontsize=8, color="dimgray", transform=ax.transAxes)
+                    continue
                 _show(ax, images[i])
                 cls = label(train_labels[i]) if train_labels is not None else ""
                 same = train_labels is not None and target_labels is not None and \
@@ -381,7 +522,9 @@ def plot_top_examples(weights: dict, images, target_images, targets, path: str, 
                              color="darkgreen" if same else "black", fontweight="bold" if same else "normal")
             r += 1
     fig.savefig(path, dpi=DPI)
+    report = drawn_text(fig)
     plt.close(fig)
+    return report
 
 
 # ----------------------------------------------------------------------------- compute accounting
@@ -421,7 +564,7 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     import tempfile
 
     from orchestrator.baselines_stage import BaselinesError, ScoresFile, budget_files, expected_files
-    from orchestrator.fit_stage import fit_seconds, iter_datamodels
+    from orchestrator.fit_stage import DatamodelsError, fit_seconds, iter_datamodels
     from orchestrator.store import CorruptFile, Layout
     cfg, store = plan.cfg, plan.store
     compute = compute or {}
@@ -443,9 +586,17 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
                                                 np.asarray(w[:shown - a], np.float32)])
             yield a, b, w, icpt
 
+    def datamodels(rel_dir):
+        """The datamodels' target blocks; a chunk that fails verification is one line naming it."""
+        try:
+            yield from iter_datamodels(store, rel_dir, plan.n_targets)
+        except CorruptFile as err:
+            raise DatamodelsError(f"evaluate: {store.where(err.rel)} fails verification ({err.reason}); "
+                                  f"run stage=fit to refit it") from None
+
     results, per_target = {}, {}
     results["datamodels"], per_target["datamodels"] = score_blocks(
-        X, Y, kept("datamodels", iter_datamodels(store, datamodels_dir, plan.n_targets)), True, n_boot, seed)
+        X, Y, kept("datamodels", datamodels(datamodels_dir)), True, n_boot, seed)
     dm_fit = None
     if compute.get("datamodels") is not None and per_model is not None and compute.get("models") is not None:
         dm_fit = float(compute["datamodels"]) - float(per_model) * int(compute["models"])
@@ -454,7 +605,7 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
 
     curve = {}
     for m, d in sorted((prefix_dirs or {}).items()):
-        curve[int(m)], _ = score_blocks(X, Y, iter_datamodels(store, d, plan.n_targets), True, n_boot, seed)
+        curve[int(m)], _ = score_blocks(X, Y, datamodels(d), True, n_boot, seed)
         total, parts = datamodels_compute(int(m), compute.get("per_model", 0.0), fit_seconds(store, d))
         curve[int(m)].update(seconds=total, seconds_parts=parts)
     if curve and compute.get("models"):
@@ -463,6 +614,24 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
     def missing(name, rel, what, err):
         return BaselinesError(f"evaluate: baseline {name} has no valid scores{what} at {store.where(rel)} "
                               f"({type(err).__name__}); run stage=baselines")
+
+    now: dict[int, str | None] = {}      # checkpoint i -> the digest of the checkpoint in the store
+
+    def stale_checkpoints(meta: dict) -> str | None:
+        """What is wrong with the checkpoints a scores file was computed from, compared with
+        those in the store now (a checkpoint retrained since, or one it does not record); None
+        when they agree. A checkpoint that is gone or fails verification now is the train and
+        baselines stages' to mend: it does not make the scores stale."""
+        from orchestrator.train_stage import check_checkpoint
+        used = meta.get("checkpoint_digests")
+        if not isinstance(used, list):
+            return "checkpoints it does not record (it was written before scores recorded them)"
+        for i, digest in enumerate(used):
+            if i not in now:
+                now[i] = check_checkpoint(store, i, plan.config_hash)[0]
+            if now[i] is not None and now[i] != digest:
+                return f"another checkpoint {i} than the one in {store.where(Layout.CHECKPOINTS)} now"
+        return None
 
     def scores(name, rel, what=""):
         """(the metadata, the target blocks (a, b, scores [b - a, n], None)) of a scores file."""
@@ -474,6 +643,10 @@ def run(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, com
         if shape != (plan.n, plan.n_targets):
             raise BaselinesError(f"evaluate: {store.where(rel)} ({name}{what}) has shape {shape}, expected "
                                  f"({plan.n}, {plan.n_targets}); run stage=baselines")
+        stale = stale_checkpoints(meta)
+        if stale is not None:
+            raise BaselinesError(f"evaluate: {store.where(rel)} ({name}{what}) was computed from {stale}; "
+                                 f"run stage=baselines to score them again")
 
         def blocks():
             try:

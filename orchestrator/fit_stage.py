@@ -25,6 +25,10 @@ from orchestrator.workpool import Item, Pool, shuffled
 
 log = logging.getLogger(__name__)
 
+class DatamodelsError(RuntimeError):
+    """Datamodels that cannot be used as asked (one line naming the file and the fix)."""
+
+
 SCHEDULING_KEYS = ("targets_per_task", "cpus_per_task", "gpus_per_task", "device", "prefixes",
                    "targets_per_block", "rows_per_block", "memory_budget_bytes")
 
@@ -39,26 +43,63 @@ def lasso_config(fit_cfg: dict):
     return LassoConfig(**{k: v for k, v in fit_cfg.items() if k in names})
 
 
-def store_dir(m: int, fit_cfg: dict) -> str:
-    """The datamodels directory (relative to the store) of `m` train models and these fit
-    settings (scheduling settings excluded)."""
+KEY_META = b"datamodels.key"     # a chunk's metadata: the settings and models its directory's name hashes
+
+
+def dir_key(fit_cfg: dict, models: dict | None = None) -> dict:
+    """What names a datamodels directory: the fit settings (scheduling settings excluded) and,
+    for the pipeline's directories, `models` = {"config_hash": the experiment, "models": a
+    digest of the model ids fitted}, so that datamodels are never reused for another
+    experiment or another set of models (models_key)."""
     keep = {k: v for k, v in fit_cfg.items() if k not in SCHEDULING_KEYS and UNHASHED_DEFAULTS.get(k, k) != v}
-    h = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return Layout.datamodels(m, fit_cfg["backend"], h)
+    if models is not None:
+        keep["fitted_on"] = models
+    return keep
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def store_dir(m: int, fit_cfg: dict, models: dict | None = None) -> str:
+    """The datamodels directory (relative to the store) of `m` train models and these fit
+    settings: `dir_key`'s hash in its name."""
+    return Layout.datamodels(m, fit_cfg["backend"], _key_hash(dir_key(fit_cfg, models)))
+
+
+def models_key(config_hash: str, model_ids: np.ndarray) -> dict:
+    """The experiment and the train models (their ids, in fit order) a datamodels directory holds."""
+    ids = np.ascontiguousarray(np.asarray(model_ids, dtype="<i8"))
+    return {"config_hash": config_hash, "models": hashlib.sha256(ids.tobytes()).hexdigest()[:16]}
+
+
+def train_positions(plan, index) -> np.ndarray:
+    """Positions in `index` (the run's view: masks.n_train) of the good train models, by model id."""
+    return index.select("train")
 
 
 def full_dir(plan, index) -> str:
-    """The datamodels directory of all good train models of the ledger (the one the fit stage
+    """The datamodels directory of the good train models this run uses (the one the fit stage
     writes first and every later stage reads)."""
     from omegaconf import OmegaConf
-    return store_dir(index.count("train"), OmegaConf.to_container(plan.cfg.fit, resolve=True))
+    pos = train_positions(plan, index)
+    return store_dir(len(pos), OmegaConf.to_container(plan.cfg.fit, resolve=True),
+                     models_key(plan.config_hash, index.model_id[pos]))
+
+
+def prefix_dirs(plan, index) -> dict[int, str]:
+    """{m: datamodels directory of the first m good train models} for the LDS-versus-models curve."""
+    from omegaconf import OmegaConf
+    fit_cfg = OmegaConf.to_container(plan.cfg.fit, resolve=True)
+    ids = index.model_id[train_positions(plan, index)]
+    return {k: store_dir(k, fit_cfg, models_key(plan.config_hash, ids[:k])) for k in prefix_sizes(fit_cfg, len(ids))}
 
 
 def chunks(T: int, per: int) -> list[tuple[int, int]]:
     return [(a, min(a + per, T)) for a in range(0, T, per)]
 
 
-def datamodel_table(target_ids, res, seconds: float) -> pa.Table:
+def datamodel_table(target_ids, res, seconds: float, key: dict | None = None) -> pa.Table:
     T, n = res.weights.shape
     table = pa.table({
         "target_id": pa.array(np.asarray(target_ids, np.int32)),
@@ -68,7 +109,10 @@ def datamodel_table(target_ids, res, seconds: float) -> pa.Table:
         "nnz": pa.array(res.nnz.astype(np.int32)),
         "weights": pa.FixedSizeListArray.from_arrays(pa.array(res.weights.astype(np.float32).reshape(-1)), n),
     })
-    return table.replace_schema_metadata({"seconds": str(seconds)})
+    meta = {"seconds": str(seconds)}
+    if key is not None:
+        meta[KEY_META.decode()] = json.dumps(key, sort_keys=True, default=str)
+    return table.replace_schema_metadata(meta)
 
 
 def gpus_per_task(fit_cfg: dict, resources: dict) -> float:
@@ -82,7 +126,7 @@ def gpus_per_task(fit_cfg: dict, resources: dict) -> float:
 
 
 def fit_chunk(index, positions: np.ndarray, ledger_root: str, a: int, b: int, n: int, fit_cfg: dict,
-              rel: str, store_handle) -> dict:
+              rel: str, store_handle, key: dict | None = None) -> dict:
     """Runs in a Ray task: read the masks and the margins of targets [a, b) of the models at
     `positions` of the ledger's `index` from the store, fit those targets, write their chunk.
     A ledger file that changed since the index was built is LedgerError (one line naming it)."""
@@ -102,19 +146,43 @@ def fit_chunk(index, positions: np.ndarray, ledger_root: str, a: int, b: int, n:
     with repeats_summarised():          # a solver warning per target is printed once, with a count
         res = fit_lasso(packed, Y, lasso_config(fit_cfg), n=n)
     seconds = time.perf_counter() - t0
-    store.write_table(rel, datamodel_table(np.arange(a, b), res, seconds))
+    store.write_table(rel, datamodel_table(np.arange(a, b), res, seconds, key))
     return {"targets": b - a, "seconds": seconds,
             "val_mse": float(np.mean(res.val_mse)), "nnz": float(np.mean(res.nnz))}
 
 
-def chunk_ok(store, rel: str, a: int, b: int, n: int) -> bool:
-    """A chunk file counts as done only if it reads back verified with the right targets."""
+def chunk_key_error(rel: str, schema: pa.Schema, keyed: bool = True) -> str | None:
+    """Why the chunk at `rel` does not belong to its directory (its metadata's key does not
+    hash to the name), or None. `keyed`: the directory's chunks carry keys (the pipeline's);
+    a directory of chunks without keys (written before keys were recorded, or by hand) is
+    read as it is, but a keyless chunk in a keyed directory is not."""
+    raw = (schema.metadata or {}).get(KEY_META)
+    if raw is None:
+        return "it records no key (fit before datamodels recorded their models)" if keyed else None
+    try:
+        key = json.loads(raw)
+    except ValueError:
+        return "its key is not JSON"
+    want = rel.rsplit("/", 2)[-2].rsplit("-", 1)[-1]
+    if not isinstance(key, dict) or _key_hash(key) != want:
+        return "it was fit for another experiment, other models or other settings than its directory's"
+    return None
+
+
+def chunk_ok(store, rel: str, a: int, b: int, n: int, keyed: bool = False) -> bool:
+    """A chunk file counts as done only if it reads back verified with the right targets (and,
+    `keyed`, the key its directory's name hashes: the experiment, models and settings)."""
     try:
         table = store.read_table(rel, ["target_id", "weights"])
+        why = chunk_key_error(rel, store.read_schema(rel), keyed)
     except FileNotFoundError:
         return False
     except CorruptFile as err:
         log.error("fit: %s is corrupt (%s); it will be refit", store.where(rel), err.reason)
+        store.delete(rel)
+        return False
+    if why:
+        log.error("fit: %s: %s; it will be refit", store.where(rel), why)
         store.delete(rel)
         return False
     ok = (table["target_id"].to_numpy().tolist() == list(range(a, b))
@@ -129,8 +197,12 @@ def fit_seconds(store, rel_dir: str) -> float:
     """Worker-seconds spent fitting the datamodels in a directory (sum over its chunks)."""
     total = 0.0
     for e in store.list(rel_dir, ".parquet"):
-        meta = store.read_schema(e.rel).metadata or {}
-        total += float(meta.get(b"seconds", b"0"))
+        try:
+            meta = store.read_schema(e.rel).metadata or {}
+            total += float(meta.get(b"seconds", b"0"))
+        except (CorruptFile, ValueError) as err:
+            raise DatamodelsError(f"{store.where(e.rel)} fails verification ({getattr(err, 'reason', err)}); "
+                                  f"run stage=fit to refit it") from None
     return total
 
 
@@ -142,7 +214,12 @@ def _chunk_files(store, rel_dir: str, n_targets: int) -> list[tuple[int, str, np
     if not files:
         raise FileNotFoundError(f"no datamodels in {store.where(rel_dir)}; run stage=fit first")
     spans = []
-    for e in files:
+    schemas = [store.read_schema(e.rel) for e in files]
+    keyed = any(KEY_META in (sch.metadata or {}) for sch in schemas)
+    for e, sch in zip(files, schemas):
+        why = chunk_key_error(e.rel, sch, keyed)
+        if why:
+            raise CorruptFile(e.rel, f"{why}; run stage=fit to refit it")
         ids = np.sort(store.read_table(e.rel, ["target_id"])["target_id"].to_numpy())
         spans.append((int(ids.min()) if len(ids) else 0, e.rel, ids))
     spans.sort(key=lambda s: s[0])
@@ -232,10 +309,12 @@ def _fit_store(plan, tracker, fit_cfg, rows: TrainRows, m: int, m_total: int) ->
     import ray
 
     store = plan.store
-    rel_dir = store_dir(m, fit_cfg)
+    models = models_key(plan.config_hash, rows.index.model_id[rows.positions[:m]])
+    key = dir_key(fit_cfg, models)
+    rel_dir = store_dir(m, fit_cfg, models)
     T, n = plan.n_targets, plan.n
     todo = [(a, b) for a, b in chunks(T, int(fit_cfg["targets_per_task"]))
-            if not chunk_ok(store, Layout.chunk(rel_dir, a, b), a, b, n)]
+            if not chunk_ok(store, Layout.chunk(rel_dir, a, b), a, b, n, keyed=True)]
     stats = {"dir": rel_dir, "models": m, "targets": T, "chunks": len(chunks(T, int(fit_cfg["targets_per_task"]))),
              "chunks_fit": 0, "seconds": 0.0}
     desc = "fit" if m == m_total else f"fit m={m}"
@@ -254,10 +333,11 @@ def _fit_store(plan, tracker, fit_cfg, rows: TrainRows, m: int, m_total: int) ->
     def submit(_, chunk):
         a, b = chunk
         return remote.remote(index_ref, positions_ref, rows.ledger_root, a, b, n, fit_cfg,
-                             Layout.chunk(rel_dir, a, b), plan.handle)
+                             Layout.chunk(rel_dir, a, b), plan.handle, key)
 
     def done(items):
-        return [it.key for it in items if chunk_ok(store, Layout.chunk(rel_dir, *it.payload), *it.payload, n)]
+        return [it.key for it in items
+                if chunk_ok(store, Layout.chunk(rel_dir, *it.payload), *it.payload, n, keyed=True)]
 
     def on_result(item, out):
         fitted[0] += 1

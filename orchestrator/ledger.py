@@ -4,9 +4,14 @@ Unit files live in the store's `ledger/` and are named by their content digest, 
 atomically, and verified before anything in them is used: the footer, page checksums, the
 schema column by column, a digest of every column, and each row against the experiment
 (config hash, α, the seed of each model, and every mask regenerated from the seed). The
-regeneration, most of the work, is done once per file content and experiment: the files
-that passed are recorded in `ledger/_checked/<key>.json`, and a later reader skips it for a
-recorded file whose content is still what its name says (every other check still runs). A
+regeneration, most of the work, is done in full once per file content and experiment: the
+files that passed are recorded in `ledger/_checked/<key>-<signer>.json`, a record signed with
+HMAC-SHA256 under a key kept outside the store (`key_path()`: on the machine that runs the
+driver, 0600), covering the experiment's identity, the mask sets and each file's name and
+footer digests. A later reader that can verify the record regenerates, for a recorded file
+whose footer is unchanged, only a few rows picked at random (`SPOT_ROWS`), and every other
+check still runs; a record that does not verify is ignored (one warning) and every file is
+checked in full, as is every file when a spot check fails. A
 file that fails any check is moved to `ledger/_quarantine/` with one log line, and its
 models count as missing (they are retrained). A model whose margins are not finite is kept
 as failed, with its reason: counted, never fitted. Duplicate rows for one model (a retried
@@ -15,8 +20,12 @@ unit) are resolved by content, the same way on every reader.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
+import random
+import secrets
 import socket
 from dataclasses import asdict, dataclass, field
 
@@ -40,10 +49,79 @@ log = logging.getLogger(__name__)
 MARGIN_BLOCK = 1024          # targets per margins column: a reader of one target block reads one column
 SETS = M.MASK_SETS           # the experiment's own mask sets
 FAILED_NONFINITE = "non-finite margins (the model diverged)"
+KEY_ENV = "DATAMODELS_KEY_FILE"   # the file of the key that signs the records of checked files
+SPOT_ROWS = 2                     # rows of a recorded file regenerated at random by every reader
+_SPOT = random.SystemRandom()     # a reader's own choice: not predictable from the store
+_KEYS: dict[str, tuple[str, bytes] | None] = {}
 
 
 class LedgerError(RuntimeError):
     """A ledger that cannot be read as asked (wrong shapes, no models yet)."""
+
+
+class _SpotCheckFailed(CorruptFile):
+    """A file the signed record vouches for fails the rows regenerated at random."""
+
+
+def key_path() -> str:
+    """Where this machine's key for the records of checked files is: $DATAMODELS_KEY_FILE, else
+    $XDG_CONFIG_HOME/datamodels/ledger.key (~/.config/datamodels/ledger.key). Outside the store,
+    so that whoever can write the store cannot sign a record."""
+    if os.environ.get(KEY_ENV):
+        return os.path.expanduser(os.environ[KEY_ENV])
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "datamodels", "ledger.key")
+
+
+def _read_or_create_key(path: str) -> bytes:
+    """The key in `path` (hex, 32 bytes), created 0600 with fresh random bytes if absent; two
+    processes creating it at once end up with the one that was linked first."""
+    if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(6)}-{os.path.basename(path)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)        # never replaces a key another process created meanwhile
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise PermissionError(f"other users may read or write it (mode {mode & 0o777:o}); run chmod 600 {path}")
+    with open(path) as f:
+        key = bytes.fromhex(f.read().strip())
+    if len(key) < 16:
+        raise ValueError("fewer than 16 bytes")
+    return key
+
+
+def record_key() -> tuple[str, bytes] | None:
+    """(key id, key) that signs this machine's records of checked files (key_path(), created on
+    first use), or None when it cannot be read or created (one warning per process; then no
+    record is trusted or written, and every file is checked in full)."""
+    path = key_path()
+    if path not in _KEYS:
+        try:
+            key = _read_or_create_key(path)
+            _KEYS[path] = (hmac.new(key, b"datamodels ledger key id", hashlib.sha256).hexdigest()[:12], key)
+        except (OSError, ValueError) as err:
+            _KEYS[path] = None
+            log.warning("ledger: no key for the records of checked files at %s (%s); every ledger file's "
+                        "masks are regenerated on every read (set %s to a writable path)",
+                        path, str(err)[:160], KEY_ENV)
+    return _KEYS[path]
+
+
+def _footer_digest(digests: dict) -> str:
+    """sha256 of a file's footer column digests (each checked against its column on read)."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def margin_columns(n_targets: int, prefix: str = "margins") -> list[tuple[str, int, int]]:
@@ -157,6 +235,13 @@ def unit_table(unit: str, rows: dict, n_targets: int | None = None) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=sch)
 
 
+def limits(n_train: int, n_eval: int, replicas: int) -> dict[str, tuple[int, int]]:
+    """The models a run with these counts (masks.n_train, masks.n_eval, eval.replicas) uses,
+    as Index.limited takes them: train models 0..n_train-1 (replica 0), eval masks
+    0..n_eval-1 with replicas 0..replicas-1."""
+    return {"train": (int(n_train), 1), "eval": (int(n_eval), int(replicas))}
+
+
 @dataclass
 class MaskSetData:
     """What the fit and evaluate stages read: one row per distinct good model, sorted by key."""
@@ -177,6 +262,8 @@ class _FileKeys:
     model_id: np.ndarray
     replica: np.ndarray
     failure: list            # str per row
+    footer: str = ""         # _footer_digest of the file: what the record of checked files signs
+    spot: bool = False       # its seeds and masks were spot-checked (the record vouched for it)
 
 
 @dataclass
@@ -215,6 +302,27 @@ class Index:
                  "replica": int(self.replica[p]), "reason": self.failures[p]}
                 for p in np.flatnonzero(self.failed)]
 
+    def limited(self, limits: dict[str, tuple[int, int]]) -> Index:
+        """The view of the models this run asks for: of each mask set in `limits`, the models
+        with model_id < its count and replica < its replicas (masks.n_train, masks.n_eval and
+        eval.replicas); mask sets not named are kept whole. A ledger that holds more (an
+        experiment run before with larger counts) is read as if it held only these."""
+        keep = np.ones(len(self.model_id), bool)
+        for name, (count, replicas) in limits.items():
+            if name not in self.sets:
+                continue
+            in_set = self.set_code == self.sets.index(name)
+            keep &= ~in_set | ((self.model_id < count) & (self.replica < replicas))
+        if keep.all():
+            return self
+        pos = np.flatnonzero(keep)
+        new_of_old = np.full(len(keep), -1, np.int64)
+        new_of_old[pos] = np.arange(len(pos))
+        return Index(self.files, self.set_code[pos], self.model_id[pos], self.replica[pos], self.file[pos],
+                     self.row[pos], self.failed[pos],
+                     {int(new_of_old[p]): why for p, why in self.failures.items() if keep[p]},
+                     self.duplicates, self.sets)
+
 
 class Ledger:
     """The ledger of the experiment in `store` (a Store or the RemoteStore of a worker).
@@ -223,14 +331,15 @@ class Ledger:
     one (a reader exploring a ledger) only integrity is checked."""
 
     def __init__(self, store, identity: Identity | None = None, root: str = Layout.LEDGER,
-                 sets: M.MaskSets | None = None):
+                 sets: M.MaskSets | None = None, limits: dict[str, tuple[int, int]] | None = None):
         self.store = store
         self.identity = identity
         self.root = root                  # its directory in the store
         self.sets = sets or M.MaskSets()  # its mask sets, and how their masks and seeds are regenerated
+        self.limits = limits              # the models this run asks for (Index.limited); None: all
         self.quarantined: list[dict] = []
         self._verified: dict[str, _FileKeys] = {}
-        self._checked: set[str] | None = None   # file names recorded as passing the experiment checks
+        self._checked: dict[str, str] | None = None   # file name -> footer digest, of the signed record
 
     @property
     def where(self) -> str:
@@ -262,10 +371,11 @@ class Ledger:
         log.error("ledger: %s quarantined to %s: %s; its models will be retrained",
                   name, self.store.where(dest), reason)
 
-    def _verify(self, rel: str, checked: bool = False) -> _FileKeys:
-        """Read a whole unit file and check it; CorruptFile says why not. `checked`: the file's
-        name is in the record of files whose seeds and masks were regenerated and matched; if
-        its content is still the content its name was given for, that is not done again."""
+    def _verify(self, rel: str, recorded: str | None = None) -> _FileKeys:
+        """Read a whole unit file and check it; CorruptFile says why not. `recorded`: the footer
+        digest that the signed record of files whose seeds and masks were regenerated and matched
+        gives for it; if the file's footer still has it, only SPOT_ROWS rows picked at random are
+        regenerated (a failure then is _SpotCheckFailed)."""
         table = self.store.read_table(rel)
         ident = self.identity
         names = table.column_names
@@ -298,7 +408,8 @@ class Ledger:
         unit, _, digest = name.rpartition("-")
         if set(table["unit"].to_pylist()) != {unit}:
             raise CorruptFile(rel, "its rows name another unit than its file name")
-        checked = checked and content_digest(file_digests(rel, table.schema)) == digest
+        footer = _footer_digest(file_digests(rel, table.schema))
+        spot = recorded is not None and hmac.compare_digest(recorded, footer)
         if ident:
             hashes = set(table["config_hash"].to_pylist())
             if hashes != {ident.config_hash}:
@@ -310,51 +421,69 @@ class Ledger:
                                        f"this experiment has {ident.alpha}")
             if np.any(ids < 0) or np.any(reps < 0):
                 raise CorruptFile(rel, "negative model id or replica")
-        if ident and not checked:
+        if ident:
+            fail = _SpotCheckFailed if spot else CorruptFile
+            note = " (in rows spot-checked in a file the record of checked files vouches for)" if spot else ""
+            rows = (np.sort(np.array(_SPOT.sample(range(len(ids)), min(SPOT_ROWS, len(ids))), np.int64))
+                    if spot else np.arange(len(ids)))
             seeds = table["seed"].to_numpy()
-            packed = np.frombuffer(table["mask"].combine_chunks().buffers()[1], np.uint8,
-                                   count=len(ids) * n_bytes,
-                                   offset=table["mask"].combine_chunks().offset * n_bytes).reshape(-1, n_bytes)
+            col = table["mask"].combine_chunks()
+            packed = np.frombuffer(col.buffers()[1], np.uint8, count=len(ids) * n_bytes,
+                                   offset=col.offset * n_bytes).reshape(-1, n_bytes)
             for code, mask_set in enumerate(names):
-                sel = np.flatnonzero(set_code == code)
+                sel = rows[set_code[rows] == code]
                 if not len(sel):
                     continue
                 if not np.array_equal(seeds[sel], self.sets.seeds(ident.seed, mask_set, ids[sel], reps[sel])):
-                    raise CorruptFile(rel, "model seeds that exp.seed does not give")
+                    raise fail(rel, "model seeds that exp.seed does not give" + note)
                 try:
                     regen = bits.pack(self.sets.masks(ident.seed, mask_set, ids[sel], ident.n, ident.alpha))
                 except ValueError as err:
-                    raise CorruptFile(rel, str(err)) from None
+                    raise fail(rel, str(err) + note) from None
                 if not np.array_equal(packed[sel], regen):
-                    raise CorruptFile(rel, "masks that exp.seed and masks.alpha do not give")
-        return _FileKeys(digest, set_code, ids, reps, table["failure"].to_pylist())
+                    raise fail(rel, "masks that exp.seed and masks.alpha do not give" + note)
+        return _FileKeys(digest, set_code, ids, reps, table["failure"].to_pylist(), footer, spot)
 
     def index(self) -> Index:
         """Verify the files not verified yet (quarantining those that fail) and index every
         model. Metadata only: masks and margins are read to check them, then dropped. Every
         file is read and checked whole; the regeneration of its seeds and masks (most of the
-        work) is done once per file content and experiment, and recorded (`_checked_rel`)."""
+        work) is done in full once per file content and experiment, and recorded in a signed
+        record (`_load_checked`); a recorded file has SPOT_ROWS random rows regenerated. A
+        recorded file that fails its spot check discredits the record: it is dropped, and every
+        file spot-checked so far is checked again in full."""
         files = self.files()
         checked = self._load_checked()
         added = False
-        for rel in files:
-            if rel in self._verified:
-                continue
+        pending = [rel for rel in files if rel not in self._verified]
+        while pending:
+            rel = pending.pop(0)
             name = rel.rsplit("/", 1)[-1]
             try:
-                self._verified[rel] = self._verify(rel, name in checked)
+                self._verified[rel] = fk = self._verify(rel, checked.get(name))
             except FileNotFoundError:
                 continue
             except CorruptFile as err:
                 self.quarantine(rel, err.reason)
-                checked.discard(name)
+                checked.pop(name, None)
+                if isinstance(err, _SpotCheckFailed):
+                    log.warning("ledger: the record of checked files %s vouched for %s, which fails its spot "
+                                "check; the record is dropped and every file is checked in full",
+                                self.store.where(self._checked_rel() or ""), name)
+                    again = [r for r, k in self._verified.items() if k.spot]
+                    for r in again:
+                        del self._verified[r]
+                    pending = again + pending
+                    checked.clear()
+                    added = True
                 continue
-            if self.identity is not None and name not in checked:
-                checked.add(name)
+            if self.identity is not None and checked.get(name) != fk.footer:
+                checked[name] = fk.footer
                 added = True
         present = set(files)
         if added:
-            self._save_checked({rel.rsplit("/", 1)[-1] for rel in present if rel in self._verified})
+            self._save_checked({rel.rsplit("/", 1)[-1]: self._verified[rel].footer
+                                for rel in present if rel in self._verified})
         for rel in [r for r in self._verified if r not in present]:
             del self._verified[rel]
         order = sorted(self._verified, key=lambda r: (self._verified[r].digest, r))
@@ -377,42 +506,69 @@ class Ledger:
         c = o[first]
         failed = np.array([bool(failures[i]) for i in c], dtype=bool)
         # about 22 B per model: the driver's index is the one thing it holds per model
-        return Index(order, set_code[c], model_id[c], replica[c], file[c].astype(np.int32),
-                     row[c].astype(np.int32), failed, {int(p): failures[c[p]] for p in np.flatnonzero(failed)},
-                     int(len(o) - len(c)), self.sets.names)
+        index = Index(order, set_code[c], model_id[c], replica[c], file[c].astype(np.int32),
+                      row[c].astype(np.int32), failed, {int(p): failures[c[p]] for p in np.flatnonzero(failed)},
+                      int(len(o) - len(c)), self.sets.names)
+        return index.limited(self.limits) if self.limits else index
 
-    def _checked_rel(self) -> str:
-        """Where the record of checked files of this experiment and these mask sets is."""
+    def _scope(self) -> dict:
+        """What a record of checked files is about: the experiment's identity and the mask sets."""
         assert self.identity is not None
-        key = json.dumps({**asdict(self.identity), **self.sets.describe()}, sort_keys=True, default=str)
-        return Layout.checked(hashlib.sha256(key.encode()).hexdigest()[:16], self.root)
+        return json.loads(json.dumps({**asdict(self.identity), **self.sets.describe()}, sort_keys=True, default=str))
 
-    def _load_checked(self) -> set[str]:
-        """The record's file names (read once per Ledger); empty without an identity, without
-        a record, or with one that does not parse (then every file is checked again)."""
+    def _checked_rel(self) -> str | None:
+        """Where this machine's signed record of checked files of this experiment and these mask
+        sets is (one per signer, so that drivers on two machines do not overwrite each other's);
+        None without a key."""
+        signer = record_key()
+        if signer is None:
+            return None
+        scope = hashlib.sha256(json.dumps(self._scope(), sort_keys=True).encode()).hexdigest()[:16]
+        return Layout.checked(f"{scope}-{signer[0]}", self.root)
+
+    def _sign(self, files: dict[str, str]) -> str:
+        signer = record_key()
+        assert signer is not None
+        body = json.dumps({"format": 2, "key_id": signer[0], "scope": self._scope(), "files": files},
+                          sort_keys=True, separators=(",", ":"))
+        return hmac.new(signer[1], body.encode(), hashlib.sha256).hexdigest()
+
+    def _load_checked(self) -> dict[str, str]:
+        """{file name: footer digest} of this machine's signed record (read once per Ledger);
+        empty without an identity, a key or a record, and with a record that does not parse or
+        whose signature does not verify (one warning; then every file is checked in full)."""
         if self._checked is None:
-            self._checked = set()
-            if self.identity is not None:
-                rel = self._checked_rel()
+            self._checked = {}
+            rel = self._checked_rel() if self.identity is not None else None
+            if rel is not None:
                 try:
-                    names = json.loads(self.store.read_bytes(rel))["files"]
-                    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
-                        raise TypeError("not a list of file names")
-                    self._checked = set(names)
+                    doc = json.loads(self.store.read_bytes(rel))
+                    files = doc["files"]
+                    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in files.items()):
+                        raise TypeError("not a map of file names to digests")
+                    if not isinstance(doc.get("mac"), str) or not hmac.compare_digest(doc["mac"], self._sign(files)):
+                        raise ValueError("its signature does not verify with this machine's key: forged, "
+                                         "or about another experiment")
+                    self._checked = files
                 except FileNotFoundError:
                     pass
-                except (ValueError, KeyError, TypeError, StoreError) as err:
-                    log.warning("ledger: %s is unreadable (%s); every file's masks are regenerated "
-                                "and checked again", self.store.where(rel), str(err)[:160])
+                except (ValueError, KeyError, TypeError, AttributeError, StoreError) as err:
+                    log.warning("ledger: %s is unreadable or not authentic (%s); every file's masks are "
+                                "regenerated and checked again", self.store.where(rel), str(err)[:160])
         return self._checked
 
-    def _save_checked(self, names: set[str]) -> None:
-        """Replace the record with `names`; a store that refuses only costs the next reader
-        the checks again (one warning)."""
+    def _save_checked(self, files: dict[str, str]) -> None:
+        """Replace this machine's record with `files` (name -> footer digest), signed; a store
+        that refuses only costs the next reader the checks again (one warning)."""
+        self._checked = dict(files)
         rel = self._checked_rel()
-        self._checked = set(names)
+        if rel is None:
+            return
+        doc = {"format": 2, "key_id": rel.rsplit("-", 1)[1][:-len(".json")], "files": self._checked,
+               "mac": self._sign(self._checked)}
         try:
-            self.store.write_bytes(rel, json.dumps({"files": sorted(names)}, indent=0).encode())
+            self.store.write_bytes(rel, json.dumps(doc, sort_keys=True, indent=0).encode())
         except (OSError, StoreError) as err:
             log.warning("ledger: could not record the checked files at %s (%s); the next run "
                         "checks them again", self.store.where(rel), str(err)[:160])

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -85,7 +86,9 @@ def table_lines(summary: dict) -> list[str]:
 
 
 def print_table(summary: dict, evaluated: bool = True, ui: str | None = None) -> None:
-    """The run's last words: model counts, the LDS table, and where to read the rest."""
+    """The run's last words: model counts, the LDS table, the headline of the application
+    stage that ran (stage=counterfactual, ...), and where to read the rest: the files of
+    every stage, the applications' of this run first, then those an earlier run left."""
     lines = ["", f"models: train {summary['models'].get('train', 0)}, eval {summary['models'].get('eval', 0)}"]
     if summary.get("models_failed"):
         lines.append(f"failed models (not fitted): {summary['models_failed']}")
@@ -93,10 +96,22 @@ def print_table(summary: dict, evaluated: bool = True, ui: str | None = None) ->
     if table and not evaluated:
         lines.append("LDS from the last evaluation (stage=evaluate was not run this time):")
     lines += table
+    ran = summary.get("stage")
+    apps = [s.name for s in stages.STAGES if not s.in_all and isinstance(summary.get(s.name), dict)]
+    apps = [a for a in apps if a == ran] + [a for a in apps if a != ran]     # this run's first
+    if ran in apps and summary[ran].get("headline"):
+        lines.append(f"{ran}:")
+        lines += [f"  {line}" for line in summary[ran]["headline"]]
     where = summary["experiment_dir"]
     lines.append(f"results:  {where}")
     files = ["summary.json"] + sorted(os.path.basename(p) for p in (summary.get("plots") or {}).values())
     lines.append(f"          {', '.join(files)}")
+    for name in apps:
+        entry = summary[name]
+        named = entry.get("files") or [p for p in [entry.get("table"), entry.get("csv"),
+                                                   *(entry.get("plots") or {}).values()] if p]
+        when = "" if name == ran else f" (from an earlier stage={name} run)"
+        lines.append(f"          {name}{when}: {', '.join(named) or '-'}")
     if ui:
         lines.append(f"MLflow:   {ui}")
     print("\n".join(lines), flush=True)
@@ -115,9 +130,13 @@ def sweep_point() -> tuple[str | None, dict]:
     return os.environ.get(SWEEP_ID_ENV), point if isinstance(point, dict) else {}
 
 
-def run_name(cfg: DictConfig, stage: str, point: dict) -> str:
-    """What tells this run from its neighbours, e.g. `fmnist_mlp α=0.25 m=4000`."""
-    parts = [str(cfg.exp.name), f"α={float(cfg.masks.alpha):g}", f"m={int(cfg.masks.n_train)}"]
+def run_name(cfg: DictConfig, stage: str, point: dict, chash: str | None = None) -> str:
+    """What tells this run from its neighbours, e.g. `fmnist_mlp-3f2a9c01de α=0.25 m=4000`:
+    the experiment's directory name (exp.name and the hash of its recipe, so two recipes
+    never share a name), α, the number of models, a sweep's varied keys, the stage when it is
+    not `all`. The tracker adds ` (resume N)` to the Nth re-run of the same experiment."""
+    name = f"{cfg.exp.name}-{chash}" if chash else str(cfg.exp.name)
+    parts = [name, f"α={float(cfg.masks.alpha):g}", f"m={int(cfg.masks.n_train)}"]
     parts += [f"{k}={v}" for k, v in point.items()
               if k.lstrip("+~") not in ("masks.alpha", "masks.n_train", "exp.name")]
     if stage != "all":
@@ -144,15 +163,33 @@ def headline(summary: dict, evaluated: bool) -> dict:
 
 
 def _previous_summary(store) -> dict:
+    """The summary.json of the runs before, whose entries a run of one stage keeps. One that is
+    not a JSON object is moved aside (kept, never dropped) with one warning, and the run starts
+    a new one."""
     try:
-        return json.loads(store.read_bytes(Layout.SUMMARY))
-    except (FileNotFoundError, ValueError):
+        raw = store.read_bytes(Layout.SUMMARY)
+    except FileNotFoundError:
         return {}
+    try:
+        old = json.loads(raw)
+        why = None if isinstance(old, dict) else f"it holds a JSON {type(old).__name__}, not an object"
+    except ValueError as err:
+        why = f"not JSON: {str(err)[:80]}"
+    if why is None:
+        return old
+    aside = f"{Layout.SUMMARY}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    store.move(Layout.SUMMARY, aside)
+    log.warning("%s is unreadable (%s); moved to %s, and this run writes a new summary (the entries of the stages "
+                "that do not run now are not in it: run them again to add them)",
+                store.where(Layout.SUMMARY), why, store.where(aside))
+    return {}
 
 
 def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
+    from orchestrator import experiment
     plan = plan or C.validate(cfg)
     C.check_outputs(plan)
+    experiment.check(plan)     # a directory of another experiment is refused here, before any write
     stage = cfg.stage
     store = plan.store
     todo = stages.selected(stage)
@@ -163,6 +200,7 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
                       float(cfg.tracking.timeout_seconds), plan.artifact_root)
     resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
     config_text = OmegaConf.to_yaml(OmegaConf.create(resolved))
+    experiment.claim(plan)
     store.write_bytes(Layout.CONFIG, config_text.encode())
     scratch = tempfile.mkdtemp(prefix="datamodels-")
     with open(os.path.join(scratch, "config.yaml"), "w") as f:
@@ -180,7 +218,8 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
         tags["sweep"] = sweep_id
         tags.update({f"sweep.{k.lstrip('+~')}": str(v) for k, v in point.items()})
     evaluated = any(st.name == "evaluate" for st in todo)
-    with tracker.parent(run_name(cfg, stage, point), resolved, tags):
+    with tracker.parent(run_name(cfg, stage, point, plan.config_hash), resolved, tags, store=store,
+                        lease=float(cfg.store.lease_seconds), previous=summary.get("mlflow")):
         tracker.log_artifact(os.path.join(scratch, "config.yaml"))
         if any(st.needs_ray for st in todo):
             from orchestrator import raycluster

@@ -36,6 +36,10 @@ class TrainConf(TrainConfig):
     #                                                    this many different workers
     max_worker_deaths: int = setting(100, lo=0, example=100)  # workers that may die (and be replaced)
     #                                                    before the run gives up
+    unit_timeout_seconds: float | None = setting(None, lo=0, example=600)  # a unit still running this
+    #   long is declared lost (a hung worker): its actor is killed and replaced (a worker death) and the
+    #   unit retrained on another; null: max(60 s, 5x the median seconds per model so far x the unit's
+    #   models), doubled on each retry, none before a first unit finishes; 0: never
     checkpoints: int = setting(0, lo=0, example=0)     # save the weights of the first K train models
 
 

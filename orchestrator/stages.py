@@ -108,12 +108,11 @@ def _evaluate(ctx: Context) -> dict:
     method; the plots also on the parent run."""
     from orchestrator import evaluate, fit_stage
     plan, tracker, store = ctx.plan, ctx.tracker, ctx.plan.store
-    fit_cfg = OmegaConf.to_container(plan.cfg.fit, resolve=True)
     index = ctx.ledger_index()
     train_seconds = plan.ledger.seconds("train", index)   # one column, not the masks
     m = len(train_seconds)
     dm_dir = fit_stage.full_dir(plan, index)
-    prefix_dirs = {k: fit_stage.store_dir(k, fit_cfg) for k in fit_stage.prefix_sizes(fit_cfg, m)}
+    prefix_dirs = fit_stage.prefix_dirs(plan, index)
     per_model = float(np.sum(train_seconds)) / max(m, 1)
     compute = {"models": m, "per_model": per_model,
                "datamodels": per_model * m + fit_stage.fit_seconds(store, dm_dir)}
@@ -160,6 +159,20 @@ def _precheck_compare(plan) -> None:
     from orchestrator import analysis
     _precheck_datamodels(plan)
     analysis.other_experiment(plan.cfg.compare.get("other"), plan)
+
+
+def check_inputs(plan) -> None:
+    """What the stages asked for read, checked without reading the ledger (cheap, and
+    writing nothing: config.check_outputs runs it before anything is written): an
+    experiment without any datamodels, or a compare.other that cannot be compared, is one
+    line. The stages' own prechecks check the rest before Ray starts."""
+    todo = selected(plan.cfg.stage)
+    if any(st.precheck is not None for st in todo):
+        from orchestrator import counterfactual
+        counterfactual.quick_precheck(plan)
+    if any(st.precheck is _precheck_compare for st in todo):
+        from orchestrator import analysis
+        analysis.other_experiment(plan.cfg.compare.get("other"), plan)
 
 
 STAGES: tuple[Stage, ...] = (

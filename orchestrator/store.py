@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+PROBE_SECONDS = 10.0     # how long the probe before a run retries a store that does not answer
 DIGESTS_KEY = b"datamodels.digests"
 SECRET_QUERY_KEYS = {"access_key", "secret_key", "session_token", "password", "token", "sig", "signature"}
 
@@ -52,24 +53,103 @@ class CorruptFile(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- URIs
+# What store.uri (exp.dir, compare.other, api.open) may be: a local path, file:///abs/path, or a
+# bucket of an object store. Anything else that looks like a URI is refused (`uri_problem`), never
+# taken for a local path: `s3://` without its bucket once ran a whole experiment into ./s3:/.
+OBJECT_SCHEMES = ("s3", "gs", "gcs")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$", re.S)
+# schemes that a value meant as a URI starts with even when its // is missing (s3:bucket/x)
+_URI_WORDS = OBJECT_SCHEMES + ("file", "http", "https", "hdfs", "viewfs", "abfs", "abfss", "az", "wasb", "wasbs",
+                               "adl", "ftp", "sftp", "ssh", "mock", "memory", "minio", "r2", "oss", "cos")
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SHAPES = "a local directory, s3://BUCKET/prefix or gs://BUCKET/prefix"
+
+
+def uri_scheme(uri: str) -> str | None:
+    """The scheme of a URI (`scheme://...`), lower case; None for a local path."""
+    m = _SCHEME.match(str(uri))
+    return m.group(1).lower() if m and m.group(2).startswith("//") else None
+
+
 def is_remote(uri: str) -> bool:
-    return "://" in str(uri) and not str(uri).startswith("file://")
+    """An object store (s3://, gs://), not a local directory (a path or file://)."""
+    return uri_scheme(uri) in OBJECT_SCHEMES
+
+
+def uri_problem(uri: str) -> str | None:
+    """What is wrong with `uri` as the place of a store, as the end of a sentence that begins
+    with the setting and its value (`store.uri=s3:// has no bucket; ...`); None when it is a
+    local path, file:///abs/path, s3://BUCKET[/prefix] or gs://BUCKET[/prefix]."""
+    text = str(uri)
+    if not text.strip():
+        return f"is empty; give {SHAPES}"
+    if re.match(r"^[A-Za-z]:[\\/]", text) or text.startswith("\\\\"):
+        return "is a Windows path; give a POSIX path (e.g. /data/runs) or s3://BUCKET/prefix"
+    m = _SCHEME.match(text)
+    uri_like = m is not None and (m.group(2).startswith("/") or m.group(1).lower() in _URI_WORDS)
+    if m is None or not uri_like:
+        if "://" in text:
+            return f"is neither a path nor a URI (a scheme such as s3:// comes first); give {SHAPES}"
+        return None
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme not in OBJECT_SCHEMES + ("file",):
+        return f"has an unsupported scheme '{scheme}:'; give {SHAPES}"
+    if scheme == "file":
+        if not rest.startswith("//"):
+            return "is not a file URI: write file:///absolute/path, or the path itself"
+        parts = urllib.parse.urlsplit(text)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            return "is not a file URI of an absolute path: write file:///absolute/path, or the path itself"
+        if parts.query or parts.fragment:
+            return "has a ? or # in a file URI: write the path itself"
+        return None
+    example = f"{scheme}://BUCKET/prefix"
+    if not rest.startswith("//"):
+        return f"is not {'an' if scheme == 's3' else 'a'} {scheme} URI: write {example}"
+    parts = urllib.parse.urlsplit(text)
+    bucket = parts.netloc.rsplit("@", 1)[-1]
+    if not bucket:
+        return f"has no bucket; write {example}"
+    if ":" in bucket:
+        return (f"has a port in its bucket name '{bucket}'; write {example}, with the server in "
+                f"?endpoint_override=HOST:PORT")
+    if not _BUCKET.match(bucket):
+        return f"has '{bucket}', which is not a bucket name; write {example}"
+    if any(seg in (".", "..") for seg in parts.path.split("/")):
+        return f"has a '.' or '..' in its path; write {example} with plain names"
+    return None
+
+
+def local_path(uri: str) -> str:
+    """The absolute path of a local store given as a path or file:///abs/path."""
+    uri = str(uri)
+    if uri_scheme(uri) == "file":
+        return os.path.abspath(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
+    return os.path.abspath(uri)
 
 
 def redact(uri: str) -> str:
     """The URI with user info and secret query values replaced by ***: safe for logs, MLflow
-    and summary.json."""
+    and summary.json. A URI with nothing to hide comes back unchanged, character for
+    character (no re-encoding: `sqlite:////abs/path` keeps its four slashes)."""
     uri = str(uri)
     if "://" not in uri:
         return uri
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
-             for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path,
-                                    urllib.parse.urlencode(query, safe="*:/"), parts.fragment))
+    scheme, rest = uri.split("://", 1)
+    # user info: what precedes an @ in the authority (before the first / ? or #)
+    authority = re.match(r"[^/?#]*", rest).group(0)  # type: ignore[union-attr]  # always matches
+    if "@" in authority:
+        rest = "***@" + rest[len(authority.rsplit("@", 1)[0]) + 1:]
+    if "?" in rest:
+        head, _, query = rest.partition("?")
+        query, hash_, fragment = query.partition("#")
+
+        def hide(m: re.Match) -> str:
+            key = urllib.parse.unquote_plus(m.group(2))
+            return f"{m.group(1)}{m.group(2)}=***" if key.lower() in SECRET_QUERY_KEYS else m.group(0)
+        query = re.sub(r"(^|&)([^&=]*)=([^&]*)", hide, query)
+        rest = f"{head}?{query}{hash_}{fragment}"
+    return f"{scheme}://{rest}"
 
 
 def join(uri: str, *names: str) -> str:
@@ -82,22 +162,41 @@ def join(uri: str, *names: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
 
 
+def _seconds(uri: str, opts: dict, key: str, default: float) -> float:
+    raw = opts.pop(key, default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise StoreError(f"{redact(uri)}: {key}={raw} must be a positive number of seconds")
+    return value
+
+
 def open_filesystem(uri: str):
-    """(pyarrow filesystem, root path inside it) for a local path or a URI.
+    """(pyarrow filesystem, root path inside it) for a local path or a URI (`uri_problem`
+    says which: anything else is a StoreError, never taken for a local path).
 
     s3:// URIs take the query options endpoint_override, scheme, region, access_key,
     secret_key, session_token, anonymous (better: credentials from the environment or the
-    instance role; AWS_ENDPOINT_URL is honoured). Connections time out in seconds, so an
-    unreachable server is an error, never a hang."""
+    instance role; AWS_ENDPOINT_URL is honoured). gs:// URIs take endpoint_override, scheme,
+    project_id, anonymous and retry_limit_seconds (credentials: GOOGLE_APPLICATION_CREDENTIALS
+    or the instance's service account). Connections time out in seconds (S3: connect 5 s,
+    request 30 s, 2 attempts; GCS: the client gives up retrying after retry_limit_seconds, 5 s),
+    so an unreachable server is an error, never a hang; `Store` retries on top of that for
+    store.retry_seconds."""
     uri = str(uri)
+    problem = uri_problem(uri)
+    if problem:
+        raise StoreError(f"{redact(uri)} {problem}")
     if not is_remote(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return pafs.LocalFileSystem(), os.path.abspath(path)
+        return pafs.LocalFileSystem(), local_path(uri)
     parts = urllib.parse.urlsplit(uri)
-    if parts.scheme == "s3":
-        opts = dict(urllib.parse.parse_qsl(parts.query))
-        kwargs = {"connect_timeout": float(opts.pop("connect_timeout", 5)),
-                  "request_timeout": float(opts.pop("request_timeout", 30)),
+    opts = dict(urllib.parse.parse_qsl(parts.query))
+    bucket = parts.netloc.rsplit("@", 1)[-1]
+    if parts.scheme.lower() == "s3":
+        kwargs = {"connect_timeout": _seconds(uri, opts, "connect_timeout", 5),
+                  "request_timeout": _seconds(uri, opts, "request_timeout", 30),
                   "allow_delayed_open": True,      # small objects: one PUT, not a multipart upload
                   "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
         for key in ("endpoint_override", "scheme", "region", "access_key", "secret_key", "session_token"):
@@ -108,17 +207,24 @@ def open_filesystem(uri: str):
         if opts:
             raise StoreError(f"{redact(uri)}: unknown S3 option(s) {sorted(opts)}; allowed: endpoint_override, "
                              f"scheme, region, connect_timeout, request_timeout, anonymous")
-        try:
-            fs = pafs.S3FileSystem(**kwargs)
-        except (OSError, ValueError, TypeError) as err:
-            raise StoreError(f"{redact(uri)}: {_reason(err)}") from None
-        netloc = parts.netloc.rsplit("@", 1)[-1]
-        return fs, f"{netloc}{parts.path}".rstrip("/")
+        make = pafs.S3FileSystem
+    else:
+        import datetime
+        kwargs = {"retry_time_limit": datetime.timedelta(seconds=_seconds(uri, opts, "retry_limit_seconds", 5))}
+        for key in ("endpoint_override", "scheme", "project_id"):
+            if key in opts:
+                kwargs[key] = opts.pop(key)
+        if opts.pop("anonymous", "").lower() in ("1", "true", "yes"):
+            kwargs["anonymous"] = True
+        if opts:
+            raise StoreError(f"{redact(uri)}: unknown GCS option(s) {sorted(opts)}; allowed: endpoint_override, "
+                             f"scheme, project_id, retry_limit_seconds, anonymous")
+        make = pafs.GcsFileSystem
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-    except (OSError, ValueError) as err:
+        fs = make(**kwargs)
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
         raise StoreError(f"{redact(uri)}: {_reason(err)}") from None
-    return fs, root.rstrip("/")
+    return fs, f"{bucket}{parts.path}".rstrip("/")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -141,21 +247,30 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno == errno.EROFS:
         return "read-only file system"
     text = " ".join(str(err).split())
+    gcs = re.match(r"google::cloud::Status\((\w+): (.*)", text)
+    if gcs:            # the Google client's status: its code, last message and underlying error
+        code, rest = gcs.group(1), re.split(r"\s+error_info=", gcs.group(2))[0]
+        last = re.search(r"last message of (.*?)(?:\. |$)", rest)
+        under = re.search(r"underlying error message was: (.*)", rest)
+        text = ": ".join([code, last.group(1) if last else rest[:200]] + ([under.group(1)[:120]] if under else []))
     return text[:300] if text else type(err).__name__
 
 
-def _hint(err: BaseException, remote: bool) -> str:
+def _hint(err: BaseException, remote: bool | str) -> str:
+    """What to do about `err`; `remote` is the object store's scheme (or True for S3)."""
     text = str(err)
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free space there or set store.uri to a location with room; finished work is kept"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "make it writable or set store.uri to a writable location"
+    creds = ("GOOGLE_APPLICATION_CREDENTIALS or the instance's service account" if remote in ("gs", "gcs") else
+             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role")
     if remote and _permanent(text):
-        return ("check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role) "
-                "and that the bucket exists")
+        return f"check the credentials ({creds}) and that the bucket exists"
     if remote:
-        return ("check the endpoint, the network and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                "or the instance role), then re-run to resume")
+        return f"check the endpoint, the network and the credentials ({creds}), then re-run to resume"
+    if isinstance(err, OSError) and err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST):
+        return "set store.uri to a directory that can be created and written"
     return "check the path"
 
 
@@ -242,6 +357,7 @@ class Layout:
     CLAIMS = "claims"
     SUMMARY = "summary.json"
     CONFIG = "config.yaml"
+    EXPERIMENT = "experiment.json"     # which experiment the directory holds (orchestrator.experiment)
     LDS_PER_TARGET = "lds_per_target.npz"
 
     @staticmethod
@@ -302,6 +418,7 @@ class Store:
         self.remote = is_remote(self.uri)
         self.fs, self.root = open_filesystem(self.uri)
         self.retry_seconds = float(retry_seconds)
+        self._probing = False        # the probe retries quietly: its outcome is one line either way
 
     def __reduce__(self):
         return (Store, (self.uri, self.retry_seconds))
@@ -317,8 +434,24 @@ class Store:
         """The redacted URI (or absolute path) of `rel`, for messages and summaries."""
         return redact(join(self.uri, rel)) if rel else redact(self.uri if self.remote else self.root)
 
+    def _guard(self, rel: str) -> None:
+        """A local store writes, moves, deletes and lists only inside its root: a symbolic
+        link at or above `rel` inside the root (the root itself may be one) is refused as a
+        StoreError naming it, so that nothing is ever written outside the store through it."""
+        if self.remote or not rel:
+            return
+        path = self.root
+        for part in rel.strip("/").split("/"):
+            path = os.path.join(path, part)
+            if os.path.islink(path):
+                raise StoreError(f"{path} is a symbolic link inside the store {self.where()}: the store never "
+                                 f"writes through links; replace it with a real directory or file (or set "
+                                 f"store.uri to where it points)")
+            if not os.path.lexists(path):
+                return
+
     def _call(self, what: str, rel: str, fn):
-        delay, deadline, warned = 0.5, time.monotonic() + self.retry_seconds, False
+        delay, deadline, warned = 0.5, time.monotonic() + self.retry_seconds, self._probing
         while True:
             try:
                 return fn()
@@ -327,7 +460,7 @@ class Store:
             except OSError as err:
                 if not _transient(err, self.remote) or time.monotonic() + delay > deadline:
                     raise StoreError(f"{self.where(rel)}: cannot {what}: {_reason(err)}; "
-                                     f"{_hint(err, self.remote)}") from None
+                                     f"{_hint(err, self.remote and (uri_scheme(self.uri) or True))}") from None
                 if not warned:
                     log.warning("store: %s %s failed (%s); retrying for up to %.0f s",
                                 what, self.where(rel), _reason(err)[:120], self.retry_seconds)
@@ -342,7 +475,13 @@ class Store:
         object store. Nothing is left behind when the write fails."""
         path = self.path(rel)
         if not self.remote:
-            self._call("write", rel, lambda: self._write_local(path, data))
+            self._guard(rel)
+            try:
+                self._call("write", rel, lambda: self._write_local(path, data))
+            except FileNotFoundError as err:      # a directory that cannot be created (e.g. under /proc)
+                where = err.filename or os.path.dirname(path)
+                raise StoreError(f"{self.where(rel)}: cannot write: {where} cannot be created ({err.strerror}); "
+                                 f"set store.uri to a directory that can be created and written") from None
         else:
             def put():
                 with self.fs.open_output_stream(path) as out:
@@ -352,10 +491,17 @@ class Store:
     @staticmethod
     def _write_local(path: str, data: bytes) -> None:
         parent, base = os.path.split(path)
-        os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{base}")
+        for attempt in range(3):
+            os.makedirs(parent, exist_ok=True)
+            try:
+                f = open(tmp, "xb")
+                break
+            except FileNotFoundError:     # the directory went away (another driver's probe removed it empty)
+                if attempt == 2:
+                    raise
         try:
-            with open(tmp, "wb") as f:
+            with f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -391,6 +537,8 @@ class Store:
 
     def list(self, rel_dir: str, suffix: str = "") -> list[Entry]:
         """Finished files directly under `rel_dir` (not temporary or `_`/`.` names), sorted."""
+        self._guard(rel_dir)
+
         def ls():
             try:
                 return self.fs.get_file_info(pafs.FileSelector(self.path(rel_dir), recursive=False))
@@ -407,6 +555,8 @@ class Store:
         return sorted(out, key=lambda e: e.name)
 
     def list_dirs(self, rel_dir: str) -> builtins.list[str]:
+        self._guard(rel_dir)
+
         def ls():
             try:
                 return self.fs.get_file_info(pafs.FileSelector(self.path(rel_dir), recursive=False))
@@ -416,14 +566,19 @@ class Store:
                       if i.type == pafs.FileType.Directory and not i.base_name.startswith((".", "_")))
 
     def delete(self, rel: str) -> None:
+        self._guard(rel)
         try:
             self._call("delete", rel, lambda: self.fs.delete_file(self.path(rel)))
         except FileNotFoundError:
             pass
 
     def move(self, rel: str, dest_rel: str) -> None:
+        self._guard(rel)
+        self._guard(dest_rel)
         if not self.remote:
-            os.makedirs(os.path.dirname(self.path(dest_rel)), exist_ok=True)
+            def mkdir():
+                os.makedirs(os.path.dirname(self.path(dest_rel)), exist_ok=True)
+            self._call("move", dest_rel, mkdir)
         self._call("move", rel, lambda: self.fs.move(self.path(rel), self.path(dest_rel)))
 
     # ------------------------------------------------------------------ Parquet
@@ -483,15 +638,23 @@ class Store:
     # ------------------------------------------------------------------ checks
     def probe(self) -> None:
         """Check, before any work starts, that the store can be written, listed and read
-        back (a small probe object, deleted again); StoreError otherwise."""
+        back (a small probe object, deleted again); StoreError otherwise. A local store is
+        also checked for symbolic links inside it (`_guard`), and the directories the probe
+        had to create are removed again (while empty), so that a run refused afterwards
+        leaves nothing behind."""
+        created: builtins.list[str] = []
         if not self.remote:
             existing = self.root
             while not os.path.exists(existing):
+                created.append(existing)
                 existing = os.path.dirname(existing)
             if not os.path.isdir(existing):
                 raise StoreError(f"{self.where()}: {existing} is not a directory; set store.uri to a directory")
+            if not created:
+                self._no_links()
         rel = f"_probe-{uuid.uuid4().hex[:12]}"
-        patience, self.retry_seconds = self.retry_seconds, min(self.retry_seconds, 10.0)
+        patience, self.retry_seconds = self.retry_seconds, min(self.retry_seconds, PROBE_SECONDS)
+        self._probing = True
         try:
             self.write_bytes(rel, b"probe")
             try:
@@ -501,7 +664,26 @@ class Store:
             finally:
                 self.delete(rel)
         finally:
-            self.retry_seconds = patience
+            self.retry_seconds, self._probing = patience, False
+            for path in created:            # deepest first; one that is not empty (another driver) stays
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    break
+
+    def _no_links(self) -> None:
+        """StoreError naming the first symbolic link found inside a local store's root."""
+        stack = [self.root]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_symlink():
+                    self._guard(os.path.relpath(entry.path, self.root))
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
 
 
 _PARSE_ERRORS = (pa.ArrowException, OSError, KeyError, ValueError, IndexError, TypeError)

@@ -113,11 +113,12 @@ class TrainWorker:
             "config_hash": [ident.config_hash] * k,
         }
         if ckpt_ids:
-            from workers.checkpoints import to_bytes
+            from workers.checkpoints import checkpoint_identity, to_bytes
             wanted = set(ckpt_ids)
             for i, r, sd in zip(unit.ids, unit.replicas, res.state_dicts):
                 if int(i) in wanted and unit.mask_set == "train":
-                    self.store.write_bytes(Layout.checkpoint(unit.mask_set, int(i), int(r)), to_bytes(sd))
+                    ckpt_id = checkpoint_identity(ident.config_hash, unit.mask_set, int(i), int(r))
+                    self.store.write_bytes(Layout.checkpoint(unit.mask_set, int(i), int(r)), to_bytes(sd, ckpt_id))
         rel = self.ledger.write_unit(unit.name, rows)
         failed = int((~np.isfinite(margins).all(1)).sum())
         return {"unit": unit.name, "file": rel, "models": k, "failed": failed, "seconds": seconds,
@@ -125,12 +126,54 @@ class TrainWorker:
                 "train_acc": float(np.nanmean(res.train_acc))}
 
 
-def missing_checkpoints(store, count: int) -> list[int]:
-    """Ids among the first `count` train models whose checkpoint is not in the store."""
-    if count <= 0:
-        return []
-    have = {e.name for e in store.list(Layout.CHECKPOINTS, ".pt")}
-    return [i for i in range(count) if Layout.checkpoint("train", i, 0).rsplit("/", 1)[1] not in have]
+def check_checkpoint(store, i: int, config_hash: str) -> tuple[str | None, str]:
+    """(digest, "") of train model i's checkpoint when its bytes match its digest and it is this
+    experiment's (`config_hash`) model i; (None, why) when it is missing or fails. Nothing is
+    unpickled (workers.checkpoints.verify)."""
+    from workers.checkpoints import CheckpointError, checkpoint_identity, verify
+    rel = Layout.checkpoint("train", i, 0)
+    try:
+        blob = store.read_bytes(rel)
+    except FileNotFoundError:
+        return None, "missing"
+    try:
+        return verify(blob, checkpoint_identity(config_hash, "train", i, 0)), ""
+    except CheckpointError as err:
+        return None, err.reason
+
+
+def quarantine_checkpoint(store, i: int, reason: str) -> None:
+    """Move train model i's checkpoint to checkpoints/_quarantine/ (named by its content, so
+    nothing quarantined before is overwritten), with one log line."""
+    import hashlib
+    rel = Layout.checkpoint("train", i, 0)
+    try:
+        blob = store.read_bytes(rel)
+    except FileNotFoundError:      # another driver moved it first
+        return
+    name = rel.rsplit("/", 1)[1]
+    dest = f"{Layout.quarantine(Layout.CHECKPOINTS)}/{name[:-3]}-{hashlib.sha256(blob).hexdigest()[:12]}.pt"
+    try:
+        store.move(rel, dest)
+    except FileNotFoundError:
+        return
+    log.error("checkpoints: %s quarantined to %s: %s; it will be retrained", store.where(rel),
+              store.where(dest), reason)
+
+
+def missing_checkpoints(store, count: int, config_hash: str) -> list[int]:
+    """Ids among the first `count` train models without a good checkpoint: missing, or failing
+    verification (its digest, or the identity of experiment `config_hash` and model i). Those
+    that fail are moved to checkpoints/_quarantine/ (one log line each); the train stage
+    trains their models again."""
+    out = []
+    for i in range(max(0, count)):
+        digest, why = check_checkpoint(store, i, config_hash)
+        if digest is None:
+            if why != "missing":
+                quarantine_checkpoint(store, i, why)
+            out.append(i)
+    return out
 
 
 def worker_slots(cpus: float, gpus: float, cap: int | None = None) -> int:
@@ -157,7 +200,7 @@ def run(plan, tracker, code_version: str) -> dict:
     n_ckpt = int(cfg.train.get("checkpoints") or 0)
     if cfg.baselines.get("methods") and hasattr(plan.task, "attribution_inputs"):
         n_ckpt = max(n_ckpt, int(cfg.baselines.checkpoints))
-    ckpt_ids = missing_checkpoints(plan.store, min(n_ckpt, int(cfg.masks.n_train)))
+    ckpt_ids = missing_checkpoints(plan.store, min(n_ckpt, int(cfg.masks.n_train)), plan.identity.config_hash)
     pending = {k for k in all_keys if k not in present} | {("train", i, 0) for i in ckpt_ids}
     done_before = len(all_keys) - len([k for k in all_keys if k not in present])
     stats = {"models_expected": len(all_keys), "models_present": done_before, "models_trained": 0,
@@ -180,7 +223,7 @@ def train_models(plan, tracker, code_version: str, ledger, expected: dict, pendi
 
     cfg = plan.cfg
     ckpt_set = set(ckpt_ids)
-    units = plan_units(expected, pending, int(cfg.train.models_per_unit))
+    units = plan_units(expected, pending, int(plan.models_per_unit or cfg.train.models_per_unit))
     log.info("%s: %d models to train (%d already in the ledger) in %d units",
              name, len(pending), done_before, len(units))
 
@@ -218,7 +261,8 @@ def train_models(plan, tracker, code_version: str, ledger, expected: dict, pendi
                 spawn=lambda: Actor.remote(task_cfg, train_cfg, plan.handle, meta),
                 capacity=lambda: worker_slots(cpus, gpus, cap), per_worker=int(cfg.train.max_in_flight),
                 claims=plan.claims, done=done, on_result=on_result, unit="model",
-                max_deaths=int(cfg.train.max_worker_deaths), item_workers=int(cfg.train.max_retries))
+                max_deaths=int(cfg.train.max_worker_deaths), item_workers=int(cfg.train.max_retries),
+                timeout=cfg.train.get("unit_timeout_seconds"), timeout_setting="train.unit_timeout_seconds")
     items = shuffled([Item(u.name, u, len(u.ids)) for u in units], plan.claims.owner if plan.claims else "")
     pool_stats = pool.run(items)
     if done_models[1]:

@@ -9,9 +9,16 @@ the budget allows. The pool grows when nodes join and shrinks when they leave. A
 fails the run only after failing, for a reason of its own, on several different workers,
 and then the error is one line naming it; a fault of the environment that the store has
 already retried (a full disk, refused credentials) stops the run at once.
+
+A worker that hangs (stuck on a GPU, an NFS mount, a frozen container) raises no error: an
+item that has not finished by its deadline (`unit_deadline`: a fixed number of seconds, or
+a few times the median time per size unit so far) is declared lost with one warning line;
+its actor is killed (or its task cancelled) and replaced, counted as a worker death, and its
+items go back to the front of the queue. A late result from the killed worker is ignored.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import random
@@ -36,6 +43,27 @@ class Item:
     failures: dict = field(default_factory=dict)   # worker id -> last error line
     tries: int = 0           # times it failed for a reason of its own
     deaths: int = 0          # workers that died while running it
+    timeouts: int = 0        # workers it hung on (declared lost at its deadline)
+
+
+AUTO_FLOOR_SECONDS = 60.0    # the automatic deadline is never shorter than this
+AUTO_FACTOR = 5.0            # ... and is this many times the median time of an item of its size
+
+
+def unit_deadline(item: Item, timeout: float | None, per_size: float | None,
+                  floor: float = AUTO_FLOOR_SECONDS, factor: float = AUTO_FACTOR) -> float | None:
+    """Seconds `item` may run without finishing before it is declared lost, or None (no deadline).
+
+    timeout: a number of seconds (a setting), fixed; 0: never; None: automatic, from
+    per_size, the median seconds per size unit of the items finished so far: max(floor,
+    factor * per_size * item.size), doubled for each time the item was declared lost before
+    (a unit slower than the rest is then not killed forever). Before anything has finished
+    (per_size None) the automatic deadline is None: only a set value applies then."""
+    if timeout is not None:
+        return float(timeout) if timeout > 0 else None
+    if per_size is None:
+        return None
+    return max(floor, factor * per_size * max(int(item.size), 1)) * 2 ** item.timeouts
 
 
 def _system_errors() -> tuple:
@@ -103,13 +131,16 @@ class Pool:
     capacity(): how many workers the cluster can hold now (its resources, the user's cap).
     done(items): the keys among `items` whose outputs are already in the store.
     on_result(item, result): called on the driver for every finished item.
+    timeout: seconds an item may run before it is declared lost (see `unit_deadline`: None is
+    automatic, 0 never); timeout_setting: the setting that holds it, named in the messages.
     """
 
     def __init__(self, name: str, *, submit: Callable, spawn: Callable | None = None,
                  capacity: Callable[[], int], per_worker: int = 2, claims=None,
                  done: Callable | None = None, on_result: Callable | None = None,
                  max_deaths: int = 100, item_workers: int = 3, unit: str = "item",
-                 poll_seconds: float = 1.0, fatal: tuple | None = None):
+                 poll_seconds: float = 1.0, fatal: tuple | None = None,
+                 timeout: float | None = None, timeout_setting: str | None = None):
         from orchestrator.store import StoreError
         self.name, self.submit_fn, self.spawn_fn = name, submit, spawn
         self.capacity_fn, self.per_worker, self.claims = capacity, max(1, int(per_worker)), claims
@@ -117,8 +148,11 @@ class Pool:
         self.max_deaths, self.item_workers = int(max_deaths), max(1, int(item_workers))
         self.unit, self.poll = unit, float(poll_seconds)
         self.fatal = fatal if fatal is not None else (StoreError,)
+        self.timeout = None if timeout is None else float(timeout)
+        self.timeout_setting = timeout_setting
+        self.floor, self.factor = AUTO_FLOOR_SECONDS, AUTO_FACTOR   # of the automatic deadline
         self.stats = {"items": 0, "done_here": 0, "done_elsewhere": 0, "worker_deaths": 0,
-                      "item_failures": 0, "resubmitted": 0, "workers_started": 0}
+                      "item_failures": 0, "resubmitted": 0, "workers_started": 0, "timeouts": 0}
 
     # ------------------------------------------------------------------ state
     def _reset(self, items: list[Item]) -> None:
@@ -127,6 +161,8 @@ class Pool:
         self.waiting: dict[str, Item] = {}       # held by other live drivers
         self.workers: dict[int, _Worker] = {}
         self.refs: dict = {}                     # ref -> ("ready" | "item", wid, item)
+        self.started: dict = {}                  # item ref -> when it started running (monotonic)
+        self.per_size: list[float] = []          # seconds per size unit of finished items, sorted
         self.next_wid = 0
         self.deaths_in_a_row = 0
         self.start_failures = 0
@@ -136,6 +172,26 @@ class Pool:
 
     def _in_flight(self) -> int:
         return sum(1 for kind, _, _ in self.refs.values() if kind == "item")
+
+    def _median(self) -> float | None:
+        """The median seconds per size unit of the items finished here so far (None: none yet)."""
+        n = len(self.per_size)
+        if not n:
+            return None
+        return self.per_size[n // 2] if n % 2 else 0.5 * (self.per_size[n // 2 - 1] + self.per_size[n // 2])
+
+    def _finished(self, w: _Worker | None, ref, item: Item | None, ok: bool) -> None:
+        """`ref` is done on `w`: an actor starts its next queued item now; a success's time
+        counts toward the median."""
+        t0 = self.started.pop(ref, None)
+        now = time.monotonic()
+        if ok and t0 is not None and item is not None:
+            bisect.insort(self.per_size, (now - t0) / max(int(item.size), 1))
+        if w is None or ref not in w.running:
+            return
+        w.running.remove(ref)
+        if w.handle is not None and w.running and w.running[0] not in self.started:
+            self.started[w.running[0]] = now    # an actor runs its items one after another
 
     def _capacity_now(self) -> int:
         """capacity(), asked at most every 2 s."""
@@ -165,6 +221,7 @@ class Pool:
         for ref, (kind, owner, item) in list(self.refs.items()):
             if owner == wid:
                 del self.refs[ref]
+                self.started.pop(ref, None)
                 if kind == "item":
                     held.append((w.running.index(ref) if w and ref in w.running else 0, item))
         if w is not None and w.handle is not None:
@@ -200,6 +257,8 @@ class Pool:
             fresh = [w for w in open_ if w.wid not in item.failures] or open_
             w = min(fresh, key=lambda w: len(w.running))
             ref = self.submit_fn(w.handle, item.payload)
+            if w.handle is None or not w.running:   # a task starts now; an actor's next, when idle
+                self.started[ref] = time.monotonic()
             w.running.append(ref)
             self.refs[ref] = ("item", w.wid, item)
 
@@ -226,19 +285,20 @@ class Pool:
                         continue
                     kind, wid, item = self.refs.pop(ref)
                     w = self.workers.get(wid)
-                    if w is not None and ref in w.running:
-                        w.running.remove(ref)
                     try:
                         out = ray.get(ref)
                     except system_errors as err:
+                        self._finished(w, ref, item, ok=False)
                         self._worker_died(wid, item, err, kind)
                         continue
                     except ray.exceptions.RayTaskError as err:
+                        self._finished(w, ref, item, ok=False)
                         if kind == "ready":
                             self._worker_died(wid, None, err, kind)
                         else:
                             self._item_failed(wid, item, err)
                         continue
+                    self._finished(w, ref, item, ok=kind == "item")
                     if kind == "ready":
                         if w is not None:
                             w.ready = True
@@ -254,6 +314,7 @@ class Pool:
                     if self.claims is not None and item.key in self.mine:
                         self.claims.release(self.name, item.key)
                         self.mine.discard(item.key)
+                self._check_hung()
         finally:
             bar.close()
             for wid in list(self.workers):
@@ -333,6 +394,61 @@ class Pool:
             raise PoolError(f"{self.name}: {self.stats['worker_deaths']} workers died, over the budget of "
                             f"{self.max_deaths} (last: {error_line(err)[:200]}){hint}; finished work is in the "
                             f"store: fix the cause and re-run to resume")
+        self.stats["resubmitted"] += len(lost)
+        self.queue.extendleft(reversed(lost))
+
+    def _check_hung(self) -> None:
+        """Declare lost every running item past its deadline (one that has finished meanwhile,
+        its result not read yet, is not)."""
+        if self.timeout == 0 or not self.started:
+            return
+        import ray
+        now, median = time.monotonic(), self._median()
+        for ref, t0 in list(self.started.items()):
+            entry = self.refs.get(ref)
+            if entry is None:                   # retired with its worker meanwhile
+                self.started.pop(ref, None)
+                continue
+            _, wid, item = entry
+            limit = unit_deadline(item, self.timeout, median, self.floor, self.factor)
+            if limit is None or now - t0 <= limit:
+                continue
+            if ray.wait([ref], timeout=0)[0]:   # done; read on a later turn of the loop
+                continue
+            self._hung(wid, ref, item, now - t0, limit)
+
+    def _hung(self, wid: int, ref, item: Item, waited: float, limit: float) -> None:
+        """`item` made no progress on worker `wid` for `waited` s (over `limit`): kill that
+        worker (cancel a task), put its items back at the front of the queue; a replacement is
+        started by `_size_pool`. Counted as a worker death (the budget applies)."""
+        import ray
+        w = self.workers.get(wid)
+        actor = w is not None and w.handle is not None
+        if not actor:
+            try:
+                ray.cancel(ref, force=True)     # kills the process running the task
+            except Exception:  # noqa: BLE001 - finished or gone meanwhile
+                pass
+        lost = self._retire(wid)                # ray.kill: a stopped process dies too
+        if not any(it is item for it in lost):
+            lost.insert(0, item)
+        item.timeouts += 1
+        self.stats["timeouts"] += 1
+        self.stats["worker_deaths"] += 1
+        how = "worker killed and replaced" if actor else "task cancelled"
+        why = f"{self.factor:g}x the median so far" if self.timeout is None else "fixed"
+        if self.timeout_setting:
+            why += f", {self.timeout_setting}"
+        log.warning("%s: %s made no progress for %.0f s on worker %d (deadline %.0f s: %s); %s, %d item(s) back "
+                    "to the queue", self.name, item.key, waited, wid, limit, why, how, len(lost))
+        if item.timeouts >= self.item_workers:
+            hint = f"; raise {self.timeout_setting} if it needs longer" if self.timeout_setting else ""
+            raise PoolError(f"{self.name}: {item.key} made no progress on {item.timeouts} workers (deadline "
+                            f"{limit:.0f} s){hint}; finished work is in the store")
+        if self.stats["worker_deaths"] > self.max_deaths:
+            raise PoolError(f"{self.name}: {self.stats['worker_deaths']} workers died or hung, over the budget of "
+                            f"{self.max_deaths} (last: {item.key} made no progress for {waited:.0f} s); finished "
+                            f"work is in the store: fix the cause and re-run to resume")
         self.stats["resubmitted"] += len(lost)
         self.queue.extendleft(reversed(lost))
 

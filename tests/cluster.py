@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import psutil
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(BIN, "ray")
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -99,7 +98,9 @@ class Cluster:
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
                         RAY_AUTH_TOKEN_PATH=token, **LOOPBACK, **(env_extra or {}))
         self.env.pop("RAY_ADDRESS", None)
-        self.env["PYTHONPATH"] = REPO
+        # every node imports the project as `make` installed it, as a user's nodes do: no
+        # PYTHONPATH to the repository (a job that needs more ships it with --working-dir)
+        self.env.pop("PYTHONPATH", None)
         # `python` and `ray` on every node's PATH are this virtualenv's, as in the image
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
         self.nodes: list[Node] = []

@@ -9,6 +9,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The key that signs the ledger's records of checked files (orchestrator.ledger.key_path) lives
+# in this test session's own directory, never in the home directory of the machine.
+if "DATAMODELS_KEY_FILE" not in os.environ:
+    import tempfile
+    os.environ["DATAMODELS_KEY_FILE"] = os.path.join(tempfile.mkdtemp(prefix="datamodels-test-key-"), "ledger.key")
 
 
 def compose(overrides: list[str], tmp_path) -> DictConfig:  # noqa: F821

@@ -253,3 +253,42 @@ def test_a_bad_compare_other_is_refused_before_ray_and_mlflow(two_recipes, tmp_p
     with pytest.raises(ConfigError, match=r"compare.other=.*nowhere.*is not an experiment"):
         pipeline.run(cfg)
     assert not (tmp_path / "mlflow.db").exists()          # refused before MLflow (and Ray) start
+
+
+# ----------------------------------------------------------------------------- zero weights, as drawn
+
+def test_zero_weights_are_never_shown_as_largest_weights(tmp_path):
+    """A lasso datamodel has few non-zero weights: leakage_top.png and compare.png show only
+    the positive ones, with a note where there are fewer than `top`, and the counts of
+    leakage.json count only them."""
+    x_tr, y_tr, x_tg, y_tg = digits(300, 50)
+    W = np.zeros((4, 300), np.float32)
+    W[0, [5, 9]] = [0.4, 0.2]                   # two positive weights, the rest zero
+    W[1, 7] = -0.3                              # no positive weight at all
+    W[3] = np.linspace(1, 2, 300)               # dense: five positive weights
+    assert A.positive_top(W, 5)[0].tolist() == [5, 9, -1, -1, -1]
+    assert (A.positive_top(W, 5)[1:3] == -1).all() and (A.positive_top(W, 5)[3] >= 0).all()
+    conf = A.LeakageConf(top=5, neighbours=3, device="cpu")
+    res = A.find_leakage(x_tr, x_tg[:4], W, conf)
+    assert res["nearest_in_top"] <= 2 and res["top1_is_nearest"] <= 2        # rows 1 and 2 have no top example
+    names = [str(i) for i in range(10)]
+    rows = [(f"target #{t}", A._top_cells(t, res, W, x_tr, y_tr, x_tg, y_tg, names)) for t in range(4)]
+    captions = [[c[1] for c in cells if c is not None] for _, cells in rows]
+    assert [c.split("\n")[0] for c in captions[0][1:3]] == ["+1 " + str(y_tr[5]), "+2 " + str(y_tr[9])]
+    assert captions[0][3] == "no more\npositive\nweights" and len(rows[0][1]) == 1 + 5 + 2
+    assert captions[1][1] == "no positive\nweight in this\ndatamodel" and captions[2][1] == captions[1][1]
+    assert sum(c.startswith("+") for c in captions[3]) == 5
+    assert not any("w=+0 " in c or c.endswith("w=+0") or "w=0" in c for cs in captions for c in cs)
+    assert all(len(cells) == 8 for _, cells in rows)                          # the nearest column lines up
+    report = A.plot_rows(rows, "Each target, the training examples with its 5 largest positive datamodel weights "
+                               "(+k, weight w; zero weights are not shown) and its nearest neighbour in input space",
+                         str(tmp_path / "top.png"))
+    assert report["overlaps"] == [], report["overlaps"]
+    assert "no more\npositive\nweights" in report["texts"]
+
+
+def test_spectrum_ticks_are_whole_components(tmp_path):
+    rep = A.plot_spectra({"datamodel weights": np.geomspace(0.1, 0.01, 20),
+                          "last-layer features (checkpoint 0)": np.geomspace(0.4, 0.001, 20)}, str(tmp_path / "s.png"))
+    assert rep["overlaps"] == []
+    assert all(t.lstrip("−-").isdigit() for t in rep["ticks"]["x"][0]), rep["ticks"]["x"]

@@ -271,13 +271,14 @@ def test_published_datamodels_against_our_eval_set_need_equal_sizes(exp, tmp_pat
 
 def test_the_command_line_prints_the_lds_line_and_refuses_in_one_line(tmp_path):
     published_dir(str(tmp_path))
-    env = dict(os.environ, PYTHONPATH=REPO)
+    from tests.test_cli import outside_repo, user_env
+    env, cwd = user_env(), outside_repo(tmp_path)      # as installed: outside the repository, no PYTHONPATH
     ok = subprocess.run([sys.executable, "-m", "orchestrator.interchange", "evaluate", str(tmp_path),
-                         "--eval-rows", "12"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+                         "--eval-rows", "12"], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert re.fullmatch(r"datamodels \(published\): LDS 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] on 12 eval masks "
                         r"\(12 models\), MSE \d+\.\d{4}\n", ok.stdout), ok.stdout
     bad = subprocess.run([sys.executable, "-m", "orchestrator.interchange", "evaluate", str(tmp_path)],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+                         capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("interchange: error: ") and "eval_rows" in bad.stderr

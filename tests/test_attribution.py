@@ -501,3 +501,22 @@ def test_bad_inverse_settings_raise_one_line():
         with pytest.raises(ValueError, match=msg) as err:
             compute_scores("if_cg", mlp, ck, x, y, x[:2], y[:2], {**CPU, **params})
         assert "\n" not in str(err.value)
+
+
+def test_trak_kernel_with_fewer_training_rows_than_features():
+    """n < proj_dim (task.n_train=5 with the default 512): ΦᵀΦ is singular at λ = 0, which used
+    to fail after the whole training with advice to set a dtype already set. The n×n Gram form
+    gives the pseudo-inverse's scores at λ = 0 and the kernel's own for λ > 0."""
+    import torch
+
+    from workers.attribution.trak import kernel_scores
+    rng = np.random.default_rng(0)
+    Phi = torch.tensor(rng.normal(size=(5, 64)))
+    phi_t = torch.tensor(rng.normal(size=(7, 64)))
+    got = kernel_scores(Phi, phi_t, 0.0, torch.float64).numpy()
+    want = Phi.numpy() @ np.linalg.pinv(Phi.numpy().T @ Phi.numpy()) @ phi_t.numpy().T
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+    lam = 0.3
+    got = kernel_scores(Phi, phi_t, lam, torch.float64).numpy()
+    K = Phi.numpy().T @ Phi.numpy() + lam * np.eye(64)
+    np.testing.assert_allclose(got, Phi.numpy() @ np.linalg.solve(K, phi_t.numpy().T), rtol=1e-8, atol=1e-10)

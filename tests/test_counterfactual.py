@@ -135,3 +135,38 @@ def test_calibration_by_retraining_is_cross_validated_over_targets():
     assert held_out_slope(p[:3], a[:3], target[:3]) == {"scale": pytest.approx(p[:3] @ a[:3] / (p[:3] @ p[:3])),
                                                          "held_out_slope": None}
     assert held_out_slope(np.zeros(4), np.ones(4), np.arange(4)) == {"scale": None, "held_out_slope": None}
+
+
+def test_default_ks_are_cut_to_the_mask_size_and_a_users_are_refused(tmp_path, caplog):
+    """experiment=tiny: n=300 at α=0.5, masks of 150. The shipped brittleness grid's 160 is
+    left out (one info line at the stage); the same k set by the user is refused before any work."""
+    import logging
+    from types import SimpleNamespace
+
+    from orchestrator import counterfactual as CF
+    from orchestrator.config import validate
+    for stage in ("brittleness", "counterfactual"):
+        cfg = compose(["experiment=tiny", f"stage={stage}"], tmp_path)
+        plan = validate(cfg)                                         # the defaults pass
+        ks, dropped = CF.stage_ks(cfg, stage, 150)
+        assert (ks, dropped) == (([5, 10, 20, 40, 80], [160]) if stage == "brittleness" else ([10, 20, 50], []))
+        with caplog.at_level(logging.INFO, logger="orchestrator.counterfactual"):
+            assert CF.resolved_ks(SimpleNamespace(plan=plan), stage) == ks
+        left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+        assert left_out == ([] if stage == "counterfactual" else [
+            "brittleness: the default brittleness.ks [160] is above the mask size 150 (round(masks.alpha * n)) "
+            "and left out; using ks=[5, 10, 20, 40, 80]"])
+        caplog.clear()
+    # a smaller training set: every default above the mask size is left out, the mask size if none is left
+    cfg = compose(["experiment=tiny", "stage=counterfactual", "task.n_train=30"], tmp_path)
+    validate(cfg)
+    assert CF.stage_ks(cfg, "counterfactual", 15) == ([10], [20, 50])
+    assert CF.stage_ks(cfg, "counterfactual", 4) == ([4], [10, 20, 50])
+    # the user's own k above the mask size: refused in one line, before any work
+    for override, match in [("brittleness.ks=[5,160]", r"brittleness.ks: 160 must be .* mask size 150"),
+                            ("counterfactual.ks=[10,151]", r"counterfactual.ks: 151 must be .* mask size 150"),
+                            ("brittleness.ks=[]", r"brittleness.ks is empty")]:
+        stage = override.split(".")[0]
+        with pytest.raises(ConfigError, match=match) as err:
+            validate(compose(["experiment=tiny", f"stage={stage}", override], tmp_path))
+        assert "\n" not in str(err.value)

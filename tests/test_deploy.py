@@ -12,7 +12,9 @@
 * deploy/Dockerfile.dockerignore: the build context it implies (Docker's matching rules,
   implemented here) holds what the Dockerfile copies and no run outputs at any depth;
 * constraints.txt (the lock) is what the Makefile and the Dockerfile install from, and
-  pyproject.toml's lower bounds are its versions; every apt-get waits for apt's lock.
+  pyproject.toml's lower bounds are its versions; every apt-get waits for apt's lock;
+* `make test`, .ci/run and the tests leave PYTHONPATH alone: the entry points are tested as
+  installed, not through the repository on the import path.
 """
 from __future__ import annotations
 
@@ -961,3 +963,34 @@ def test_make_browser_retries_apt_get_update_while_apt_is_busy(tmp_path, busy, e
     else:
         assert run.returncode != 0 and not installs and error in run.stderr
         assert len(updates) == 1 if "lock" not in error else 2 <= len(updates) < busy
+
+
+# ----------------------------------------------------------------------------- the entry points' import path
+# PYTHONPATH set to the repository makes `datamodels` import what the install does not provide
+# (it hid an editable install that left Hydra without the sweep launcher).
+SETS_PYTHONPATH_TO_REPO = re.compile(r"""PYTHONPATH["']?\]?\s*[=:]\s*[{(]?\s*(?:str\()?REPO\b""")
+
+
+def test_make_test_ci_and_the_tests_leave_pythonpath_alone():
+    with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
+        makefile = f.read()
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    for where, text in (("Makefile", makefile), (".ci/run", ci), ("make -n test", make_dry_run("test"))):
+        assert "PYTHONPATH" not in text, f"{where} sets PYTHONPATH"
+    tests_dir = os.path.join(REPO, "tests")
+    offenders = []
+    for name in sorted(os.listdir(tests_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(tests_dir, name), encoding="utf-8") as f:
+                offenders += [f"tests/{name}:{i}: {line.strip()}" for i, line in enumerate(f, 1)
+                              if SETS_PYTHONPATH_TO_REPO.search(line)]
+    assert not offenders, "the repository on PYTHONPATH (run the installed command instead, as " \
+                          "tests/test_cli.py's user_command does):\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("line", ['env = dict(os.environ, PYTHONPATH={where})', 'self.env["PYTHONPATH"] = {where}',
+                                  'env = {{"PYTHONPATH": {where}}}', 'f"PYTHONPATH={{{where}}} datamodels"'])
+def test_the_pythonpath_scan_sees_the_repository(line):
+    assert SETS_PYTHONPATH_TO_REPO.search(line.format(where="REPO"))
+    assert not SETS_PYTHONPATH_TO_REPO.search(line.format(where="user_code"))

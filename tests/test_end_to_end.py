@@ -60,7 +60,7 @@ def test_tiny_real_run_all_stages_tracked(tiny):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"     # opens on its runs
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.run_name == "tiny α=0.5 m=300"
+    assert parent.info.run_name == f"tiny-{summary['config_hash']} α=0.5 m=300"      # the experiment's directory
     stages = {r.data.tags["stage"] for r in children}
     assert {"masks", "train", "fit", "baselines", "evaluate"} <= stages
     assert {s for s in stages if s.startswith("method:")} >= {"method:datamodels", "method:trak"}

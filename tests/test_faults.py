@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from orchestrator import pipeline
 from orchestrator.ledger import Ledger
 from orchestrator.store import Store
 from tests.conftest import compose
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, user_command, user_env
 from tests.test_pipeline import planted_overrides, trained_seeds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,10 +114,10 @@ def test_diverged_models_are_counted_and_never_fitted(tmp_path, ray_local):
 def _drivers(tmp_path, extra, env_extra=None, n=2):
     over = planted_overrides(tmp_path, extra=["stage=all", "train.models_per_unit=20", "+task.delay=0.03",
                                               "cluster.num_cpus=1", "fit.prefixes=[]", *extra])
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO, **(env_extra or {}))
-    env.pop("RAY_ADDRESS", None)
     base = [f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    procs = [subprocess.Popen([sys.executable, "-m", "orchestrator", *base, *over], cwd=tmp_path, env=env,
+    argv, env = user_command([*base, *over], tmp_path, env_extra=env_extra)
+    over = argv[-len(over):]             # the planted task as the user's module (compose() here sees the same)
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
     outs = [p.communicate(timeout=600) for p in procs]
     return procs, outs, over
@@ -158,15 +159,15 @@ def test_two_drivers_at_once_share_the_work(tmp_path, where, request):
 
 
 def _in_namespace(script: str, timeout=600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
-    env.pop("RAY_ADDRESS", None)
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=user_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _cli(tmp_path, args) -> str:
+    """The command as a shell line, run from tmp_path (_in_namespace gives it the user's environment)."""
     base = [f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/db/mlflow.db"]
-    return " ".join([sys.executable, "-m", "orchestrator", *base, *[f"'{a}'" for a in args]])
+    argv, _ = user_command([*base, *args], tmp_path)
+    return " ".join([f"cd {shlex.quote(str(tmp_path))} &&", *map(shlex.quote, argv)])
 
 
 @pytest.mark.slow
@@ -237,16 +238,15 @@ def test_s3_without_credentials_is_one_line(tmp_path):
     from tests.cluster import S3Server
     s3_server = S3Server(str(tmp_path), enforce_auth=True)
     request_cleanup = s3_server.stop
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO, AWS_EC2_METADATA_DISABLED="true",
-               AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
-    env.pop("RAY_ADDRESS", None)
     over = planted_overrides(tmp_path, extra=["stage=train", f"store.uri='{s3_server.uri('nocreds', 'runs')}'"])
     base = [f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    argv, env = user_command([*base, *over], tmp_path)
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent",
+               AWS_SHARED_CREDENTIALS_FILE="/nonexistent")
     t0 = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-m", "orchestrator", *base, *over], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     finally:
         request_cleanup()
     line = one_line_error(proc.stderr)
@@ -258,8 +258,7 @@ def test_s3_without_credentials_is_one_line(tmp_path):
 def test_mlflow_unreachable_fails_in_seconds_or_runs_without_it(tmp_path):
     over = planted_overrides(tmp_path, extra=["stage=masks"])
     t0 = time.time()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "orchestrator", f"exp.root={tmp_path}/runs", *over]
+    cmd, env = user_command([f"exp.root={tmp_path}/runs", *over], tmp_path)
     proc = subprocess.run(cmd + ["tracking.uri=http://127.0.0.1:9"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     seconds = time.time() - t0

@@ -251,48 +251,54 @@ def test_killed_writer_leaves_no_readable_partial_file(tmp_path):
 
 
 def test_masks_checked_once_per_file_content_and_experiment(tmp_path, monkeypatch, caplog):
-    """Ledger.index regenerates a file's masks once: a later reader (a later run) finds the file
-    in the record of checked files and only reads and verifies it. A file rewritten under a
-    recorded name, a record that does not parse, another experiment's reader and a record that
-    cannot be written all fall back to the full check."""
+    """Ledger.index regenerates a file's masks in full once: a later reader (a later run) finds
+    the file in the signed record of checked files and regenerates only SPOT_ROWS rows of it,
+    picked at random. A file rewritten under a recorded name, a record that does not parse,
+    another experiment's reader and a record that cannot be written all fall back to the full
+    check. The key that signs the record is created 0600 outside the store."""
+    from orchestrator.ledger import SPOT_ROWS
+    key = tmp_path / "home" / "ledger.key"
+    monkeypatch.setenv("DATAMODELS_KEY_FILE", str(key))
     calls = []
     real = M.make_masks
     monkeypatch.setattr(M, "make_masks", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     led = ledger(tmp_path)
-    rel_a = led.write_unit("a", rows([0, 1])[2])
-    led.write_unit("b", rows([2, 3])[2])
+    rel_a = led.write_unit("a", rows([0, 1, 2, 3])[2])
+    led.write_unit("b", rows([4, 5, 6, 7])[2])
     calls.clear()
     want = led.index()
-    assert len(calls) == 2 and os.listdir(tmp_path / "ledger" / "_checked")
+    assert [len(c) for c in calls] == [4, 4] and os.listdir(tmp_path / "ledger" / "_checked")
+    assert key.exists() and key.stat().st_mode & 0o777 == 0o600
     calls.clear()
-    again = ledger(tmp_path).index()                          # the next run: no regeneration
-    assert calls == [] and again.keys() == want.keys() and np.array_equal(again.file, want.file)
+    again = ledger(tmp_path).index()                          # the next run: a spot check of each file
+    assert [len(c) for c in calls] == [SPOT_ROWS, SPOT_ROWS]
+    assert again.keys() == want.keys() and np.array_equal(again.file, want.file)
 
     # a file rewritten under its recorded name, with masks of another seed and valid digests
-    _, _, r = rows([0, 1])
-    r["mask"] = bits.pack(real(99, "train", [0, 1], 20, 0.5))
+    _, _, r = rows([0, 1, 2, 3])
+    r["mask"] = bits.pack(real(99, "train", [0, 1, 2, 3], 20, 0.5))
     _write_raw(tmp_path / rel_a, unit_table("a", r, 5))
     calls.clear()
     reader = ledger(tmp_path)
-    assert reader.index().keys("train") == {("train", 2, 0), ("train", 3, 0)}
+    assert reader.index().keys("train") == {("train", i, 0) for i in (4, 5, 6, 7)}
     assert [q["reason"] for q in reader.quarantined] == ["masks that exp.seed and masks.alpha do not give"]
 
-    # a record that does not parse: a warning, every file checked, the record written again
+    # a record that does not parse: a warning, every file checked in full, the record written again
     record = next((tmp_path / "ledger" / "_checked").iterdir())
     record.write_bytes(b"\x00garbage")
     calls.clear()
     caplog.clear()
-    assert ledger(tmp_path).index().keys() == {("train", 2, 0), ("train", 3, 0)}
-    assert len(calls) == 1 and "unreadable" in caplog.text
+    assert ledger(tmp_path).index().keys() == {("train", i, 0) for i in (4, 5, 6, 7)}
+    assert [len(c) for c in calls] == [4] and "unreadable" in caplog.text
     calls.clear()
     ledger(tmp_path).index()
-    assert calls == []
+    assert [len(c) for c in calls] == [SPOT_ROWS]
 
     # a record that cannot be written: one warning naming its path, the index unchanged
     shutil.rmtree(tmp_path / "ledger" / "_checked")
     (tmp_path / "ledger" / "_checked").write_text("not a directory")
     caplog.clear()
-    assert ledger(tmp_path).index().keys() == {("train", 2, 0), ("train", 3, 0)}
+    assert ledger(tmp_path).index().keys() == {("train", i, 0) for i in (4, 5, 6, 7)}
     assert "could not record the checked files" in caplog.text and "_checked" in caplog.text
     os.unlink(tmp_path / "ledger" / "_checked")
     ledger(tmp_path).index()

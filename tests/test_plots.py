@@ -249,7 +249,7 @@ def fake_plan(tmp_path, n=40, T=6, e=12, overrides=()):
     images = rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
     task = SimpleNamespace(data_cfg={"name": "digits"},
                            arrays=lambda: (images, rng.integers(0, 10, n), images[:T], rng.integers(0, 10, T), 10))
-    return SimpleNamespace(cfg=cfg, store=Store(str(tmp_path / "exp")), ledger=ledger, task=task, n=n,
+    return SimpleNamespace(cfg=cfg, store=Store(str(tmp_path / "exp")), ledger=ledger, task=task, n=n, config_hash="h0",
                            n_targets=T), Wtrue
 
 
@@ -270,7 +270,8 @@ def test_evaluate_counts_checkpoint_training_and_draws_budget_curves(tmp_path):
             S = (Wtrue.T * k / 3 + rng.normal(0, 2.0 / k, (n, T))).astype(np.float32)
             scoring[method, k] = 0.5 * k + (0.1 if method == "trak" else 0.2)
             plan.store.write_table(rel, B.scores_table(S, {"method": method, "params": {}, "checkpoints": k,
-                                                           "seconds": scoring[method, k]}))
+                                                           "seconds": scoring[method, k],
+                                                           "checkpoint_digests": [f"d{i}" for i in range(k)]}))
     compute = {"models": 300, "per_model": 0.25, "datamodels": 0.25 * 300 + 7.0}
     ev = E.run(plan, Tracker(), "dm", {}, compute)
     assert {"lds", "lds_curve", "method_metrics", "eval_masks", "replicas_mean", "plots", "scratch",
@@ -343,3 +344,121 @@ def test_a_lost_budget_file_is_rescored_alone(tmp_path, ray_local):
     assert meta["checkpoints"] == 1 and meta["budget_of"] == 3 and len(meta["checkpoint_seconds"]) == 1
     s3 = pipeline.run(compose(over + ["stage=evaluate"], tmp_path))
     assert s3["lds"]["trak"]["budget"]["1"]["mean"] == pytest.approx(s["lds"]["trak"]["budget"]["1"]["mean"])
+
+
+# --------------------------------------------------------------------------- the applications' plots, as read
+
+def readable(report: dict) -> list[str]:
+    """The texts of a saved plot, after checking what a reader would trip over: no two texts
+    overlap, and no tick is written as a power of ten (3×10¹) or in mathtext."""
+    assert report["overlaps"] == [], report["overlaps"]
+    for text in report["texts"]:
+        assert "×10" not in text and "$" not in text and "10^" not in text, text
+    return report["texts"]
+
+
+def drop_rows(names, ks, targets=10):
+    rng = np.random.default_rng(0)
+    return {m: {str(k): {"actual": float(a), "ci95": [float(a) - 0.5, float(a) + 0.5], "predicted": None,
+                         "targets": targets}
+                for k, a in zip(ks, np.sort(rng.uniform(0, 8, len(ks))))} for m in names}
+
+
+def test_counterfactual_drop_plot_ticks_k_plainly_and_tags_points_over_fewer_targets(tmp_path):
+    from orchestrator import counterfactual as CF
+    names = E.method_order(["datamodels", "trak", "tracin", "representer", "if_cg", "random"])
+    ks = [10, 20, 50]
+    rows = drop_rows(names, ks)
+    texts = readable(CF.plot_drops(rows, ks, names, E.method_colors(names), str(tmp_path / "d.png"), 20))
+    rep = CF.plot_drops(rows, ks, names, E.method_colors(names), str(tmp_path / "d.png"), 20)
+    assert rep["ticks"]["x"] == [["10", "20", "50"]]               # no 3×10¹ between 20 and 50
+    assert not any(t.startswith("n=") for t in texts)              # every point: all 10 targets
+    assert any("mean over 10 targets × 20 masks" in t for t in texts)
+    rows["trak"]["50"]["targets"] = 7                              # a target's retrained models all failed
+    texts = readable(CF.plot_drops(rows, ks, names, E.method_colors(names), str(tmp_path / "v.png"), 20))
+    assert [t for t in texts if t.startswith("n=") and t.endswith("targets")] == ["n=7 targets"]
+    w, h = png_size(tmp_path / "v.png")
+    assert 700 <= w <= 1200 and 350 <= h <= 700, (w, h)
+    # many ks: every tick a plain integer, labels thinned rather than overlapping
+    ks = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 50, 100]
+    rep = CF.plot_drops(drop_rows(names, ks), ks, names, E.method_colors(names), str(tmp_path / "m.png"), 20)
+    readable(rep)
+    labels = rep["ticks"]["x"][0]
+    assert labels[0] == "1" and labels[-1] == "100" and all(s.isdigit() for s in labels) and len(labels) >= 5
+
+
+def test_counterfactual_calibration_plot_gives_slopes_in_significant_digits(tmp_path):
+    from orchestrator import counterfactual as CF
+    names = E.method_order(["datamodels", "trak", "tracin", "representer", "if_cg", "random"])
+    rng = np.random.default_rng(0)
+    scale = {"datamodels": 1.0, "trak": 1.0, "tracin": 700.0, "representer": 0.3, "if_cg": 2.0}
+    cells = [{"method": m, "target": t, "k": k, "predicted": float(p), "actual": float(p / scale[m] + rng.normal())}
+             for m in scale for t in range(10) for k in (10, 20, 50) for p in [rng.uniform(0.1, 3) * scale[m]]]
+    fit = {m: {"correlation": 0.56, "slope": 0.002924 if m == "tracin" else 1.825, "scale": 1.0,
+               "held_out_slope": 0.976} for m in scale}
+    path = tmp_path / "c.png"
+    texts = readable(CF.plot_calibration(cells, fit, names, E.method_colors(names), str(path)))
+    titles = [t for t in texts if "slope = " in t]
+    assert any(t.startswith("tracin\n") and "slope = 0.00292" in t for t in titles), titles
+    assert not any("slope = 0.00 " in t or t.endswith("slope = 0.00") for t in titles)
+    assert any("slope = 1.82" in t and "held out: 0.976" in t for t in titles)
+    w, h = png_size(path)
+    assert w <= 1300 and h <= 900, (w, h)                         # five methods: two rows, not 18 inches
+    # the table in the log, too
+    out = {"drop": {}, "fit": {"tracin": {**fit["tracin"], "scale": 0.002924}}, "datamodels_minus_random": {}}
+    assert "calibration slope = 0.002924" in CF.table_lines(out)[1]
+
+
+def test_brittleness_plot_shows_both_curves_and_plain_ks(tmp_path):
+    from orchestrator import counterfactual as CF
+    ks = [5, 10, 20, 40, 80]
+    curve = {str(k): {"predicted": v, "verified": v} for k, v in zip(ks, [0.26, 0.35, 0.41, 0.47, 0.5])}
+    rep = CF.plot_brittleness(curve, ks, 34, 10, str(tmp_path / "b.png"))
+    texts = readable(rep)
+    assert rep["ticks"]["x"] == [["5", "10", "20", "40", "80"]]
+    assert any("34 correctly" in t for t in texts)
+    assert any(t.startswith("predicted") for t in texts) and any(t.startswith("verified") for t in texts)
+
+
+def test_lds_vs_models_says_how_many_targets_each_point_averages(tmp_path):
+    curve = {m: {"mean": 0.1 + m / 1000, "ci95": [0.05 + m / 1000, 0.15 + m / 1000], "targets": n}
+             for m, n in ((38, 35), (75, 39), (150, 50), (300, 50))}
+    rep = E.plot_lds_vs_models(curve, str(tmp_path / "m.png"))
+    texts = readable(rep)
+    assert rep["ticks"]["x"] == [["38\nn=35", "75\nn=39", "150\nn=50", "300\nn=50"]]
+    assert any("n: targets with a defined LDS" in t for t in texts)
+    for c in curve.values():
+        c["targets"] = 50
+    rep = E.plot_lds_vs_models(curve, str(tmp_path / "m2.png"))
+    assert rep["ticks"]["x"] == [["38", "75", "150", "300"]]
+    assert "LDS (mean over 50 targets)" in readable(rep)
+    # and the datamodels' curve of the compute plot
+    results, _ = synthetic_results()
+    curve[38]["targets"] = 35
+    for m, c in curve.items():
+        c["seconds"] = m * 0.1
+    texts = readable(E.plot_lds_vs_compute(results, curve, str(tmp_path / "c.png")))
+    assert "m=38, n=35 targets" in texts and "m=300, n=50 targets" in texts
+
+
+def test_plain_numbers_and_significant_digits():
+    assert [E.plain_number(v) for v in (150, 150.0, 0.5, 2000, 1e6)] == ["150", "150", "0.5", "2000", "1000000"]
+    assert [E.sig(v) for v in (0.002924, 1.825, 3676.2, 0.0, None, float("nan"), -0.2061)] == [
+        "0.00292", "1.82", "3676", "0", "-", "-", "-0.206"]
+    assert E.sig(0.5, 2) == "0.50" and E.sig(2.3e-7) == "2.3e-07"
+
+
+def test_top_examples_never_show_a_zero_score_as_a_top_one(tmp_path):
+    rng = np.random.default_rng(0)
+    n, T = 30, 2
+    images = rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
+    W = np.zeros((T, n))
+    W[0, [3, 4]] = [0.5, 0.2]                    # a sparse datamodel: two positive weights, one negative
+    W[0, 7] = -0.1
+    rep = E.plot_top_examples({"datamodels": W}, images, images[:T], [0, 1], str(tmp_path / "t.png"), top=5,
+                              train_labels=rng.integers(0, 10, n), target_labels=rng.integers(0, 10, T))
+    texts = readable(rep)
+    scores = [t.split("\n")[1] for t in texts if t.count("\n") == 1 and t.split("\n")[1][:1] in "+-"]
+    assert sorted(scores) == ["+0.2", "+0.5", "-0.1"], scores         # no "+0" among the largest
+    assert texts.count("no more\npositive\nscores") == 1 and texts.count("no more\nnegative\nscores") == 1
+    assert texts.count("no\npositive\nscores") == 1 and texts.count("no\nnegative\nscores") == 1   # target 1

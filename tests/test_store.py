@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -13,8 +12,6 @@ import pyarrow as pa
 import pytest
 
 from orchestrator.store import CorruptFile, Store, StoreError, join, redact
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_redact_and_join_keep_the_query_and_hide_secrets():
@@ -133,10 +130,10 @@ def test_credentials_in_the_uri_never_reach_logs_mlflow_or_summary(tmp_path, s3_
     uri = s3_server.uri("secrets", "runs", access_key="testing", secret_key="SUPERSECRET123")
     over = planted_overrides(tmp_path, n=30, T=4, extra=[f"store.uri='{uri}'", "masks.n_train=40", "masks.n_eval=6",
                                                         "cluster.num_cpus=1"])
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", f"exp.root={tmp_path}/runs",
-                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *over], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    from tests.test_cli import user_command
+    argv, env = user_command([f"exp.root={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *over],
+                             tmp_path)
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SUPERSECRET123" not in proc.stdout + proc.stderr
     base = Store(s3_server.uri("secrets", "runs"))

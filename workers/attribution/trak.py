@@ -50,8 +50,22 @@ def kernel_scores(Phi: Tensor, phi_t: Tensor, lam: float, dtype: torch.dtype,
     """Φ (ΦᵀΦ + λI)⁻¹ φ_tᵀ [n, T] for Φ [n, d], φ_t [T, d]; the kernel is accumulated and
     solved (Cholesky) in `dtype`, the result is returned in `dtype`. The solve takes the
     fewer right-hand sides: the targets' (ΦᵀΦ + λI)⁻¹ φ_tᵀ when T <= n, else the training
-    rows' Φ (ΦᵀΦ + λI)⁻¹ (the kernel is symmetric), 2·d²·min(n, T) multiply-adds."""
-    d = Phi.shape[1]
+    rows' Φ (ΦᵀΦ + λI)⁻¹ (the kernel is symmetric), 2·d²·min(n, T) multiply-adds.
+
+    With fewer training rows than features (n < d), ΦᵀΦ has rank n and no inverse at λ = 0:
+    the n×n Gram form (ΦΦᵀ + λI)⁻¹ Φ φ_tᵀ is used instead, the same scores for λ > 0 (the
+    push-through identity) and at λ = 0 the pseudo-inverse's, Φ (ΦᵀΦ)⁺ φ_tᵀ."""
+    n, d = Phi.shape
+    if n < d:
+        P = Phi.to(dtype)
+        G = P @ P.T + lam * torch.eye(n, dtype=dtype, device=P.device)
+        L, info = torch.linalg.cholesky_ex(G)
+        if int(info) != 0:
+            hint = "" if dtype == torch.float64 else " or use params.dtype='float64'"
+            raise ValueError(f"TRAK Gram matrix ΦΦᵀ + λI ({n}x{n}, proj_dim {d}) is not positive definite in "
+                             f"{dtype}: training examples with identical projected gradients; set params.lam > 0"
+                             f"{hint}")
+        return torch.cholesky_solve(P @ phi_t.to(dtype).T, L)
     K = torch.zeros(d, d, dtype=dtype, device=Phi.device)
     for rows in batches(len(Phi), block):
         Pb = Phi[rows].to(dtype)
@@ -59,9 +73,9 @@ def kernel_scores(Phi: Tensor, phi_t: Tensor, lam: float, dtype: torch.dtype,
     K += lam * torch.eye(d, dtype=dtype, device=K.device)
     L, info = torch.linalg.cholesky_ex(K)
     if int(info) != 0:
+        hint = "" if dtype == torch.float64 else " or use params.dtype='float64'"
         raise ValueError(f"TRAK kernel ΦᵀΦ + λI ({d}x{d}, n={len(Phi)}) is not positive definite "
-                         f"in {dtype}; set params.lam > 0, lower params.proj_dim or use "
-                         f"params.dtype='float64'")
+                         f"in {dtype}; set params.lam > 0, lower params.proj_dim{hint}")
     if len(phi_t) <= len(Phi):
         A = torch.cholesky_solve(phi_t.to(dtype).T, L)  # [d, T]
         return torch.cat([Phi[rows].to(dtype) @ A for rows in batches(len(Phi), block)])
