@@ -54,8 +54,8 @@ def child(run: str, method: str, variant: str, T: int, threads: int, repeats: in
     import torch
     from hydra.utils import instantiate
 
-    from orchestrator.baselines_stage import load_checkpoints
-    from orchestrator.store import Store
+    from orchestrator.storage.checkpoints import load_checkpoints
+    from orchestrator.storage.store import Store
     from workers.attribution import compute_scores
     torch.set_num_threads(threads)
     task_cfg, bcfg = experiment(run)
@@ -94,9 +94,10 @@ def lds(run: str, scores: np.ndarray) -> tuple[float, float, float]:
     the evaluate stage computes it."""
     from omegaconf import OmegaConf
 
-    from orchestrator.evaluate import eval_set, score_method
-    from orchestrator.ledger import Ledger
-    from orchestrator.store import Store
+    from orchestrator.metrics.lds import score_method
+    from orchestrator.storage.evalset import eval_set
+    from orchestrator.storage.ledger import Ledger
+    from orchestrator.storage.store import Store
     cfg = OmegaConf.load(os.path.join(run, "config.yaml"))
     X, Y, _ = eval_set(Ledger(Store(os.path.abspath(run))), scores.shape[0], scores.shape[1])
     r, _ = score_method(X, Y, scores.T, None, int(cfg.eval.bootstrap), int(cfg.eval.bootstrap_seed))

@@ -31,7 +31,7 @@ def main() -> None:
                     "0.1 s per model on a core) or digits_mlp (so small that Ray's own processes dominate)")
     ap.add_argument("--store", choices=("local", "s3"), default="local")
     args = ap.parse_args()
-    from orchestrator.store import Store
+    from orchestrator.storage.store import Store
     from tests.cluster import Cluster, S3Server
     root = tempfile.mkdtemp(prefix="dmb-", dir="/tmp")
     s3 = S3Server(root) if args.store == "s3" else None

@@ -4,10 +4,10 @@ fit.debias option (none, refit, relaxed), fit in this process from the experimen
 The lasso shrinks the weights it selects, so the datamodels under-predict what removing their
 own top examples does to a margin (retraining measured 3.5 predicted against 5.0 actual on the
 default experiment); LDS, a rank measure, cannot see it. For each option this prints the LDS
-mean with its bootstrap 95% interval and the MSE on the eval masks (orchestrator.evaluate), the
+mean with its bootstrap 95% interval and the MSE on the eval masks (orchestrator.metrics.lds), the
 mean predicted margin drop sum_{i in top-k(w) ∩ S} w_i over eval masks S and targets for
 k = 10, 20, 50 (the k most positive weights of each target), the mean nnz and phi, and the fit's
-wall seconds. The fit settings are the default fit config (orchestrator/schema.py FitConf,
+wall seconds. The fit settings are the default fit config (orchestrator/settings/schema.py FitConf,
 conf/fit/torch.yaml) on the CPU. The experiment directory is only read.
 
 With --scales, it also prints, on all train models, the lasso at c x each target's chosen λ
@@ -42,8 +42,8 @@ def default_fit_config():
     preset sets nothing), on the CPU."""
     from omegaconf import OmegaConf
 
-    from orchestrator.fit_stage import lasso_config
-    from orchestrator.schema import FitConf
+    from orchestrator.settings.schema import FitConf
+    from orchestrator.stages.fit import lasso_config
     cfg = lasso_config(OmegaConf.to_container(OmegaConf.structured(FitConf), resolve=True))
     return dataclasses.replace(cfg, device="cpu")
 
@@ -68,9 +68,9 @@ def main() -> None:
 
     import torch
 
-    from orchestrator.evaluate import eval_set
-    from orchestrator.ledger import Ledger
-    from orchestrator.store import Store
+    from orchestrator.storage.evalset import eval_set
+    from orchestrator.storage.ledger import Ledger
+    from orchestrator.storage.store import Store
     from workers.lasso import fit_lasso
     torch.set_num_threads(args.threads)
 
@@ -107,7 +107,7 @@ def main() -> None:
 def row(name: str, W: np.ndarray, b: np.ndarray, X_eval: np.ndarray, Y_eval: np.ndarray, phi: float,
         seconds: float | None) -> str:
     """One table row: LDS [95% CI], MSE, predicted drops, nnz, phi, fit seconds."""
-    from orchestrator.evaluate import score_method
+    from orchestrator.metrics.lds import score_method
     lds, _ = score_method(X_eval, Y_eval, W, b, n_boot=1000, seed=0)
     lo, hi = lds["ci95"]
     return (f"{name:<9}{lds['mean']:>7.3f}   [{lo:.3f}, {hi:.3f}]   {lds['mse']:>8.4f}"

@@ -59,7 +59,7 @@ def compose(over: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import orchestrator.schema  # noqa: F401  (registers the structured configs)
+    import orchestrator.settings.schema  # noqa: F401  (registers the structured configs)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
         cfg = hcompose("config", overrides=over)

@@ -16,7 +16,7 @@ Linux a child starts with the high-water mark of the parent it was forked from.)
                    models' positions (one footer read), the chunks' done checks, and the index
                    and positions put in Ray's object store (TrainRows.refs) for the tasks
   accuracy_summary pipeline.accuracy_summary: two small columns of every model
-  eval_set         evaluate.eval_set: the eval rows only
+  eval_set         evaluate_evalset.eval_set: the eval rows only
   fit task read    one fit task's read of its block (Ledger.read_block: the mask column and one
                    margins column of all m models): a task's memory, O(m n / 8), not the driver's
 
@@ -69,13 +69,13 @@ STEPS = ("index", "index again", "fit driver", "accuracy_summary", "eval_set", "
 
 # ----------------------------------------------------------------------------- the ledgers
 def identity(n: int, T: int):
-    from orchestrator.ledger import Identity
+    from orchestrator.storage.ledger import Identity
     return Identity(config_hash="bench-scale", alpha=ALPHA, seed=SEED, n=n, n_targets=T)
 
 
 def unit_rows(mask_set: str, ids: np.ndarray, replicas: np.ndarray, n: int, T: int) -> dict:
     """One unit's rows as the train stage writes them, with random margins and accuracies."""
-    from orchestrator import masks as M
+    from orchestrator.storage import masks as M
     k = len(ids)
     rng = np.random.default_rng([SEED, M.set_code(mask_set), int(ids[0]), int(replicas[0])])
     return {
@@ -92,8 +92,8 @@ def unit_rows(mask_set: str, ids: np.ndarray, replicas: np.ndarray, n: int, T: i
 def write_units(root: str, m: int, n: int, T: int, per_unit: int) -> tuple[list[str], list[str]]:
     """Write (once) the eval units and the train units of models [0, m) into `root`/units;
     returns (eval unit paths, train unit paths in model-id order), relative to that store."""
-    from orchestrator.ledger import Ledger
-    from orchestrator.store import Store
+    from orchestrator.storage.ledger import Ledger
+    from orchestrator.storage.store import Store
     store = Store(os.path.join(root, "units"))
     ledger = Ledger(store, identity(n, T))
     done = os.path.join(root, "units", "written.json")
@@ -162,9 +162,12 @@ def measure(step: str, where: str, n: int, T: int) -> dict:
     module a step uses is imported first, so that the step's own memory is not imports."""
     import pyarrow.parquet  # noqa: F401
 
-    from orchestrator import config, evaluate, fit_stage, pipeline  # noqa: F401
-    from orchestrator.ledger import Ledger
-    from orchestrator.store import Store
+    from orchestrator import pipeline  # noqa: F401  (every module a step uses, imported first)
+    from orchestrator.runtime import plan  # noqa: F401
+    from orchestrator.stages import fit as fit_stage  # noqa: F401
+    from orchestrator.storage import datamodels, evalset  # noqa: F401
+    from orchestrator.storage.ledger import Ledger
+    from orchestrator.storage.store import Store
     ledger = Ledger(Store(where), identity(n, T))
     index_file = os.path.join(where, "index.pickle")
     index = None
@@ -174,7 +177,7 @@ def measure(step: str, where: str, n: int, T: int) -> dict:
     if step == "fit driver":
         from omegaconf import OmegaConf
 
-        from orchestrator import raycluster
+        from orchestrator.scheduling import cluster as raycluster
         os.environ.pop("RAY_ADDRESS", None)
         raycluster.connect(OmegaConf.create({"address": None, "num_cpus": 1, "num_gpus": 0}))
     out = {}
@@ -184,21 +187,22 @@ def measure(step: str, where: str, n: int, T: int) -> dict:
             index = ledger.index()
             out["models"] = int(len(index.model_id))
         elif step == "fit driver":
-            from orchestrator import fit_stage
-            from orchestrator.store import Layout
+            from orchestrator.stages import fit as fit_stage
+            from orchestrator.storage import datamodels
+            from orchestrator.storage.store import Layout
             pos, _, _ = ledger.good_models("train", index, n=n, n_targets=T)
-            rel_dir = fit_stage.store_dir(len(pos), {"backend": "torch"})
-            todo = [c for c in fit_stage.chunks(T, 1024)
-                    if not fit_stage.chunk_ok(ledger.store, Layout.chunk(rel_dir, *c), *c, n)]
+            rel_dir = datamodels.store_dir(len(pos), {"backend": "torch"})
+            todo = [c for c in datamodels.chunks(T, 1024)
+                    if not datamodels.chunk_ok(ledger.store, Layout.chunk(rel_dir, *c), *c, n)]
             fit_stage.TrainRows(ledger, index, pos).refs(len(pos))
             out["chunks"] = len(todo)
         elif step == "accuracy_summary":
-            from orchestrator.config import Plan
             from orchestrator.pipeline import accuracy_summary
+            from orchestrator.runtime.plan import Plan
             plan = Plan(None, None, n, T, where, "bench-scale", None, ledger.store, ledger)
             accuracy_summary(plan, index)
         elif step == "eval_set":
-            from orchestrator.evaluate import eval_set
+            from orchestrator.storage.evalset import eval_set
             X, _, _ = eval_set(ledger, n, T, index=index)
             out["eval_masks"] = len(X)
         elif step == "fit task read":
@@ -238,9 +242,11 @@ def per_target_measure(stage: str, run: str, T: int, scratch: str, prefixes: boo
     """One stage's compute on the first T targets of the experiment in `run` (this process)."""
     import torch
 
-    from orchestrator import fit_stage
-    from orchestrator.ledger import Ledger
-    from orchestrator.store import Store
+    from orchestrator.settings import names as fit_stage_names
+    from orchestrator.stages import fit as fit_stage
+    from orchestrator.storage import datamodels
+    from orchestrator.storage.ledger import Ledger
+    from orchestrator.storage.store import Store
     cfg = run_config(run)
     ledger = Ledger(Store(os.path.abspath(run)))
     n = int(cfg["task"]["n_train"])
@@ -253,10 +259,10 @@ def per_target_measure(stage: str, run: str, T: int, scratch: str, prefixes: boo
         pos, _, _ = ledger.good_models("train", index)
         t0 = time.perf_counter()
         full = None
-        sizes = [len(pos), *(fit_stage.prefix_sizes(fit_cfg, len(pos)) if prefixes else [])]
+        sizes = [len(pos), *(fit_stage_names.prefix_sizes(fit_cfg, len(pos)) if prefixes else [])]
         for m in sizes:
             weights, intercept = [], []
-            for a, b in fit_stage.chunks(T, int(fit_cfg["targets_per_task"])):
+            for a, b in datamodels.chunks(T, int(fit_cfg["targets_per_task"])):
                 packed, Y = ledger.read_block(index, pos[:m], a, b)
                 res = fit_lasso(packed, Y, fit_stage.lasso_config(fit_cfg), n=n)
                 weights.append(res.weights)
@@ -268,7 +274,8 @@ def per_target_measure(stage: str, run: str, T: int, scratch: str, prefixes: boo
         np.save(os.path.join(scratch, f"weights-{T}.npy"), full[0])
         np.save(os.path.join(scratch, f"intercept-{T}.npy"), full[1])
     elif stage == "evaluate":
-        from orchestrator.evaluate import eval_set, score_blocks
+        from orchestrator.metrics.lds import score_blocks
+        from orchestrator.storage.evalset import eval_set
         weights = np.load(os.path.join(scratch, f"weights-{T}.npy"), mmap_mode="r")
         intercept = np.load(os.path.join(scratch, f"intercept-{T}.npy"))
         per = int(cfg["fit"]["targets_per_task"])
@@ -278,7 +285,7 @@ def per_target_measure(stage: str, run: str, T: int, scratch: str, prefixes: boo
         Y = Y[:, :T]
         lds = {}
         for name in ["datamodels", *methods]:   # the baselines' scores cost the same as any [T, n]
-            blocks = ((a, b, np.array(weights[a:b]), intercept[a:b]) for a, b in fit_stage.chunks(T, per))
+            blocks = ((a, b, np.array(weights[a:b]), intercept[a:b]) for a, b in datamodels.chunks(T, per))
             r, _ = score_blocks(X, Y, blocks, name == "datamodels", int(cfg["eval"]["bootstrap"]),
                                 int(cfg["eval"]["bootstrap_seed"]))
             lds[name] = r["mean"]
@@ -287,7 +294,7 @@ def per_target_measure(stage: str, run: str, T: int, scratch: str, prefixes: boo
     else:
         from hydra.utils import instantiate
 
-        from orchestrator.baselines_stage import load_checkpoints
+        from orchestrator.storage.checkpoints import load_checkpoints
         from workers.attribution import compute_scores
         bcfg = cfg["baselines"]
         torch.set_num_threads(int(bcfg.get("cpus_per_task") or 1))

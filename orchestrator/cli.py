@@ -29,7 +29,15 @@ from omegaconf import DictConfig
 # does find the module it runs it again, so the class registered is the module's own after the
 # scan (registered once, not twice).
 import hydra_plugins.datamodels_launcher as launcher  # noqa: E402
-import orchestrator.schema  # noqa: F401,E402  (registers the structured configs: conf/config.yaml extends them)
+import orchestrator.settings.schema  # noqa: F401,E402  (registers the structured configs: conf/config.yaml extends them)
+from orchestrator import pipeline
+from orchestrator.errors import ConfigError, UserError, install_redaction, one_line, redact_text
+from orchestrator.pipeline import check, code_version
+from orchestrator.runtime.plan import validate
+from orchestrator.settings.identity import config_hash, experiment_uri
+from orchestrator.settings.rules import schema_error
+from orchestrator.tracking import signal_received
+from orchestrator.uris import redact
 
 _plugins = Plugins.instance()
 _plugins.register(launcher.ParallelLauncher)
@@ -51,6 +59,7 @@ log = logging.getLogger("orchestrator")
 # config it prints is one that would run).
 PASS_THROUGH = ("help", "hydra_help", "info", "shell_completion")
 DEBUG_ENV = "DATAMODELS_DEBUG"      # set by --debug (and so passed to a sweep's points)
+CHECKED: list = []                  # [the job's config, its Plan], validated and checked by preflight
 
 
 def debugging() -> bool:
@@ -61,7 +70,6 @@ def debugging() -> bool:
 def fail(message: str, code: int, err: BaseException | None = None) -> NoReturn:
     """Print one line (`datamodels: error: ...`, secrets redacted) and exit with `code`; with
     --debug the traceback (redacted too) comes first."""
-    from orchestrator.errors import redact_text
     if err is not None and debugging():
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         print(redact_text(text), file=sys.stderr, end="", flush=True)
@@ -71,7 +79,6 @@ def fail(message: str, code: int, err: BaseException | None = None) -> NoReturn:
 
 def unexpected(err: BaseException) -> NoReturn:
     """An error no check foresaw: one line with its type, and how to see the traceback."""
-    from orchestrator.errors import one_line
     hint = "" if debugging() else "; run again with --debug for the traceback"
     fail(f"{type(err).__name__}: {one_line(err)} (an unexpected error{hint}; what was finished is kept)", 1, err)
 
@@ -81,8 +88,6 @@ def interrupted(cfg: DictConfig | None = None, signum: int = signal.SIGINT) -> N
     where = ""
     if cfg is not None:
         try:
-            from orchestrator.config import config_hash, experiment_uri
-            from orchestrator.store import redact
             where = f" in {redact(experiment_uri(cfg, config_hash(cfg)))}"
         except Exception:  # noqa: BLE001 - the message must not fail
             where = ""
@@ -93,18 +98,10 @@ def interrupted(cfg: DictConfig | None = None, signum: int = signal.SIGINT) -> N
 
 
 def runtime_errors() -> tuple:
-    """Faults reported as one line (exit 1) instead of a traceback."""
-    from orchestrator.analysis import AnalysisError
-    from orchestrator.baselines_stage import BaselinesError
-    from orchestrator.counterfactual import CounterfactualError
-    from orchestrator.fit_stage import DatamodelsError
-    from orchestrator.ledger import LedgerError
-    from orchestrator.store import CorruptFile, StoreError
-    from orchestrator.tracking import TrackingError
-    from orchestrator.train_stage import TrainStageError
-    from orchestrator.workpool import PoolError
-    return (StoreError, TrackingError, PoolError, LedgerError, BaselinesError, TrainStageError,
-            CounterfactualError, AnalysisError, DatamodelsError, CorruptFile, FileNotFoundError)
+    """Faults reported as one line instead of a traceback: every error of the family
+    (errors.UserError: the store, the ledger, the pool, tracking, the stages, the analyses),
+    and a file the user named that is not there."""
+    return (UserError, FileNotFoundError)
 
 
 def _yaml_error(err: BaseException | None) -> str | None:
@@ -186,13 +183,11 @@ def compose(args) -> DictConfig:
         try:
             parser.parse_overrides([o])
         except Exception as err:  # noqa: BLE001 - Hydra's OverrideParseException
-            from orchestrator.config import ConfigError
             key = o.split("=", 1)[0]
             raise ConfigError(f"{o}: Hydra cannot parse this ({str(err).splitlines()[0]}); quote a value that holds "
                               f"= & ? or spaces: \"{key}='...'\"") from None
     for o in overrides:
         if o.split("=", 1)[0].lstrip("+~").startswith("ledger."):
-            from orchestrator.config import ConfigError
             raise ConfigError(f"{o.split('=', 1)[0]}: the ledger is no longer placed on its own; set store.uri "
                               f"(the whole experiment, ledger included, lives there)")
     if args.multirun:
@@ -201,7 +196,6 @@ def compose(args) -> DictConfig:
     if args.config_dir is not None:
         abs_dir = os.path.abspath(args.config_dir)
         if not os.path.isdir(abs_dir):
-            from orchestrator.config import ConfigError
             raise ConfigError(f"--config-dir={args.config_dir}: no such directory")
         search_path.prepend(provider="command-line", path=f"file://{abs_dir}",
                             anchor=SearchPathQuery(provider="schema"))
@@ -212,7 +206,6 @@ def compose(args) -> DictConfig:
                                 run_mode=RunMode.RUN,
                                 with_log_configuration=False)
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors, as one line naming the setting
-        from orchestrator.config import ConfigError, schema_error
         raise (schema_error(err) or ConfigError(_one_line(err))) from None
     finally:
         GlobalHydra.instance().clear()
@@ -222,7 +215,6 @@ def preflight(argv: list[str]) -> None:
     """Compose, validate and check outputs; on a mistake print one line and exit 2."""
     from hydra._internal.utils import get_args_parser
 
-    from orchestrator.config import ConfigError, check_outputs, validate
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit as err:          # argparse's own message is already printed
@@ -234,7 +226,11 @@ def preflight(argv: list[str]) -> None:
         from omegaconf import OmegaConf
         hydra_root = OmegaConf.select(cfg, "exp.root")
         plan = validate(cfg)
-        check_outputs(plan, hydra_dir=os.path.join(str(hydra_root), "hydra"))
+        check(plan, hydra_dir=os.path.join(str(hydra_root), "hydra"))
+        if not args.multirun:     # the run reuses what was validated and checked here
+            job = OmegaConf.to_container(cfg, resolve=False)
+            job.pop("hydra", None)   # type: ignore[union-attr]  # a dict: the composed config
+            CHECKED[:] = [job, plan]
     except ConfigError as err:
         fail(str(err), 2, err)
     except runtime_errors() as err:
@@ -247,22 +243,25 @@ def preflight(argv: list[str]) -> None:
 def app(cfg: DictConfig) -> None:
     """The run, under the one handler of every error: nothing reaches Hydra's own report
     (which prints a traceback and the overrides, credentials included)."""
-    from orchestrator import pipeline
-    from orchestrator.config import ConfigError
+    from omegaconf import OmegaConf
+
     try:
         try:
-            pipeline.run(cfg)
+            plan = None
+            if CHECKED and CHECKED[0] == OmegaConf.to_container(cfg, resolve=False):
+                plan = CHECKED[1]
+                plan.cfg = cfg      # Hydra's own copy of the same config
+            pipeline.run(cfg, plan, checked=plan is not None)
         finally:
             _stop_ray()
     except ConfigError as err:
         fail(str(err), 2, err)
     except runtime_errors() as err:
-        fail(str(err), 1, err)
+        fail(str(err), getattr(err, "code", 1), err)
     except KeyboardInterrupt:
         interrupted(cfg)
     except SystemExit:
         # SIGTERM (tracking.Terminated), or Ray's SystemExit(1) for a signal during ray.get
-        from orchestrator.tracking import signal_received
         signum = signal_received()
         if signum is not None:
             interrupted(cfg, signum)
@@ -297,7 +296,6 @@ def _debug_flag(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from orchestrator.errors import install_redaction
     install_redaction()
     # A user's task module in the directory the command runs from is importable, as under
     # `python -m orchestrator` (after the installed packages: a local file never shadows them).
@@ -305,7 +303,6 @@ def main() -> None:
         sys.path.append(os.getcwd())
     sys.argv = [sys.argv[0], *_debug_flag(sys.argv[1:])]
     if "--version" in sys.argv[1:] or "-V" in sys.argv[1:]:
-        from orchestrator.pipeline import code_version
         print(f"datamodels {code_version()}")
         return
     try:

@@ -13,6 +13,9 @@ import logging
 import os
 import re
 
+from orchestrator.uris import redact
+from workers.settings import SettingError
+
 # A URI inside a text: scheme://..., up to a space, a quote or a closing bracket.
 _URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>\]\)]+")
 # key=value pairs whose value is a secret, inside or outside a URI
@@ -24,7 +27,6 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN", "
 
 def redact_text(text: str) -> str:
     """`text` with every credential it holds replaced by ***."""
-    from orchestrator.store import redact
     text = _URI.sub(lambda m: redact(m.group(0)), str(text))
     text = _SECRET_PAIR.sub(lambda m: f"{m.group(1)}=***", text)
     for name in _SECRET_ENV:
@@ -67,3 +69,16 @@ def install_redaction() -> None:
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+class UserError(RuntimeError):
+    """The base of every error the user sees as one line naming the thing and the fix; the
+    command prints it and exits with `code`. Each layer has its own (StoreError, LedgerError,
+    PoolError, ...); anything else that reaches the command is a bug, printed as one line too."""
+    code = 1
+
+
+class ConfigError(UserError, SettingError):
+    """A user mistake in the config, or an output location that cannot be used: one line,
+    naming the setting and the fix (exit code 2, before anything runs)."""
+    code = 2

@@ -1,7 +1,7 @@
 """The pipeline: masks → train → fit → baselines → evaluate, each resumable and runnable alone.
 
 `run(cfg)` validates everything and checks every output location before Ray starts, then
-runs the asked stages (a loop over `orchestrator.stages.STAGES`) under one MLflow parent
+runs the asked stages (a loop over `orchestrator.STAGES`) under one MLflow parent
 run (a nested run per stage) and writes
 summary.json into the experiment's store. The store, not this process's memory, is the
 source of truth: a driver that dies is replaced by submitting the same command again, and
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -19,10 +20,19 @@ import time
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from orchestrator import config as C
-from orchestrator import stages
-from orchestrator.store import Layout, redact
+from orchestrator.analyses import brittleness, compare, counterfactual, embedding, leakage
+from orchestrator.analyses.common import check_datamodels
+from orchestrator.runtime import plan as C
+from orchestrator.runtime.artifacts import Artifacts
+from orchestrator.runtime.context import Context, Stage
+from orchestrator.scheduling import cluster as raycluster
+from orchestrator.scheduling.serve import serve
+from orchestrator.stages import baselines, evaluate, fit, masks, train
+from orchestrator.storage import experiment
+from orchestrator.storage.claims import Claims
+from orchestrator.storage.store import Layout
 from orchestrator.tracking import Tracker
+from orchestrator.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +107,7 @@ def print_table(summary: dict, evaluated: bool = True, ui: str | None = None) ->
         lines.append("LDS from the last evaluation (stage=evaluate was not run this time):")
     lines += table
     ran = summary.get("stage")
-    apps = [s.name for s in stages.STAGES if not s.in_all and isinstance(summary.get(s.name), dict)]
+    apps = [s.name for s in STAGES if not s.in_all and isinstance(summary.get(s.name), dict)]
     apps = [a for a in apps if a == ran] + [a for a in apps if a != ran]     # this run's first
     if ran in apps and summary[ran].get("headline"):
         lines.append(f"{ran}:")
@@ -185,26 +195,30 @@ def _previous_summary(store) -> dict:
     return {}
 
 
-def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
-    from orchestrator import experiment
+def run(cfg: DictConfig, plan: C.Plan | None = None, checked: bool = False) -> dict:
+    """Run the stages `cfg.stage` asks for. `plan`: the config already validated (the CLI's
+    preflight); `checked`: `check(plan)` has run too (so neither is done twice)."""
     plan = plan or C.validate(cfg)
-    C.check_outputs(plan)
-    experiment.check(plan)     # a directory of another experiment is refused here, before any write
-    stage = cfg.stage
-    store = plan.store
-    todo = stages.selected(stage)
-    for st in todo:            # the inputs a stage needs, before MLflow, Ray or any write
-        if st.precheck is not None:
-            st.precheck(plan)
+    if not checked:
+        check(plan)
+    todo = selected(str(cfg.stage))
     tracker = Tracker(plan.tracking_uri, cfg.exp.name, bool(cfg.tracking.required),
                       float(cfg.tracking.timeout_seconds), plan.artifact_root)
     resolved = redacted(OmegaConf.to_container(cfg, resolve=True))
     config_text = OmegaConf.to_yaml(OmegaConf.create(resolved))
     experiment.claim(plan)
-    store.write_bytes(Layout.CONFIG, config_text.encode())
-    scratch = tempfile.mkdtemp(prefix="datamodels-")
-    with open(os.path.join(scratch, "config.yaml"), "w") as f:
-        f.write(config_text)
+    scratch = tempfile.mkdtemp(prefix="datamodels-")       # removed when the run ends
+    try:
+        return _run(cfg, plan, todo, tracker, resolved, config_text, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(cfg: DictConfig, plan: C.Plan, todo: list[Stage], tracker: Tracker, resolved: dict, config_text: str,
+         scratch: str) -> dict:
+    stage, store = cfg.stage, plan.store
+    artifacts = Artifacts(store, tracker, scratch)
+    artifacts.text(Layout.CONFIG, config_text, log=False)
     summary = _previous_summary(store)
     summary.update({"experiment_dir": store.where(), "paths": "relative to experiment_dir",
                     "ledger": Layout.LEDGER, "config_hash": plan.config_hash, "stage": stage, "n": plan.n,
@@ -220,18 +234,15 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
     evaluated = any(st.name == "evaluate" for st in todo)
     with tracker.parent(run_name(cfg, stage, point, plan.config_hash), resolved, tags, store=store,
                         lease=float(cfg.store.lease_seconds), previous=summary.get("mlflow")):
-        tracker.log_artifact(os.path.join(scratch, "config.yaml"))
+        tracker.log_artifact(artifacts.local(Layout.CONFIG))
         if any(st.needs_ray for st in todo):
-            from orchestrator import raycluster
-            from orchestrator.claims import Claims
-            from orchestrator.store import serve
             raycluster.connect(cfg.cluster)
             plan.handle = serve(store)
             plan.claims = Claims(store, float(cfg.store.lease_seconds)).start()
         try:
-            ctx = stages.Context(plan, tracker, resolved, version, summary, scratch)
+            ctx = Context(plan, tracker, resolved, version, summary, scratch)
             for st in todo:
-                stages.run_stage(st, ctx)
+                run_stage(st, ctx)
             index = ctx.ledger_index()
             summary["models"] = {s: index.count(s) for s in ("train", "eval")}
             failed = index.failed_models()
@@ -245,11 +256,7 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
             summary["accuracy"] = accuracy_summary(plan, index)
             if plan.ledger.quarantined:
                 summary["quarantined"] = plan.ledger.quarantined
-            text = json.dumps(summary, indent=2, default=float)
-            store.write_bytes(Layout.SUMMARY, text.encode())
-            with open(os.path.join(scratch, "summary.json"), "w") as f:
-                f.write(text)
-            tracker.log_artifact(os.path.join(scratch, "summary.json"))
+            artifacts.text(Layout.SUMMARY, json.dumps(summary, indent=2, default=float))
             tracker.log_metrics(headline(summary, evaluated))
             if evaluated:        # the run page's description: the table as the terminal shows it
                 tracker.set_tags({"mlflow.note.content": "```\n" + "\n".join(table_lines(summary)) + "\n```"})
@@ -260,3 +267,60 @@ def run(cfg: DictConfig, plan: C.Plan | None = None) -> dict:
                 plan.handle.close()
     print_table(summary, evaluated, tracker.ui_hint())
     return summary
+
+
+def check(plan, hydra_dir: str | None = None) -> None:
+    """Before anything is written: every place the run writes can be written, the cluster it
+    joins answers (when an asked stage needs Ray), and the asked stages' inputs are there
+    (runtime.plan.check_outputs, with what this registry knows of the stages)."""
+    C.check_outputs(plan, hydra_dir, needs_ray=any(st.needs_ray for st in selected(str(plan.cfg.stage))),
+                    inputs=check_inputs)
+
+
+# The stages, in the order stage=all runs them (the settings' list, schema.STAGES, names them
+# too: a test keeps the two the same). Each module's `run(ctx) -> dict` returns its entry of
+# summary.json; its `check(plan)` (given here) runs before anything is written.
+STAGES: tuple[Stage, ...] = (
+    Stage("masks", masks.run),
+    Stage("train", train.run, params="train", needs_ray=True),
+    Stage("fit", fit.run, params="fit", needs_ray=True),
+    Stage("baselines", baselines.run, params="baselines", needs_ray=True),
+    Stage("evaluate", evaluate.run, merged=evaluate.SUMMARY_KEYS, after=evaluate.after),
+    Stage("counterfactual", counterfactual.run, params="counterfactual", needs_ray=True, in_all=False,
+          check=check_datamodels),
+    Stage("brittleness", brittleness.run, params="brittleness", needs_ray=True, in_all=False,
+          check=check_datamodels),
+    Stage("leakage", leakage.run, params="leakage", in_all=False, check=check_datamodels),
+    Stage("embedding", embedding.run, params="embedding", in_all=False, check=check_datamodels),
+    Stage("compare", compare.run, params="compare", in_all=False, check=compare.check),
+)
+
+
+def check_inputs(plan) -> None:
+    """Read-only, before anything is written: the experiment's directory holds this experiment
+    (or none yet), and what the asked stages read is there (their `check`s). One line otherwise."""
+    experiment.check(plan)
+    for st in selected(str(plan.cfg.stage)):
+        if st.check is not None:
+            st.check(plan)
+
+
+def selected(stage: str) -> list[Stage]:
+    """The stages `stage=` asks for: one by name, or all of them in order."""
+    return [s for s in STAGES if stage == s.name or (stage == "all" and s.in_all)]
+
+
+def run_stage(st: Stage, ctx: Context) -> dict:
+    """Run one stage under its own MLflow run; record its entry and duration in the summary."""
+    t0 = time.perf_counter()
+    params = {st.params: ctx.resolved[st.params]} if st.params else None
+    with ctx.tracker.stage(st.name, params):
+        out = st.run(ctx)
+    if st.after is not None:
+        st.after(ctx, out)
+    if st.merged:
+        ctx.summary.update({k: out[k] for k in st.merged if k in out})
+    else:
+        ctx.summary[st.name] = out
+    ctx.summary["timings"][st.name] = time.perf_counter() - t0
+    return out

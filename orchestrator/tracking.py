@@ -17,7 +17,7 @@ the parent run turns SIGTERM into an exception, so every open run is ended). A d
 outright (SIGKILL, a lost node) cannot end its runs: each parent run records its driver
 (`driver.host`, `driver.pid`, `driver.started`), and the next driver on the same experiment
 ends the RUNNING parent runs whose driver is dead, with their nested runs, as KILLED. Dead
-means what it means for claims (orchestrator/claims.py): on this host, the process is gone;
+means what it means for claims (orchestrator/storage/claims.py): on this host, the process is gone;
 on another host, its claims heartbeat in the experiment's store is older than
 `store.lease_seconds`. A driver on another host without a heartbeat is left alone.
 """
@@ -34,6 +34,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from orchestrator.errors import UserError
+from orchestrator.storage.claims import pid_alive
+from orchestrator.storage.store import Layout, writable_dir
+from orchestrator.uris import redact
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError):
     """The MLflow store cannot be used (one line: URI, reason, fix)."""
 
 
@@ -84,7 +89,6 @@ SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "d
 def check_uri(uri: str) -> None:
     """Raise TrackingError unless `uri` is a tracking URI MLflow can open: a mistake in the
     setting itself (refused even with tracking.required=false)."""
-    from orchestrator.store import redact
     if "://" not in uri:
         if ":" in uri.split("/", 1)[0] and not os.path.exists(uri):
             raise TrackingError(f"{redact(uri)} is not a URI MLflow can use; use sqlite:///PATH/mlflow.db, "
@@ -144,8 +148,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     answers within `timeout` seconds; a sqlite database is not an empty file and its
     directory exists, or can be made inside an existing one, and can be written; a file
     store's directory is writable. Writes nothing."""
-    from orchestrator.config import _writable_dir
-    from orchestrator.store import redact
     check_uri(uri)
     db = sqlite_path(uri)
     if db is not None:
@@ -157,7 +159,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"{redact(uri)}: the directory {os.path.dirname(folder)} does not exist (only the "
                                 f"database's own directory is created); create it, or use a path in an existing "
                                 f"directory")
-        why = _writable_dir(folder)
+        why = writable_dir(folder)
         if why:
             raise TrackingError(f"{redact(uri)} cannot be written ({why}); use a writable path")
         if _empty_database(db):
@@ -168,7 +170,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         return
     if "://" not in uri or uri.startswith("file:"):
         path = urllib.parse.urlsplit(uri).path if uri.startswith("file:") else uri
-        why = _writable_dir(os.path.abspath(path))
+        why = writable_dir(os.path.abspath(path))
         if why:
             raise TrackingError(f"{redact(uri)} cannot be written ({why}); use a writable path")
         return
@@ -275,16 +277,15 @@ def driver_tags() -> dict:
 
 def driver_dead(tags: dict, store=None, lease: float = 60.0) -> str | None:
     """Why the driver that `tags` (a run's tags) name is dead, or None if it may be alive.
-    The notion of orchestrator/claims.py: on this host the process is gone (or its pid is
+    The notion of orchestrator/storage/claims.py: on this host the process is gone (or its pid is
     another process's now); on another host its claims heartbeat (`claims/owners/HOST.PID.*`
     in the experiment's store) is older than the lease. No heartbeat: not known dead."""
-    from orchestrator.claims import _pid_alive
     host, pid = tags.get("driver.host"), tags.get("driver.pid", "")
     if not host or not pid.isdigit():
         return None                # a run from before drivers were recorded: not ours to judge
     pid_n = int(pid)
     if host == socket.gethostname():
-        if not _pid_alive(pid_n):
+        if not pid_alive(pid_n):
             return f"its driver {host}.{pid} is gone"
         started, now_started = tags.get("driver.started"), _started(pid_n)
         if started and now_started is not None and abs(float(started) - now_started) > 2:
@@ -292,7 +293,6 @@ def driver_dead(tags: dict, store=None, lease: float = 60.0) -> str | None:
         return None
     if store is None:
         return None
-    from orchestrator.store import Layout
     try:
         beats = [e for e in store.list(f"{Layout.CLAIMS}/owners") if e.name.startswith(f"{host}.{pid}.")]
     except Exception:  # noqa: BLE001 - the store's faults surface where the store is used
@@ -309,7 +309,6 @@ def _same_store(before: str | None, now: str) -> bool:
     """Whether summary.json's `tracking_uri` (possibly written by an older version, which
     printed `sqlite:/rel` for sqlite:///rel and `sqlite://abs` for sqlite:////abs) names the
     store at `now`."""
-    from orchestrator.store import redact
     if not before:
         return False
     if before.startswith("sqlite:") and not before.startswith("sqlite:///"):
@@ -384,7 +383,6 @@ class Tracker:
             self._failed("open the tracking store", err)
 
     def _failed(self, what: str, err: BaseException) -> None:
-        from orchestrator.store import redact
         line = " ".join(str(err).split())[:300]
         msg = f"tracking.uri={redact(self.uri)}: cannot {what} ({line})"  # type: ignore[arg-type]  # enabled
         if self.required:
@@ -455,7 +453,6 @@ class Tracker:
                 raise
             moved = True
         if moved:
-            from orchestrator.store import redact
             log.warning("tracking.uri=%s no longer holds MLflow run %s (experiment %s), which this experiment "
                         "logged before: the store was emptied or replaced, and this run starts a new history "
                         "in it; restore the store from a backup to keep the old one", redact(self.uri),  # type: ignore[arg-type]
@@ -542,7 +539,6 @@ class Tracker:
         if page is None:
             return None
         if self.uri.startswith(("http://", "https://")):  # type: ignore[union-attr]  # a page: enabled
-            from orchestrator.store import redact
             return f"open {redact(self.uri).rstrip('/')}/{page}"  # type: ignore[arg-type]
         import shutil
         import sys

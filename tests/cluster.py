@@ -8,7 +8,7 @@ between nodes except through the store (or Ray). Every process group started her
 stopped here, and only those: `ray stop` would kill every Ray on the machine.
 
 Loopback: Ray 2.60 on Linux swaps a 127.0.0.1 node address for the machine's external one
-unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (see orchestrator/raycluster.py), and with that
+unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (see orchestrator/scheduling/cluster.py), and with that
 variable `ray start --address` refuses to join. The worker launcher below therefore runs
 Ray's own `ray start` entry point with Ray's join check passed and its loopback rewrite
 off, in that one process (its children get the variable); everything else is stock Ray.

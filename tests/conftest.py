@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# The key that signs the ledger's records of checked files (orchestrator.ledger.key_path) lives
+# The key that signs the ledger's records of checked files (orchestrator.storage.ledger.key_path) lives
 # in this test session's own directory, never in the home directory of the machine.
 if "DATAMODELS_KEY_FILE" not in os.environ:
     import tempfile
@@ -36,7 +36,7 @@ def ray_local():
     import ray
     from omegaconf import OmegaConf
 
-    from orchestrator import raycluster
+    from orchestrator.scheduling import cluster as raycluster
     os.chdir(REPO)
     if REPO not in sys.path:
         sys.path.insert(0, REPO)

@@ -1,4 +1,4 @@
-"""stage=leakage, stage=embedding and stage=compare (orchestrator.analysis): the computations on
+"""stage=leakage, stage=embedding and stage=compare (orchestrator.analyses): the computations on
 real digits with planted near-duplicates and on a synthetic W with planted low-rank structure,
 then the stages on two small real experiments (digits, an MLP, two recipes) whose training set
 holds noisy copies of some targets."""
@@ -12,8 +12,14 @@ import shutil
 import numpy as np
 import pytest
 
-from orchestrator import analysis as A
-from orchestrator.config import ConfigError
+from orchestrator.analyses import common as analyses_common
+from orchestrator.analyses import compare as A_compare
+from orchestrator.analyses import embedding as A_embedding
+from orchestrator.analyses import leakage as A_leakage
+from orchestrator.errors import ConfigError
+from orchestrator.metrics import geometry as A
+from orchestrator.plots import analyses as AP
+from orchestrator.settings import schema as AS
 from tests.conftest import compose
 from workers.tasks import ImageClassificationTask
 
@@ -55,17 +61,17 @@ def digits(n=300, T=50):
 # ----------------------------------------------------------------------------- settings
 
 def test_settings_are_checked_in_one_line():
-    conf = A.make_conf(A.LeakageConf, {"top": 3, "threshold": 0.99}, "leakage")
+    conf = AS.make_conf(AS.LeakageConf, {"top": 3, "threshold": 0.99}, "leakage")
     assert (conf.top, conf.threshold, conf.neighbours) == (3, 0.99, 5)
     for cls, section, bad, match in [
-        (A.LeakageConf, "leakage", {"top": 0}, r"leakage.top=0 must be an integer >= 1"),
-        (A.LeakageConf, "leakage", {"threshold": 1.5}, r"leakage.threshold=1.5 must be a number in \[-1.0, 1.0\]"),
-        (A.LeakageConf, "leakage", {"nearest": 3}, r"leakage.nearest is not a setting of stage=leakage"),
-        (A.EmbeddingConf, "embedding", {"components": -1}, r"embedding.components=-1"),
-        (A.CompareConf, "compare", {"show": "x"}, r"compare.show='x' must be an integer"),
+        (AS.LeakageConf, "leakage", {"top": 0}, r"leakage.top=0 must be an integer >= 1"),
+        (AS.LeakageConf, "leakage", {"threshold": 1.5}, r"leakage.threshold=1.5 must be a number in \[-1.0, 1.0\]"),
+        (AS.LeakageConf, "leakage", {"nearest": 3}, r"leakage.nearest is not a setting of stage=leakage"),
+        (AS.EmbeddingConf, "embedding", {"components": -1}, r"embedding.components=-1"),
+        (AS.CompareConf, "compare", {"show": "x"}, r"compare.show='x' must be an integer"),
     ]:
         with pytest.raises(ConfigError, match=match) as err:
-            A.make_conf(cls, bad, section)
+            AS.make_conf(cls, bad, section)
         assert "\n" not in str(err.value)
 
 
@@ -87,8 +93,8 @@ def test_planted_near_duplicates_are_flagged_and_nothing_else():
     rng = np.random.default_rng(0)
     W = rng.normal(0, 0.01, (50, 300)).astype(np.float32)
     W[3, 17], W[8, 150] = 1.0, -0.5              # one copy is the top weight, one is negative
-    conf = A.LeakageConf(top=5, neighbours=3, device="cpu")
-    res = A.find_leakage(x_leaky, x_tg, W, conf)
+    conf = AS.LeakageConf(top=5, neighbours=3, device="cpu")
+    res = A_leakage.find_leakage(x_leaky, x_tg, W, conf)
     p = res["pairs"]
     assert dict(zip(p["target"].tolist(), p["train_id"].tolist())) == PLANTED and len(p["target"]) == 3
     assert (p["neighbour"] == 1).all() and p["similarity"].min() > 0.99 > res["threshold"]
@@ -98,7 +104,7 @@ def test_planted_near_duplicates_are_flagged_and_nothing_else():
     assert ranks[21] == 1 + int((W[21] > W[21, 299]).sum())
     assert res["top1_is_nearest"] >= 1 and res["nearest_in_top"] >= res["top1_is_nearest"]
     # the same data without the copies: nothing is flagged, and the rule's threshold stays high
-    clean = A.find_leakage(x_tr, x_tg, W, conf)
+    clean = A_leakage.find_leakage(x_tr, x_tg, W, conf)
     assert len(clean["pairs"]["target"]) == 0 and clean["threshold"] > clean["nearest_similarity"].max()
 
 
@@ -158,7 +164,7 @@ def overrides(epochs: int) -> list[str]:
 def two_recipes(tmp_path_factory, ray_local):
     """Two small real experiments on the leaky digits task (8 and 3 epochs): (root, plans)."""
     from orchestrator import pipeline
-    from orchestrator.config import validate
+    from orchestrator.runtime.plan import validate
     root = tmp_path_factory.mktemp("analysis")
     plans = []
     for epochs in (8, 3):
@@ -169,7 +175,7 @@ def two_recipes(tmp_path_factory, ray_local):
 
 
 def context(plan, tmp_path):
-    from orchestrator.stages import Context
+    from orchestrator.runtime.context import Context
     from orchestrator.tracking import Tracker
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
@@ -179,7 +185,7 @@ def context(plan, tmp_path):
 @pytest.mark.slow
 def test_leakage_stage_finds_the_planted_copies(two_recipes, tmp_path):
     _, (plan, _) = two_recipes
-    out = A.leakage_stage(context(plan, tmp_path), {"device": "cpu"})
+    out = A_leakage.leakage_stage(context(plan, tmp_path), {"device": "cpu"})
     assert out["targets"] == 50 and out["flagged_pairs"] == 3 and out["flagged_targets"] == 3
     assert out["flagged_in_top"] == 3          # each copy is among its target's 5 largest weights
     store = plan.store
@@ -196,7 +202,7 @@ def test_leakage_stage_finds_the_planted_copies(two_recipes, tmp_path):
 @pytest.mark.slow
 def test_embedding_stage_on_a_real_experiment(two_recipes, tmp_path):
     _, (plan, _) = two_recipes
-    out = A.embedding_stage(context(plan, tmp_path), {"device": "cpu", "extremes": 4})
+    out = A_embedding.embedding_stage(context(plan, tmp_path), {"device": "cpu", "extremes": 4})
     evr = np.array(out["explained_variance_ratio"])
     assert len(evr) == 20 and np.all(np.diff(evr) <= 1e-9) and 0 < evr.sum() <= 1 + 1e-9
     feats = np.array(out["features_explained_variance_ratio"])
@@ -208,15 +214,16 @@ def test_embedding_stage_on_a_real_experiment(two_recipes, tmp_path):
     assert plan.store.exists("embedding_extremes.png") and plan.store.exists("embedding_spectrum.png")
     print("embedding:", np.round(evr[:5], 3), np.round(feats[:5], 3),
           [(c["high"]["classes"], c["low"]["classes"]) for c in out["components"]])
-    with pytest.raises(A.AnalysisError, match=r"embedding.checkpoint=5: no checkpoint .* train.checkpoints>=6"):
-        A.embedding_stage(context(plan, tmp_path), {"device": "cpu", "checkpoint": 5})
+    with pytest.raises(analyses_common.AnalysisError,
+                       match=r"embedding.checkpoint=5: no checkpoint .* train.checkpoints>=6"):
+        A_embedding.embedding_stage(context(plan, tmp_path), {"device": "cpu", "checkpoint": 5})
 
 
 @pytest.mark.slow
 def test_compare_stage_and_its_bad_inputs(two_recipes, tmp_path):
     root, (plan_a, plan_b) = two_recipes
     other = plan_b.store.where()
-    out = A.compare_stage(context(plan_a, tmp_path), {"other": other, "show": 3})
+    out = A_compare.compare_stage(context(plan_a, tmp_path), {"other": other, "show": 3})
     c = out["cosine"]
     assert out["targets"] == 50 and -1 <= c["q00"] <= c["median"] <= c["q100"] <= 1 and c["mean"] > 0.2
     assert [d["cosine"] for d in out["disagree_most"]] == sorted(d["cosine"] for d in out["disagree_most"])
@@ -227,7 +234,7 @@ def test_compare_stage_and_its_bad_inputs(two_recipes, tmp_path):
 
     def refused(other, match):
         with pytest.raises(ConfigError, match=match) as err:
-            A.compare_stage(context(plan_a, tmp_path), {"other": other})
+            A_compare.compare_stage(context(plan_a, tmp_path), {"other": other})
         assert "\n" not in str(err.value) and str(err.value).startswith("compare.other")
 
     refused(None, r"compare.other must be set")
@@ -268,11 +275,11 @@ def test_zero_weights_are_never_shown_as_largest_weights(tmp_path):
     W[3] = np.linspace(1, 2, 300)               # dense: five positive weights
     assert A.positive_top(W, 5)[0].tolist() == [5, 9, -1, -1, -1]
     assert (A.positive_top(W, 5)[1:3] == -1).all() and (A.positive_top(W, 5)[3] >= 0).all()
-    conf = A.LeakageConf(top=5, neighbours=3, device="cpu")
-    res = A.find_leakage(x_tr, x_tg[:4], W, conf)
+    conf = AS.LeakageConf(top=5, neighbours=3, device="cpu")
+    res = A_leakage.find_leakage(x_tr, x_tg[:4], W, conf)
     assert res["nearest_in_top"] <= 2 and res["top1_is_nearest"] <= 2        # rows 1 and 2 have no top example
     names = [str(i) for i in range(10)]
-    rows = [(f"target #{t}", A._top_cells(t, res, W, x_tr, y_tr, x_tg, y_tg, names)) for t in range(4)]
+    rows = [(f"target #{t}", A_leakage._top_cells(t, res, W, x_tr, y_tr, x_tg, y_tg, names)) for t in range(4)]
     captions = [[c[1] for c in cells if c is not None] for _, cells in rows]
     assert [c.split("\n")[0] for c in captions[0][1:3]] == ["+1 " + str(y_tr[5]), "+2 " + str(y_tr[9])]
     assert captions[0][3] == "no more\npositive\nweights" and len(rows[0][1]) == 1 + 5 + 2
@@ -280,7 +287,7 @@ def test_zero_weights_are_never_shown_as_largest_weights(tmp_path):
     assert sum(c.startswith("+") for c in captions[3]) == 5
     assert not any("w=+0 " in c or c.endswith("w=+0") or "w=0" in c for cs in captions for c in cs)
     assert all(len(cells) == 8 for _, cells in rows)                          # the nearest column lines up
-    report = A.plot_rows(rows, "Each target, the training examples with its 5 largest positive datamodel weights "
+    report = AP.plot_rows(rows, "Each target, the training examples with its 5 largest positive datamodel weights "
                                "(+k, weight w; zero weights are not shown) and its nearest neighbour in input space",
                          str(tmp_path / "top.png"))
     assert report["overlaps"] == [], report["overlaps"]
@@ -288,7 +295,7 @@ def test_zero_weights_are_never_shown_as_largest_weights(tmp_path):
 
 
 def test_spectrum_ticks_are_whole_components(tmp_path):
-    rep = A.plot_spectra({"datamodel weights": np.geomspace(0.1, 0.01, 20),
+    rep = AP.plot_spectra({"datamodel weights": np.geomspace(0.1, 0.01, 20),
                           "last-layer features (checkpoint 0)": np.geomspace(0.4, 0.001, 20)}, str(tmp_path / "s.png"))
     assert rep["overlaps"] == []
     assert all(t.lstrip("−-").isdigit() for t in rep["ticks"]["x"][0]), rep["ticks"]["x"]

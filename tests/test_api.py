@@ -1,5 +1,5 @@
 """The Python API over a finished experiment (orchestrator.api) and the interchange with
-MadryLab's datamodels-data layout (orchestrator.interchange), checked against the Parquet
+MadryLab's datamodels-data layout (orchestrator.api.interchange), checked against the Parquet
 files read with pyarrow directly and against evaluate's own scoring."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator import api
-from orchestrator import interchange as I
-from orchestrator.evaluate import score_method
+from orchestrator.api import interchange as I
+from orchestrator.metrics.lds import score_method
 from tests.conftest import REPO, compose
 
 slow = pytest.mark.slow      # the tests on the module's real experiment (~30 s to run it once)
@@ -273,12 +273,12 @@ def test_the_command_line_prints_the_lds_line_and_refuses_in_one_line(tmp_path):
     published_dir(str(tmp_path))
     from tests.test_cli import outside_repo, user_env
     env, cwd = user_env(), outside_repo(tmp_path)      # as installed: outside the repository, no PYTHONPATH
-    ok = subprocess.run([sys.executable, "-m", "orchestrator.interchange", "evaluate", str(tmp_path),
+    ok = subprocess.run([sys.executable, "-m", "orchestrator.api.interchange", "evaluate", str(tmp_path),
                          "--eval-rows", "12"], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert re.fullmatch(r"datamodels \(published\): LDS 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] on 12 eval masks "
                         r"\(12 models\), MSE \d+\.\d{4}\n", ok.stdout), ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "orchestrator.interchange", "evaluate", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "orchestrator.api.interchange", "evaluate", str(tmp_path)],
                          capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("interchange: error: ") and "eval_rows" in bad.stderr

@@ -100,7 +100,7 @@ def run_cli(args, tmp_path, timeout=120, entry="python -m orchestrator"):
     (["experiment=tinyy"], "experiment=tinyy"),
     (["ledger.path=/tmp/x"], "store.uri"),
     (["store.uri=s3://bucket/x?bogus=1"], "store.uri"),
-    # refused by the schema (orchestrator/schema.py) as Hydra composes: a value of the wrong type
+    # refused by the schema (orchestrator/settings/schema.py) as Hydra composes: a value of the wrong type
     # (every typed setting: tests/test_config.py), a key it lacks, even when + adds it
     (["train.epochs=abc"], "train.epochs"),
     (["exp.name=[1]"], "exp.name"),

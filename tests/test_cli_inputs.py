@@ -79,7 +79,7 @@ def test_a_store_uri_of_a_bad_shape_is_one_line_and_never_a_local_path(args, nee
 
 def test_every_shape_of_store_location():
     """What uri_problem accepts and refuses (the command's checks above use it)."""
-    from orchestrator.store import is_remote, local_path, uri_problem
+    from orchestrator.uris import is_remote, local_path, uri_problem
     good = ["runs", "/abs/runs", "./runs", "runs:2024", "file:///abs/runs", "file://localhost/abs", "s3://b",
             "s3://b/p/q?endpoint_override=127.0.0.1:9000&scheme=http", "s3://user:pw@b/p", "gs://b/p", "gcs://b/p",
             "S3://b/p"]
@@ -213,7 +213,7 @@ def test_a_store_root_that_is_a_symlink_is_used(tmp_path):
 def test_the_store_never_writes_moves_or_deletes_through_a_link(tmp_path):
     """Links that appear while a run goes on (after the probe): every write, move, delete and
     listing through one is a StoreError naming it, and nothing outside changes."""
-    from orchestrator.store import Store, StoreError
+    from orchestrator.storage.store import Store, StoreError
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "victim.parquet").write_bytes(b"theirs")

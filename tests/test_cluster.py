@@ -18,8 +18,8 @@ import time
 import psutil
 import pytest
 
-from orchestrator.ledger import Ledger
-from orchestrator.store import Store
+from orchestrator.storage.ledger import Ledger
+from orchestrator.storage.store import Store
 from tests.cluster import Cluster, S3Server, is_loopback, listening_addresses
 
 pytestmark = pytest.mark.slow          # a multi-node Ray cluster: minutes

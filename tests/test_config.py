@@ -1,5 +1,5 @@
 """Every numeric and path setting has a rule (declared with its field in the schema,
-orchestrator/schema.py, and collected in orchestrator/config.py RULES); each rule is tested
+orchestrator/settings/schema.py, and collected in orchestrator/settings/rules.py RULES); each rule is tested
 here with a value it must refuse and one it must accept, through the same checks the command
 line runs before anything starts: composition (the schema's types) and then check_rules."""
 from __future__ import annotations
@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from orchestrator.config import BASELINE_PARAM_RULES, RULES, ConfigError, Rule, check_rules
+from orchestrator.errors import ConfigError
+from orchestrator.settings.rules import BASELINE_PARAM_RULES, RULES, check_rules
 from tests.conftest import compose
+from workers.settings import Rule
 
 # settings that live only in some config groups
 CONTEXT = {"task.model.width": ["task=cifar10_resnet9"], "task.model.hidden": []}
@@ -108,7 +110,7 @@ def test_rules_describe_themselves():
 def test_a_methods_params_are_checked_before_any_work(override, needle, tmp_path):
     import os
 
-    from orchestrator.config import validate
+    from orchestrator.runtime.plan import validate
     with pytest.raises(ConfigError) as err:
         validate(compose([override], tmp_path))
     assert needle in str(err.value) and "\n" not in str(err.value), err.value
@@ -119,7 +121,7 @@ def test_a_methods_params_are_checked_before_any_work(override, needle, tmp_path
     "+baselines.params.if_cg.inverse=woodbury", "+baselines.params.tracin.factored=false",
     "+baselines.params.tracin.layer=[fc1]", "+baselines.params.if_cg.factor_max_rows=100"])
 def test_good_method_params_pass(override, tmp_path):
-    from orchestrator.config import validate
+    from orchestrator.runtime.plan import validate
     validate(compose([override], tmp_path), check_data=False)
 
 
@@ -127,7 +129,7 @@ def test_good_method_params_pass(override, tmp_path):
 def test_malformed_budget_checkpoints_is_one_line_before_any_work(value, tmp_path):
     import os
 
-    from orchestrator.config import validate
+    from orchestrator.runtime.plan import validate
     with pytest.raises(ConfigError, match="baselines.budget_checkpoints"):
         validate(compose(["experiment=tiny", f"baselines.budget_checkpoints={value}"], tmp_path))
     assert not os.path.exists(tmp_path / "runs")
@@ -150,7 +152,7 @@ PRESET_HASHES = {
 
 @pytest.mark.parametrize("overrides", sorted(PRESET_HASHES))
 def test_the_shipped_presets_keep_their_ledger_hash(overrides, tmp_path):
-    from orchestrator.config import config_hash
+    from orchestrator.settings.identity import config_hash
     assert config_hash(compose(list(overrides), tmp_path)) == PRESET_HASHES[overrides]
 
 
@@ -170,7 +172,7 @@ def test_a_preset_holds_only_what_differs_from_the_base_it_extends(group, name, 
     defaults list) and set only what differs: a restated default is a copy."""
     import yaml
 
-    from orchestrator import schema
+    from orchestrator.settings import schema
     raw = yaml.safe_load(open(path)) or {}
     bases = [d for d in raw.pop("defaults", []) if d != "_self_"]
     base = (OmegaConf.to_container(compose([f"{group}={bases[0]}"], tmp_path)[group]) if bases
@@ -186,7 +188,7 @@ def test_the_schema_is_the_single_source_of_the_workers_defaults():
     the same fields with the same defaults, and their rules are the schema's."""
     import dataclasses
 
-    from orchestrator import schema
+    from orchestrator.settings import schema
     from workers.lasso import LassoConfig
     from workers.train import TrainConfig
     for conf, worker in ((schema.TrainConf, TrainConfig), (schema.FitConf, LassoConfig)):

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator import masks as M
 from orchestrator import pipeline
-from orchestrator.config import ConfigError
-from orchestrator.ledger import Ledger
-from orchestrator.removal import Removals
-from orchestrator.store import Store
+from orchestrator.analyses.removal import Removals
+from orchestrator.errors import ConfigError
+from orchestrator.storage import masks as M
+from orchestrator.storage.ledger import Ledger
+from orchestrator.storage.store import Store
 from tests.conftest import compose
 from tests.test_pipeline import PlantedTask, planted_overrides, trained
 
@@ -92,7 +92,7 @@ def test_counterfactual_and_brittleness_on_a_planted_task(tmp_path, ray_local):
 
 
 def pipeline_weights(store, summary):
-    from orchestrator.fit_stage import load_datamodels
+    from orchestrator.storage.datamodels import load_datamodels
     return load_datamodels(store, summary["fit"]["dir"], 8)[0]
 
 
@@ -103,7 +103,7 @@ def pipeline_weights(store, summary):
     ("counterfactual.masks=1", r"counterfactual.masks"),
 ])
 def test_bad_counterfactual_settings_are_one_line(tmp_path, override, match):
-    from orchestrator.config import validate
+    from orchestrator.runtime.plan import validate
     with pytest.raises(ConfigError, match=match) as err:
         validate(compose(planted_overrides(tmp_path, extra=["stage=counterfactual", "counterfactual.ks=[2,5]",
                                                               override]), tmp_path))
@@ -111,14 +111,14 @@ def test_bad_counterfactual_settings_are_one_line(tmp_path, override, match):
 
 
 def test_counterfactual_without_datamodels_is_one_line(tmp_path, capsys):
-    from orchestrator.counterfactual import CounterfactualError
-    with pytest.raises(CounterfactualError, match=r"has no datamodels .* run stage=all \(or stage=fit\) first"):
+    from orchestrator.analyses.common import AnalysisError
+    with pytest.raises(AnalysisError, match=r"has no datamodels .* run stage=all \(or stage=fit\) first"):
         pipeline.run(compose(planted_overrides(tmp_path, extra=["stage=counterfactual", "counterfactual.ks=[2]"]),
                              tmp_path))
 
 
 def test_calibration_by_retraining_is_cross_validated_over_targets():
-    from orchestrator.counterfactual import held_out_slope
+    from orchestrator.metrics.removal import held_out_slope
     rng = np.random.default_rng(0)
     target = np.repeat(np.arange(10), 3)
     p = rng.uniform(1, 5, size=30)
@@ -143,14 +143,15 @@ def test_default_ks_are_cut_to_the_mask_size_and_a_users_are_refused(tmp_path, c
     import logging
     from types import SimpleNamespace
 
-    from orchestrator import counterfactual as CF
-    from orchestrator.config import validate
+    from orchestrator.analyses import counterfactual as CF
+    from orchestrator.runtime.plan import validate
+    from orchestrator.settings import analyses as analysis_settings
     for stage in ("brittleness", "counterfactual"):
         cfg = compose(["experiment=tiny", f"stage={stage}"], tmp_path)
         plan = validate(cfg)                                         # the defaults pass
-        ks, dropped = CF.stage_ks(cfg, stage, 150)
+        ks, dropped = analysis_settings.stage_ks(cfg, stage, 150)
         assert (ks, dropped) == (([5, 10, 20, 40, 80], [160]) if stage == "brittleness" else ([10, 20, 50], []))
-        with caplog.at_level(logging.INFO, logger="orchestrator.counterfactual"):
+        with caplog.at_level(logging.INFO, logger="orchestrator.analyses.counterfactual"):
             assert CF.resolved_ks(SimpleNamespace(plan=plan), stage) == ks
         left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
         assert left_out == ([] if stage == "counterfactual" else [
@@ -160,8 +161,8 @@ def test_default_ks_are_cut_to_the_mask_size_and_a_users_are_refused(tmp_path, c
     # a smaller training set: every default above the mask size is left out, the mask size if none is left
     cfg = compose(["experiment=tiny", "stage=counterfactual", "task.n_train=30"], tmp_path)
     validate(cfg)
-    assert CF.stage_ks(cfg, "counterfactual", 15) == ([10], [20, 50])
-    assert CF.stage_ks(cfg, "counterfactual", 4) == ([4], [10, 20, 50])
+    assert analysis_settings.stage_ks(cfg, "counterfactual", 15) == ([10], [20, 50])
+    assert analysis_settings.stage_ks(cfg, "counterfactual", 4) == ([4], [10, 20, 50])
     # the user's own k above the mask size: refused in one line, before any work
     for override, match in [("brittleness.ks=[5,160]", r"brittleness.ks: 160 must be .* mask size 150"),
                             ("counterfactual.ks=[10,151]", r"counterfactual.ks: 151 must be .* mask size 150"),

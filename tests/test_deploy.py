@@ -363,7 +363,7 @@ def compose_errors(args: list[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    import orchestrator.schema  # noqa: F401  (registers the structured configs)
+    import orchestrator.settings.schema  # noqa: F401  (registers the structured configs)
     try:
         parsed = get_args_parser().parse_args(args)
     except SystemExit:
@@ -787,7 +787,7 @@ def test_build_context_has_the_sources_and_no_run_outputs(tmp_path):
         text = f.read()
     needed = needed_in_context(repo_files())
     assert {"pyproject.toml", "constraints.txt", "README.md", "conf/config.yaml",
-            "orchestrator/ledger.py", "workers/checkpoints.py",
+            "orchestrator/storage/ledger.py", "workers/checkpoints.py",
             "hydra_plugins/datamodels_launcher/__init__.py"} <= needed
     problems = context_problems(text, tmp_path)
     assert not problems, "deploy/Dockerfile.dockerignore:\n" + "\n".join(problems)

@@ -162,7 +162,7 @@ def test_mlflow_ui_shows_the_runs_the_headline_and_the_plots(tiny):
 
 def test_a_vanished_baseline_is_an_error_at_evaluate(tiny):
     """A baseline whose scores vanished is an error at evaluate, never a silent omission."""
-    from orchestrator.baselines_stage import BaselinesError
+    from orchestrator.storage.scores import BaselinesError
     root, summary = tiny
     scores = os.path.join(summary["experiment_dir"], "scores")
     trak = [f for f in os.listdir(scores) if f.startswith("trak-")]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from orchestrator import evaluate as E
-from orchestrator import masks as M
-from orchestrator.ledger import Identity, Ledger, LedgerError
-from orchestrator.store import Store
+from orchestrator.metrics import lds as E
+from orchestrator.storage import evalset as E_evalset
+from orchestrator.storage import masks as M
+from orchestrator.storage.ledger import Identity, Ledger, LedgerError
+from orchestrator.storage.store import Store
 from workers import bits
 
 # ----------------------------------------------------------------------------- lds_per_target
@@ -190,7 +191,7 @@ def test_eval_set_averages_replicas_of_each_mask(tmp_path):
                                        [[0, 1], [1, 2], [2, 4], [5, 5], [np.nan, 1]]))
     led.write_unit("eval-b", eval_rows([2, 0], [1, 2], [[1, 0], [6, 0]]))
     led.write_unit("train-a", eval_rows([0], [0], [[100, 100]], mask_set="train"))
-    X, Y, counts = E.eval_set(Ledger(Store(str(tmp_path)), IDENT), n=10, n_targets=2)
+    X, Y, counts = E_evalset.eval_set(Ledger(Store(str(tmp_path)), IDENT), n=10, n_targets=2)
     # model 0: mean of [1, 2], [2, 4], [6, 0] = [3, 2]; model 1: [5, 5]; model 2: mean of [0, 1], [1, 0]
     assert Y.dtype == np.float32
     assert np.array_equal(Y, np.array([[3, 2], [5, 5], [0.5, 0.5]], np.float32))
@@ -208,4 +209,4 @@ def test_eval_set_refuses_replicas_with_different_masks(tmp_path):
     led = Ledger(Store(str(tmp_path)))
     led.write_unit("eval-a", eval_rows([0, 1, 1], [0, 0, 1], [[1, 1], [2, 2], [3, 3]], masks=masks))
     with pytest.raises(LedgerError, match="differ between replicas"):
-        E.eval_set(led, n=10, n_targets=2)
+        E_evalset.eval_set(led, n=10, n_targets=2)

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from orchestrator import pipeline
-from orchestrator.ledger import Ledger
-from orchestrator.store import Store
+from orchestrator.storage.ledger import Ledger
+from orchestrator.storage.store import Store
 from tests.conftest import compose
 from tests.test_cli import run_cli, user_command, user_env
 from tests.test_pipeline import planted_overrides, trained_seeds
@@ -140,7 +140,7 @@ def test_two_drivers_at_once_share_the_work(tmp_path, where, request):
     seeds = trained_seeds(tmp_path / "count")
     counts = collections.Counter(seeds)
     twice = sum(1 for c in counts.values() if c > 1)
-    from orchestrator.config import validate
+    from orchestrator.runtime.plan import validate
     plan = validate(compose(over, tmp_path))
     index = plan.ledger.index()
     report(f"two drivers ({where} store)", models_lost=EXPECTED - index.count("train") - index.count("eval"),

@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from orchestrator import pipeline
-from orchestrator.ledger import Ledger
-from orchestrator.store import Store
-from orchestrator.workpool import Item, unit_deadline
+from orchestrator.scheduling.workpool import Item, unit_deadline
+from orchestrator.storage.ledger import Ledger
+from orchestrator.storage.store import Store
 from tests.conftest import compose
 from tests.test_faults import EXPECTED, report, train_workers
 from tests.test_pipeline import planted_overrides, trained_seeds
@@ -71,7 +71,7 @@ def test_stopped_training_actor_is_declared_lost_and_replaced(tmp_path, ray_loca
     finishes with every model in the ledger exactly once."""
     over = planted_overrides(tmp_path, extra=["stage=train", f"train.models_per_unit={PER_UNIT}",
                                               "+task.delay=0.05", f"train.unit_timeout_seconds={DEADLINE}"])
-    caplog.set_level(logging.WARNING, logger="orchestrator.workpool")
+    caplog.set_level(logging.WARNING, logger="orchestrator.scheduling.workpool")
     state: dict = {}
     finished = threading.Event()
 
@@ -113,7 +113,7 @@ def test_stopped_training_actor_is_declared_lost_and_replaced(tmp_path, ray_loca
     seeds = trained_seeds(tmp_path / "count")
     twice = sum(1 for c in collections.Counter(seeds).values() if c > 1)
     hung = [r.getMessage() for r in caplog.records
-            if r.name == "orchestrator.workpool" and "no progress" in r.getMessage()]
+            if r.name == "orchestrator.scheduling.workpool" and "no progress" in r.getMessage()]
     pool = s["train"]["pool"]
     report("training actor SIGSTOPped and left stopped", deadline_s=DEADLINE, warnings=len(hung),
            timeouts=pool.get("timeouts"), worker_deaths=pool["worker_deaths"],
@@ -145,14 +145,14 @@ def test_hung_task_is_cancelled_and_resubmitted_on_the_automatic_deadline(tmp_pa
     """Stateless tasks (the fit stage's kind): the automatic deadline (a few times the median
     of the items finished so far; its 60 s floor lowered so that the test is quick) cancels
     the hung task, the item runs again, and a late result would be ignored."""
-    from orchestrator.workpool import Pool
+    from orchestrator.scheduling.workpool import Pool
     ray = ray_local
     remote = ray.remote(_chunk).options(num_cpus=0.5, max_retries=0)
     results: list[str] = []
     pool = Pool("hang-test", submit=lambda _, key: remote.remote(key, str(tmp_path)), capacity=lambda: 2,
                 per_worker=1, on_result=lambda item, out: results.append(out), poll_seconds=0.2)
     pool.floor = 5.0
-    caplog.set_level(logging.WARNING, logger="orchestrator.workpool")
+    caplog.set_level(logging.WARNING, logger="orchestrator.scheduling.workpool")
     keys = ["b", "a", "c", "d", "e", "f"]
     stats = pool.run([Item(k, k) for k in keys])
     hung = [r.getMessage() for r in caplog.records if "no progress" in r.getMessage()]
@@ -172,7 +172,7 @@ def _always_hangs(key: str) -> str:
 def test_an_item_that_hangs_on_every_worker_fails_the_run_in_one_line(ray_local):
     """An item that makes no progress on `item_workers` workers in turn is the item's own
     fault: the run stops with one line naming it and the setting, not a retry forever."""
-    from orchestrator.workpool import Pool, PoolError
+    from orchestrator.scheduling.workpool import Pool, PoolError
     remote = ray_local.remote(_always_hangs).options(num_cpus=0.5, max_retries=0)
     pool = Pool("hang-test", submit=lambda _, key: remote.remote(key), capacity=lambda: 2, per_worker=1,
                 item_workers=2, poll_seconds=0.2, timeout=3, timeout_setting="train.unit_timeout_seconds")

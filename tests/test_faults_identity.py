@@ -13,10 +13,10 @@ import shutil
 import pytest
 
 from orchestrator import pipeline
-from orchestrator.config import ConfigError
-from orchestrator.fit_stage import DatamodelsError
-from orchestrator.ledger import Ledger
-from orchestrator.store import Layout, Store
+from orchestrator.errors import ConfigError
+from orchestrator.storage.datamodels import DatamodelsError
+from orchestrator.storage.ledger import Ledger
+from orchestrator.storage.store import Layout, Store
 from tests.conftest import compose
 from tests.test_pipeline import planted_overrides, trained
 

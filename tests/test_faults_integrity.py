@@ -25,14 +25,14 @@ import pytest
 import torch
 
 import workers.checkpoints as C
-from orchestrator import masks as M
 from orchestrator import pipeline
-from orchestrator.ledger import Identity, Ledger
-from orchestrator.store import DIGESTS_KEY, Layout, Store
+from orchestrator.storage import masks as M
+from orchestrator.storage.ledger import Identity, Ledger
+from orchestrator.storage.store import DIGESTS_KEY, Layout, Store
 from tests.conftest import compose
 from tests.test_pipeline import PlantedTask, planted_overrides, trained
 
-CKPT_LOG = "orchestrator.train_stage"
+CKPT_LOG = "orchestrator.storage.checkpoints"
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,7 @@ def test_train_stage_retrains_every_checkpoint_that_fails(tmp_path, caplog):
     """missing_checkpoints verifies each checkpoint: corrupt, another experiment's, another
     model's, written without a digest, truncated or absent all count as missing; the files are
     moved to checkpoints/_quarantine/ (one line each, naming the file), nothing is deleted."""
-    from orchestrator.train_stage import missing_checkpoints
+    from orchestrator.storage.checkpoints import missing_checkpoints
     store = Store(str(tmp_path / "exp"))
     rng = np.random.default_rng(6)
     states = [small_state(i) for i in range(6)]
@@ -156,7 +156,7 @@ def test_train_stage_retrains_every_checkpoint_that_fails(tmp_path, caplog):
 def test_scores_record_their_checkpoints(tmp_path, caplog):
     """A scores file counts as done only for the checkpoints it records; one written before
     files recorded them is recomputed (one warning naming it)."""
-    from orchestrator import baselines_stage as B
+    from orchestrator.storage import scores as B
     store = Store(str(tmp_path / "exp"))
     S = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
     store.write_table("scores/a.parquet", B.scores_table(S, {"method": "trak", "checkpoint_digests": ["d0", "d1"]}))
@@ -239,7 +239,7 @@ def test_forged_record_lets_no_foreign_rows_through(tmp_path, caplog):
         name = foreign.rsplit("/", 1)[1]
         key = None
         if attempt == "this machine's key":
-            from orchestrator.ledger import key_path
+            from orchestrator.storage.ledger import key_path
             key = bytes.fromhex(open(key_path()).read().strip())
         forge_records(tmp_path, IDENT, [name], sign_with=key)
         caplog.clear()
@@ -288,7 +288,7 @@ def ckpt(where, i) -> str:
 
 
 def scores(where) -> tuple[np.ndarray, dict]:
-    from orchestrator import baselines_stage as B
+    from orchestrator.storage import scores as B
     rel = [e.rel for e in Store(where).list("scores", ".parquet")]
     assert len(rel) == 1
     return B.read_scores(Store(where), rel[0])
@@ -296,9 +296,10 @@ def scores(where) -> tuple[np.ndarray, dict]:
 
 @pytest.mark.slow
 def test_corrupt_checkpoints_are_retrained_never_read(tmp_path, tiny_runs):
-    from orchestrator import analysis as A
-    from orchestrator.baselines_stage import BaselinesError
-    from orchestrator.config import validate
+    from orchestrator.analyses import common as A
+    from orchestrator.analyses import embedding as A_embedding
+    from orchestrator.runtime.plan import validate
+    from orchestrator.storage.scores import BaselinesError
     where = copy_of(tiny_runs["A"], tmp_path)
     originals = [open(ckpt(where, i), "rb").read() for i in range(3)]
     clean, clean_meta = scores(where)
@@ -315,7 +316,7 @@ def test_corrupt_checkpoints_are_retrained_never_read(tmp_path, tiny_runs):
     assert "baselines.params" not in line
     plan = validate(compose(tiny_overrides(), tmp_path))
     with pytest.raises(A.AnalysisError) as err2:
-        A.last_layer_features(plan, 2, "cpu")
+        A_embedding.last_layer_features(plan, 2, "cpu")
     assert "\n" not in str(err2.value) and ckpt(where, 2) in str(err2.value)
     assert "run stage=train to retrain it" in str(err2.value)
 
@@ -324,7 +325,7 @@ def test_corrupt_checkpoints_are_retrained_never_read(tmp_path, tiny_runs):
     assert s["train"]["models_trained"] == 2
     assert len(os.listdir(os.path.join(where, "checkpoints", "_quarantine"))) == 2
     assert [open(ckpt(where, i), "rb").read() for i in range(3)] == originals
-    assert A.last_layer_features(plan, 2, "cpu").shape == (plan.n_targets, 32)    # the MLP's hidden layer
+    assert A_embedding.last_layer_features(plan, 2, "cpu").shape == (plan.n_targets, 32)    # the MLP's hidden layer
     s = pipeline.run(compose(tiny_overrides(["stage=baselines"]), tmp_path))
     assert s["baselines"]["methods"]["trak"]["cached"] is True
     got, meta = scores(where)
@@ -352,7 +353,7 @@ def test_corrupt_checkpoints_are_retrained_never_read(tmp_path, tiny_runs):
 
 @pytest.mark.slow
 def test_a_checkpoint_of_another_experiment_is_refused(tmp_path, tiny_runs):
-    from orchestrator.baselines_stage import BaselinesError
+    from orchestrator.storage.scores import BaselinesError
     where = copy_of(tiny_runs["A"], tmp_path)
     original = open(ckpt(where, 0), "rb").read()
     clean, _ = scores(where)
@@ -378,7 +379,7 @@ def test_forged_record_in_the_pipeline_fits_no_foreign_rows(tmp_path, ray_local)
     """Another experiment's 50 rows (another seed, another task) under this experiment's config
     hash, valid digests, named in forged records of checked files: the next run quarantines
     them, trains those 50 models for real, and fits and scores exactly what a clean run does."""
-    from orchestrator.config import validate
+    from orchestrator.runtime.plan import validate
     ref_root = tmp_path / "ref"
     ref = pipeline.run(compose(planted_overrides(ref_root, extra=["masks.n_train=450"]), ref_root))
     over = planted_overrides(tmp_path)

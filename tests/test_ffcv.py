@@ -146,8 +146,8 @@ def test_cli_refuses_ffcv_loader_when_not_installed(tmp_path):
 @needs_ffcv
 def test_train_stage_on_ray_with_ffcv_loader(tmp_path):
     """Persistent Ray actors stream from one shared .beton: the ledger fills, a re-run trains nothing."""
-    from orchestrator.ledger import Ledger
-    from orchestrator.store import Store
+    from orchestrator.storage.ledger import Ledger
+    from orchestrator.storage.store import Store
     from tests.test_cli import run_cli
     args = ["experiment=tiny", "stage=train", "masks.n_train=20", "masks.n_eval=4", "train.models_per_unit=10",
             "train.models_per_step=5", "train.loader=ffcv", f"train.ffcv_dir={tmp_path}/beton",

@@ -309,7 +309,8 @@ def test_relaxed_at_phi_one_is_the_lasso_bitwise(backend):
 
 
 def test_bad_debias_is_one_clear_error(tmp_path):
-    from orchestrator.config import ConfigError, check_rules
+    from orchestrator.errors import ConfigError
+    from orchestrator.settings.rules import check_rules
     from tests.conftest import compose
     from workers.settings import SettingError
     P, Y, _ = planted(50, 16, 1)
@@ -329,8 +330,8 @@ def test_store_dir_of_the_default_fit_is_unchanged_by_debias():
     (runs/fmnist_mlp-6693add97e/datamodels/m4000-torch-a969545d); a debiased fit gets its own."""
     from omegaconf import OmegaConf
 
-    from orchestrator.fit_stage import store_dir
-    from orchestrator.schema import FitConf
+    from orchestrator.settings.schema import FitConf
+    from orchestrator.storage.datamodels import store_dir
     fit_cfg = OmegaConf.to_container(OmegaConf.structured(FitConf), resolve=True)
     assert fit_cfg["debias"] == "none"
     assert store_dir(4000, fit_cfg) == "datamodels/m4000-torch-a969545d"

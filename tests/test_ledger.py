@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import masks as M
-from orchestrator.ledger import FAILED_NONFINITE, Identity, Ledger, LedgerError, unit_table
-from orchestrator.store import Store
+from orchestrator.storage import masks as M
+from orchestrator.storage.ledger import FAILED_NONFINITE, Identity, Ledger, LedgerError, unit_table
+from orchestrator.storage.store import Store
 from workers import bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ def test_shape_mismatch_is_one_line_error(tmp_path):
 def _write_raw(path, table):
     import json
 
-    from orchestrator.store import DIGESTS_KEY, table_digests
+    from orchestrator.storage.store import DIGESTS_KEY, table_digests
     meta = {DIGESTS_KEY: json.dumps(table_digests(table)).encode()}
     pq.write_table(table.replace_schema_metadata(meta), path)
 
@@ -213,8 +213,8 @@ def test_random_overwrites_never_read_as_rows(tmp_path):
 WRITER = r"""
 import sys, numpy as np
 sys.path.insert(0, {repo!r})
-from orchestrator.ledger import Ledger
-from orchestrator.store import Store
+from orchestrator.storage.ledger import Ledger
+from orchestrator.storage.store import Store
 from workers import bits
 k, n, T = 40000, 64, 1500
 led = Ledger(Store({path!r}))
@@ -256,7 +256,7 @@ def test_masks_checked_once_per_file_content_and_experiment(tmp_path, monkeypatc
     picked at random. A file rewritten under a recorded name, a record that does not parse,
     another experiment's reader and a record that cannot be written all fall back to the full
     check. The key that signs the record is created 0600 outside the store."""
-    from orchestrator.ledger import SPOT_ROWS
+    from orchestrator.storage.ledger import SPOT_ROWS
     key = tmp_path / "home" / "ledger.key"
     monkeypatch.setenv("DATAMODELS_KEY_FILE", str(key))
     calls = []

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from orchestrator import masks as M
+from orchestrator.storage import masks as M
 
 
 @pytest.mark.parametrize("n,alpha", [(1000, 0.5), (101, 0.1), (7, 0.75), (50000, 0.25)])

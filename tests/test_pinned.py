@@ -27,12 +27,12 @@ PRESETS = {
 
 @pytest.mark.parametrize("overrides", sorted(PRESETS))
 def test_config_hash_of_every_preset(overrides, tmp_path):
-    from orchestrator.config import config_hash
+    from orchestrator.settings.identity import config_hash
     assert config_hash(compose(list(overrides), tmp_path)) == PRESETS[overrides]
 
 
 def test_layout_paths():
-    from orchestrator.store import Layout
+    from orchestrator.storage.store import Layout
     got = [Layout.unit("train-000003", "0123456789abcdef"), Layout.unit("eval-000000", "ff", "counterfactual/x/ledger"),
            Layout.quarantine(), Layout.checked("k"), Layout.checkpoint("train", 12, 0),
            Layout.datamodels(4000, "torch", "a969545d"),
@@ -49,9 +49,9 @@ def test_layout_paths():
 
 
 def test_unit_names_and_their_content_digest():
-    from orchestrator.ledger import unit_table
-    from orchestrator.store import content_digest, table_digests
-    from orchestrator.train_stage import expected_keys, plan_units
+    from orchestrator.stages.train import expected_keys, plan_units
+    from orchestrator.storage.ledger import unit_table
+    from orchestrator.storage.store import content_digest, table_digests
     expected = expected_keys(250, 7, 3)
     pending = {k for keys in expected.values() for k in keys if k[1] % 3}
     units = plan_units(expected, pending, 100)
@@ -68,8 +68,8 @@ def test_unit_names_and_their_content_digest():
 
 
 def test_record_of_checked_files_is_keyed_as_before(tmp_path, monkeypatch):
-    from orchestrator.ledger import Identity, Ledger
-    from orchestrator.store import Store
+    from orchestrator.storage.ledger import Identity, Ledger
+    from orchestrator.storage.store import Store
     key = tmp_path / "key" / "ledger.key"
     key.parent.mkdir()
     key.write_text("00" * 32)
@@ -82,15 +82,16 @@ def test_record_of_checked_files_is_keyed_as_before(tmp_path, monkeypatch):
 def test_datamodels_and_scores_names(tmp_path):
     from omegaconf import OmegaConf
 
-    from orchestrator import baselines_stage as B
-    from orchestrator import fit_stage
+    from orchestrator.settings import names as fit_stage_names
+    from orchestrator.storage import datamodels as fit_stage
+    from orchestrator.storage import scores as B
     cfg = compose([], tmp_path)
     fit_cfg = OmegaConf.to_container(cfg.fit, resolve=True)
     models = fit_stage.models_key("abcdef0123", np.arange(4000))
     assert [fit_stage.store_dir(4000, fit_cfg), fit_stage.store_dir(4000, fit_cfg, models),
             fit_stage.store_dir(500, fit_cfg, fit_stage.models_key("abcdef0123", np.arange(500)))] == [
         "datamodels/m4000-torch-a969545d", "datamodels/m4000-torch-8d4767e6", "datamodels/m500-torch-7f0f3a88"]
-    assert fit_stage.prefix_sizes(fit_cfg, 4000) == [500, 1000, 2000]
+    assert fit_stage_names.prefix_sizes(fit_cfg, 4000) == [500, 1000, 2000]
     assert B.wanted_files(cfg) == {
         "trak": {1: "scores/trak-k1-f681f1c0.parquet", 2: "scores/trak-k2-526d885d.parquet",
                  5: "scores/trak-k5-eddecd53.parquet"},
@@ -100,7 +101,7 @@ def test_datamodels_and_scores_names(tmp_path):
 
 
 def test_score_method_on_fixed_arrays():
-    from orchestrator.evaluate import score_method
+    from orchestrator.metrics.lds import score_method
     rng = np.random.default_rng(5)
     X = rng.random((40, 30)) < 0.5
     W = rng.normal(size=(6, 30)).astype(np.float32)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from orchestrator import pipeline
-from orchestrator.ledger import Ledger
-from orchestrator.store import Store
+from orchestrator.storage.ledger import Ledger
+from orchestrator.storage.store import Store
 from tests.conftest import compose
 
 pytestmark = pytest.mark.slow          # whole pipelines on Ray: 10-20 s each
@@ -100,7 +100,7 @@ def test_planted_model_recovered_and_resume_trains_nothing(tmp_path, ray_local):
     assert lds["ci95"][0] <= lds["mean"] <= lds["ci95"][1]
 
     # the planted weights are what the fit recovered
-    from orchestrator.fit_stage import load_datamodels
+    from orchestrator.storage.datamodels import load_datamodels
     W, b, _ = load_datamodels(Store(summary["experiment_dir"]), summary["fit"]["dir"], 8)
     task = PlantedTask(60, 8)
     assert np.corrcoef(W.ravel(), task.W.ravel())[0, 1] > 0.95

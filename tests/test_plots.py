@@ -11,9 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator import baselines_stage as B
-from orchestrator import evaluate as E
-from orchestrator.store import Layout, Store
+from orchestrator.metrics import compute as E_compute
+from orchestrator.plots import evaluate as eval_plots
+from orchestrator.plots import style as E
+from orchestrator.settings import names
+from orchestrator.stages import baselines as baselines_stage
+from orchestrator.stages import evaluate as evaluate_stage
+from orchestrator.storage import scores as B
+from orchestrator.storage.store import Layout, Store
 from tests.conftest import compose
 from workers import bits
 
@@ -53,13 +58,15 @@ def test_class_names_of_the_shipped_datasets():
     assert E.class_names(None, 2) == ["0", "1"]
     assert E.class_names("fashion_mnist", 4) == ["0", "1", "2", "3"]   # not the dataset's class count
     # from a task: its dataset, or its own names where it has them
-    task = SimpleNamespace(data_cfg={"name": "fashion_mnist"})
+    from workers.tasks import ImageClassificationTask
+    task = ImageClassificationTask.__new__(ImageClassificationTask)     # its names are its dataset's
+    task.data_cfg = {"name": "fashion_mnist"}
     assert E.task_class_names(task, 10)[7] == "Sneaker"
     assert E.task_class_names(SimpleNamespace(class_names=["cat", "dog"]), 2) == ["cat", "dog"]
     assert E.task_class_names(object(), 2) == ["0", "1"]
     # every shipped dataset has names
-    from workers.data import DATASETS
-    assert set(DATASETS) <= set(E.CLASS_NAMES)
+    from workers.data import CLASS_NAMES, DATASETS
+    assert set(DATASETS) <= set(CLASS_NAMES)
 
 
 def test_method_order_is_datamodels_then_alphabetical():
@@ -75,7 +82,7 @@ def test_method_order_is_datamodels_then_alphabetical():
 def test_plot_lds_writes_a_readable_png(tmp_path):
     results, per_target = synthetic_results()
     path = tmp_path / "lds.png"
-    E.plot_lds(results, per_target, str(path))
+    eval_plots.plot_lds(results, per_target, str(path))
     w, h = png_size(path)
     assert 700 <= w <= 1600 and 300 <= h <= 1200, (w, h)
     assert os.path.getsize(path) > 10_000
@@ -88,13 +95,13 @@ def test_plot_lds_vs_compute_with_budget_curves(tmp_path):
     budgets = {name: {str(k): {"mean": 0.1 * k, "ci95": [0.1 * k - 0.02, 0.1 * k + 0.02], "seconds": 2.0 * k}
                       for k in (1, 2, 3)} for name in ("trak", "tracin")}
     path = tmp_path / "c.png"
-    E.plot_lds_vs_compute(results, curve, str(path), budgets)
+    eval_plots.plot_lds_vs_compute(results, curve, str(path), budgets)
     w, h = png_size(path)
     assert 700 <= w <= 1600 and 400 <= h <= 1200, (w, h)
     assert os.path.getsize(path) > 15_000
     # no curve, no budgets, a method without seconds: still a plot
     results["representer"]["seconds"] = None
-    E.plot_lds_vs_compute(results, {}, str(tmp_path / "d.png"))
+    eval_plots.plot_lds_vs_compute(results, {}, str(tmp_path / "d.png"))
     assert os.path.getsize(tmp_path / "d.png") > 10_000
 
 
@@ -105,7 +112,7 @@ def test_plot_top_examples_with_class_names(tmp_path):
     target_images = rng.integers(0, 256, (T, 1, 8, 8), dtype=np.uint8)
     weights = {m: rng.normal(size=(T, n)) for m in ("trak", "datamodels")}
     path = tmp_path / "top.png"
-    E.plot_top_examples(weights, images, target_images, [0, 1], str(path), top=5,
+    eval_plots.plot_top_examples(weights, images, target_images, [0, 1], str(path), top=5,
                         train_labels=rng.integers(0, 10, n), target_labels=rng.integers(0, 10, T),
                         names=E.class_names("fashion_mnist", 10))
     w, h = png_size(path)
@@ -113,7 +120,7 @@ def test_plot_top_examples_with_class_names(tmp_path):
     assert 1100 <= w <= 1800 and 500 <= h <= 900, (w, h)
     assert os.path.getsize(path) > 20_000
     # colour images (CIFAR layout) and no labels at all
-    E.plot_top_examples({"trak": weights["trak"]}, rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8),
+    eval_plots.plot_top_examples({"trak": weights["trak"]}, rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8),
                         rng.integers(0, 256, (T, 3, 8, 8), dtype=np.uint8), [2], str(tmp_path / "rgb.png"), top=3)
     assert png_size(tmp_path / "rgb.png")[0] > 500
 
@@ -190,7 +197,7 @@ def test_compute_method_writes_one_file_per_budget(digits, tmp_path):
     for i, state in enumerate(d.ckpts):
         store.write_bytes(Layout.checkpoint("train", i, 0), to_bytes(state))
     cfg = d.cfg
-    assert int(cfg.baselines.checkpoints) == 3 and B.budget_sizes(cfg) == [1, 2]
+    assert int(cfg.baselines.checkpoints) == 3 and names.budget_sizes(cfg) == [1, 2]
     files = B.wanted_files(cfg)
     params = OmegaConf.to_container(cfg.baselines.params.trak)
     assert files["trak"] == {k: B.scores_file("trak", params, k) for k in (1, 2, 3)}
@@ -200,7 +207,7 @@ def test_compute_method_writes_one_file_per_budget(digits, tmp_path):
     task_cfg["n_targets"] = 12                                         # fewer targets: seconds, not minutes
     from hydra.utils import instantiate
     _, x_tr, y_tr, x_tg, y_tg = instantiate(task_cfg, _convert_="all").attribution_inputs()
-    written = B.compute_method(task_cfg, "trak", params, 3, files["trak"], 1, Handle(store))
+    written = baselines_stage.compute_method(task_cfg, "trak", params, 3, files["trak"], 1, Handle(store))
     assert sorted(written) == [1, 2, 3]
     for k in (1, 2, 3):
         S, meta = B.read_scores(store, files["trak"][k])
@@ -212,13 +219,14 @@ def test_compute_method_writes_one_file_per_budget(digits, tmp_path):
         assert B.scores_ok(store, files["trak"][k], 300, 12) == meta
     # only a lost budget file: the task scores just the checkpoints it needs, writes only it
     store.delete(files["trak"][1])
-    again = B.compute_method(task_cfg, "trak", params, 3, {1: files["trak"][1]}, 1, Handle(store))
+    again = baselines_stage.compute_method(task_cfg, "trak", params, 3, {1: files["trak"][1]}, 1, Handle(store))
     assert list(again) == [1] and len(again[1]["checkpoint_seconds"]) == 1
     # a malformed budget list is a config error naming the setting
-    from orchestrator.config import ConfigError
+    from orchestrator.errors import ConfigError
     with pytest.raises(ConfigError, match="baselines.budget_checkpoints"):
-        B.budget_sizes(compose(["experiment=tiny", "baselines.budget_checkpoints=[0]"], tmp_path))
-    assert B.budget_sizes(compose(["experiment=tiny", "baselines.budget_checkpoints=[2,5,1,2]"], tmp_path)) == [1, 2]
+        names.budget_sizes(compose(["experiment=tiny", "baselines.budget_checkpoints=[0]"], tmp_path))
+    sizes = names.budget_sizes(compose(["experiment=tiny", "baselines.budget_checkpoints=[2,5,1,2]"], tmp_path))
+    assert sizes == [1, 2]
     assert B.budget_files(compose(["experiment=tiny", "baselines.budget_checkpoints=[]"], tmp_path)) == {}
 
 
@@ -254,11 +262,11 @@ def fake_plan(tmp_path, n=40, T=6, e=12, overrides=()):
 
 
 def test_evaluate_counts_checkpoint_training_and_draws_budget_curves(tmp_path):
-    from orchestrator import fit_stage
+    from orchestrator.storage import datamodels as fit_stage
     plan, Wtrue = fake_plan(tmp_path)
     n, T = plan.n, plan.n_targets
     rng = np.random.default_rng(1)
-    from orchestrator.store import Layout
+    from orchestrator.storage.store import Layout
     from workers.lasso.problem import FitResult
     fitted = FitResult.zeros(T, n)
     fitted.weights[:] = Wtrue
@@ -273,7 +281,7 @@ def test_evaluate_counts_checkpoint_training_and_draws_budget_curves(tmp_path):
                                                            "seconds": scoring[method, k],
                                                            "checkpoint_digests": [f"d{i}" for i in range(k)]}))
     compute = {"models": 300, "per_model": 0.25, "datamodels": 0.25 * 300 + 7.0}
-    ev = E.run(plan, Tracker(), "dm", {}, compute)
+    ev = evaluate_stage.score(plan, Tracker(), "dm", {}, compute)
     assert {"lds", "lds_curve", "method_metrics", "eval_masks", "replicas_mean", "plots", "scratch",
             "lds_budget"} <= set(ev)
     K = 3
@@ -302,13 +310,13 @@ def test_evaluate_counts_checkpoint_training_and_draws_budget_curves(tmp_path):
     # a missing budget file is an error naming the method, like a missing baseline
     plan.store.delete(files["tracin"][2])
     with pytest.raises(B.BaselinesError, match="tracin.*first 2 checkpoints"):
-        E.run(plan, Tracker(), "dm", {}, compute)
+        evaluate_stage.score(plan, Tracker(), "dm", {}, compute)
 
 
 def test_baseline_compute_parts():
-    assert E.baseline_compute(3.0, 5, 2.0) == (13.0, {"checkpoints": 10.0, "scoring": 3.0})
-    assert E.baseline_compute(3.0, 5, None) == (None, {"checkpoints": None, "scoring": 3.0})
-    assert E.datamodels_compute(100, 0.5, 4.0) == (54.0, {"training": 50.0, "fitting": 4.0})
+    assert E_compute.baseline_compute(3.0, 5, 2.0) == (13.0, {"checkpoints": 10.0, "scoring": 3.0})
+    assert E_compute.baseline_compute(3.0, 5, None) == (None, {"checkpoints": None, "scoring": 3.0})
+    assert E_compute.datamodels_compute(100, 0.5, 4.0) == (54.0, {"training": 50.0, "fitting": 4.0})
 
 
 # --------------------------------------------------------------------------- the stage, resumed
@@ -365,7 +373,7 @@ def drop_rows(names, ks, targets=10):
 
 
 def test_counterfactual_drop_plot_ticks_k_plainly_and_tags_points_over_fewer_targets(tmp_path):
-    from orchestrator import counterfactual as CF
+    from orchestrator.plots import analyses as CF
     names = E.method_order(["datamodels", "trak", "tracin", "representer", "if_cg", "random"])
     ks = [10, 20, 50]
     rows = drop_rows(names, ks)
@@ -388,7 +396,8 @@ def test_counterfactual_drop_plot_ticks_k_plainly_and_tags_points_over_fewer_tar
 
 
 def test_counterfactual_calibration_plot_gives_slopes_in_significant_digits(tmp_path):
-    from orchestrator import counterfactual as CF
+    from orchestrator.analyses import counterfactual as CF_counterfactual
+    from orchestrator.plots import analyses as CF
     names = E.method_order(["datamodels", "trak", "tracin", "representer", "if_cg", "random"])
     rng = np.random.default_rng(0)
     scale = {"datamodels": 1.0, "trak": 1.0, "tracin": 700.0, "representer": 0.3, "if_cg": 2.0}
@@ -406,11 +415,11 @@ def test_counterfactual_calibration_plot_gives_slopes_in_significant_digits(tmp_
     assert w <= 1300 and h <= 900, (w, h)                         # five methods: two rows, not 18 inches
     # the table in the log, too
     out = {"drop": {}, "fit": {"tracin": {**fit["tracin"], "scale": 0.002924}}, "datamodels_minus_random": {}}
-    assert "calibration slope = 0.002924" in CF.table_lines(out)[1]
+    assert "calibration slope = 0.002924" in CF_counterfactual.table_lines(out)[1]
 
 
 def test_brittleness_plot_shows_both_curves_and_plain_ks(tmp_path):
-    from orchestrator import counterfactual as CF
+    from orchestrator.plots import analyses as CF
     ks = [5, 10, 20, 40, 80]
     curve = {str(k): {"predicted": v, "verified": v} for k, v in zip(ks, [0.26, 0.35, 0.41, 0.47, 0.5])}
     rep = CF.plot_brittleness(curve, ks, 34, 10, str(tmp_path / "b.png"))
@@ -423,13 +432,13 @@ def test_brittleness_plot_shows_both_curves_and_plain_ks(tmp_path):
 def test_lds_vs_models_says_how_many_targets_each_point_averages(tmp_path):
     curve = {m: {"mean": 0.1 + m / 1000, "ci95": [0.05 + m / 1000, 0.15 + m / 1000], "targets": n}
              for m, n in ((38, 35), (75, 39), (150, 50), (300, 50))}
-    rep = E.plot_lds_vs_models(curve, str(tmp_path / "m.png"))
+    rep = eval_plots.plot_lds_vs_models(curve, str(tmp_path / "m.png"))
     texts = readable(rep)
     assert rep["ticks"]["x"] == [["38\nn=35", "75\nn=39", "150\nn=50", "300\nn=50"]]
     assert any("n: targets with a defined LDS" in t for t in texts)
     for c in curve.values():
         c["targets"] = 50
-    rep = E.plot_lds_vs_models(curve, str(tmp_path / "m2.png"))
+    rep = eval_plots.plot_lds_vs_models(curve, str(tmp_path / "m2.png"))
     assert rep["ticks"]["x"] == [["38", "75", "150", "300"]]
     assert "LDS (mean over 50 targets)" in readable(rep)
     # and the datamodels' curve of the compute plot
@@ -437,7 +446,7 @@ def test_lds_vs_models_says_how_many_targets_each_point_averages(tmp_path):
     curve[38]["targets"] = 35
     for m, c in curve.items():
         c["seconds"] = m * 0.1
-    texts = readable(E.plot_lds_vs_compute(results, curve, str(tmp_path / "c.png")))
+    texts = readable(eval_plots.plot_lds_vs_compute(results, curve, str(tmp_path / "c.png")))
     assert "m=38, n=35 targets" in texts and "m=300, n=50 targets" in texts
 
 
@@ -455,7 +464,7 @@ def test_top_examples_never_show_a_zero_score_as_a_top_one(tmp_path):
     W = np.zeros((T, n))
     W[0, [3, 4]] = [0.5, 0.2]                    # a sparse datamodel: two positive weights, one negative
     W[0, 7] = -0.1
-    rep = E.plot_top_examples({"datamodels": W}, images, images[:T], [0, 1], str(tmp_path / "t.png"), top=5,
+    rep = eval_plots.plot_top_examples({"datamodels": W}, images, images[:T], [0, 1], str(tmp_path / "t.png"), top=5,
                               train_labels=rng.integers(0, 10, n), target_labels=rng.integers(0, 10, T))
     texts = readable(rep)
     scores = [t.split("\n")[1] for t in texts if t.count("\n") == 1 and t.split("\n")[1][:1] in "+-"]

@@ -9,10 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import fit_stage
-from orchestrator import masks as M
-from orchestrator.ledger import MARGIN_BLOCK, Identity, Ledger, LedgerError, block_columns
-from orchestrator.store import CorruptFile, Layout, Store, StoreHandle
+from orchestrator.scheduling.serve import StoreHandle
+from orchestrator.stages import fit as fit_stage_fit
+from orchestrator.storage import datamodels as fit_stage
+from orchestrator.storage import masks as M
+from orchestrator.storage.ledger import MARGIN_BLOCK, Identity, Ledger, LedgerError, block_columns
+from orchestrator.storage.store import CorruptFile, Layout, Store
 from tests.conftest import compose
 from tests.test_ledger import rows
 from tests.test_pipeline import planted_overrides
@@ -58,10 +60,11 @@ def test_fit_task_reads_its_block_and_names_a_file_changed_after_the_index(tmp_p
     pos = index.select("train")
     cfg, handle = glmnet_cfg(), StoreHandle(str(tmp_path))
     rel = Layout.chunk("datamodels/test", 0, 3)
-    fit_stage.fit_chunk(index, pos, led.root, 0, 3, IDENT.n, cfg, rel, handle)
+    fit_stage_fit.fit_chunk(index, pos, led.root, 0, 3, IDENT.n, cfg, rel, handle)
     # bitwise what the fit was when the driver loaded every mask and margin and sent slices
     whole = led.load("train", index=index)
-    want = fit_lasso(whole.packed, np.ascontiguousarray(whole.margins[:, 0:3]), fit_stage.lasso_config(cfg), n=IDENT.n)
+    want = fit_lasso(whole.packed, np.ascontiguousarray(whole.margins[:, 0:3]), fit_stage_fit.lasso_config(cfg),
+                     n=IDENT.n)
     got = pq.read_table(os.path.join(tmp_path, rel))["weights"].combine_chunks().flatten().to_numpy()
     assert np.array_equal(got.view(np.uint32), want.weights.reshape(-1).view(np.uint32))
     assert np.count_nonzero(got) > 0
@@ -72,13 +75,13 @@ def test_fit_task_reads_its_block_and_names_a_file_changed_after_the_index(tmp_p
     data[len(data) // 2] ^= 0xFF
     open(changed, "wb").write(bytes(data))
     with pytest.raises(LedgerError, match=os.path.basename(changed)) as err:
-        fit_stage.fit_chunk(index, pos, led.root, 3, 6, IDENT.n, cfg, Layout.chunk("datamodels/test", 3, 6), handle)
+        fit_stage_fit.fit_chunk(index, pos, led.root, 3, 6, IDENT.n, cfg, Layout.chunk("datamodels/test", 3, 6), handle)
     assert "\n" not in str(err.value)
     assert fit_stage.chunk_ok(Store(str(tmp_path)), rel, 0, 3, IDENT.n)     # nothing written is lost
 
 
 def test_gpus_per_task_resolves_from_the_cluster():
-    gpus = fit_stage.gpus_per_task
+    gpus = fit_stage_fit.gpus_per_task
     assert gpus({"gpus_per_task": None, "device": "auto"}, {"CPU": 16.0, "GPU": 8.0}) == 1.0
     assert gpus({"gpus_per_task": None, "device": "cuda"}, {"CPU": 16.0, "GPU": 1.0}) == 1.0
     assert gpus({"gpus_per_task": None, "device": "cpu"}, {"CPU": 16.0, "GPU": 8.0}) == 0.0
@@ -86,20 +89,22 @@ def test_gpus_per_task_resolves_from_the_cluster():
     assert gpus({"gpus_per_task": None, "device": "auto"}, {"CPU": 2.0, "GPU": 0.5}) == 0.0
     assert gpus({"gpus_per_task": 0.5, "device": "auto"}, {"GPU": 8.0}) == 0.5      # set: kept
     assert gpus({"gpus_per_task": 0, "device": "auto"}, {"GPU": 8.0}) == 0.0
-    from orchestrator.schema import FitConf
+    from orchestrator.settings.schema import FitConf
     assert FitConf().gpus_per_task is None
 
 
 def test_masks_npy_written_in_blocks_is_make_packed_masks(tmp_path):
     import io
 
-    from orchestrator import config, stages
+    from orchestrator.runtime.context import Context
+    from orchestrator.runtime.plan import validate
+    from orchestrator.stages import masks
     n, n_train = 20000, 4000            # blocks of 2**26 // n = 3355 masks: two of them
     cfg = compose(planted_overrides(tmp_path, n=n, extra=[f"masks.n_train={n_train}"]), tmp_path)
-    plan = config.validate(cfg)
+    plan = validate(cfg)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    out = stages._masks(stages.Context(plan, None, {}, "test", {}, str(scratch)))
+    out = masks.run(Context(plan, None, {}, "test", {}, str(scratch)))
     assert out["train"] == n_train and not os.listdir(scratch)
     for mask_set, count in (("train", n_train), ("eval", int(cfg.masks.n_eval))):
         want = M.make_packed_masks(int(cfg.exp.seed), mask_set, np.arange(count), plan.n, float(cfg.masks.alpha))
@@ -114,7 +119,8 @@ def test_masks_npy_written_in_blocks_is_make_packed_masks(tmp_path):
 def test_fit_stage_driver_loads_no_train_rows_and_fits_what_it_did(tmp_path, ray_local, monkeypatch):
     """A real pipeline run: the driver never loads the train set's masks or margins, and every
     chunk (the full fit and a prefix) is bitwise the lasso of the rows the old driver sent."""
-    from orchestrator import config, pipeline
+    from orchestrator import pipeline
+    from orchestrator.runtime import plan as config
     from workers.lasso import fit_lasso
     loaded = []
     real_load = Ledger.load
@@ -137,13 +143,13 @@ def test_fit_stage_driver_loads_no_train_rows_and_fits_what_it_did(tmp_path, ray
     for m, rel_dir in ((400, summary["fit"]["dir"]), (200, summary["fit"]["prefixes"][200])):
         for a, b in fit_stage.chunks(8, 4):
             want = fit_lasso(whole.packed[:m], np.ascontiguousarray(whole.margins[:m, a:b]),
-                             fit_stage.lasso_config(fit_cfg), n=plan.n)
+                             fit_stage_fit.lasso_config(fit_cfg), n=plan.n)
             got = plan.store.read_table(Layout.chunk(rel_dir, a, b))["weights"].combine_chunks()
             assert np.array_equal(got.flatten().to_numpy().view(np.uint32),
                                   want.weights.reshape(-1).view(np.uint32)), (m, a, b)
 
     # a task on a node that cannot see this disk reads its block through the store's server
-    from orchestrator.store import RemoteStore, serve
+    from orchestrator.scheduling.serve import RemoteStore, serve
     handle = serve(plan.store)
     try:
         remote = Ledger(RemoteStore(handle.server, handle.uri), root=plan.ledger.root)
@@ -177,7 +183,7 @@ def test_summaries_read_one_file_at_a_time_and_agree_with_the_whole_load(tmp_pat
 def test_scores_files_are_read_by_target_block_and_checked_block_by_block(tmp_path):
     import pyarrow as pa
 
-    from orchestrator import baselines_stage as B
+    from orchestrator.storage import scores as B
     store = Store(str(tmp_path))
     n, T = 30, MARGIN_BLOCK + 6
     S = np.random.default_rng(0).normal(size=(n, T)).astype(np.float32)
@@ -228,7 +234,7 @@ def test_scores_files_are_read_by_target_block_and_checked_block_by_block(tmp_pa
 
 
 def test_evaluate_by_target_blocks_gives_the_whole_arrays_figures(tmp_path):
-    from orchestrator.evaluate import score_blocks, score_method
+    from orchestrator.metrics.lds import score_blocks, score_method
     from workers.lasso.problem import FitResult
     rng = np.random.default_rng(2)
     e, n, T = 40, 25, 70
@@ -256,8 +262,8 @@ def test_evaluate_by_target_blocks_gives_the_whole_arrays_figures(tmp_path):
 def test_counterfactual_reads_only_the_score_blocks_of_its_targets(tmp_path):
     from types import SimpleNamespace
 
-    from orchestrator import baselines_stage as B
-    from orchestrator.counterfactual import method_scores
+    from orchestrator.analyses.counterfactual import method_scores
+    from orchestrator.storage import scores as B
     cfg = compose([], tmp_path)
     n, T = 20, MARGIN_BLOCK + 6
     plan = SimpleNamespace(cfg=cfg, store=Store(str(tmp_path / "exp")), n=n, n_targets=T)

@@ -16,7 +16,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.store import Store, redact
+from orchestrator.storage.store import Store
+from orchestrator.uris import redact
 from tests.conftest import REPO, compose
 
 DATAMODELS = os.path.join(os.path.dirname(sys.executable), "datamodels")
@@ -145,7 +146,7 @@ def test_run_names_tell_recipes_and_resumes_apart(tmp_path):
 DRIVER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from orchestrator.store import Store
+from orchestrator.storage.store import Store
 from orchestrator.tracking import Tracker
 tracker = Tracker({uri!r}, "drivers")
 tags = {{"experiment_dir": {exp!r}, "config_hash": "c0ffee"}}

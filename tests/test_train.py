@@ -9,7 +9,8 @@ import torch
 from workers.checkpoints import load_weights, save_weights
 from workers.margins import margin
 from workers.models import build_model
-from workers.train import TrainConfig, Trainer, augment, channel_stats, draw_epoch, lr_at, normalize
+from workers.train import TrainConfig, Trainer
+from workers.train_parts import augment, channel_stats, draw_epoch, lr_at, normalize
 from workers.train_reference import naive_train_one
 
 MLP_CFG = {"name": "mlp", "hidden": [32]}

@@ -23,6 +23,13 @@ DATASETS = ("fashion_mnist", "digits", "cifar10")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 CIFAR10_ROOT = "~/data/cifar10"
 DATA_ENV = "DATAMODELS_DATA"
+# Class names of the shipped datasets, by label index.
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "digits": ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"),
+}
 TRAIN_SUBSETS = ("random", "first")
 TARGET_SPLITS = ("test", "train")
 

@@ -10,7 +10,7 @@ from workers.settings import check, setting
 
 __all__ = ["PRECISIONS", "TrainConfig"]
 
-PRECISIONS = ("fp32", "bf16", "fp64")   # workers.train.DTYPES: input and parameter dtypes of each
+PRECISIONS = ("fp32", "bf16", "fp64")   # workers.train_parts.DTYPES: input and parameter dtypes of each
 
 
 @dataclass

@@ -22,7 +22,8 @@ class SettingError(ValueError):
     """A setting outside its allowed values: one line naming the setting and the fix."""
 
 
-def _fmt(value) -> str:
+def shown(value) -> str:
+    """A value as a message shows it: a string quoted, anything else as it prints."""
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -60,7 +61,7 @@ class Rule:
             raise SettingError(f"{key} must be set: {self.describe()}{self._eg(key)}")
         if self.choices is not None:
             if value not in self.choices:
-                raise SettingError(f"{key}={_fmt(value)} is not {self.describe()}")
+                raise SettingError(f"{key}={shown(value)} is not {self.describe()}")
             return
         ok = True
         if self.kind is bool:
@@ -72,11 +73,11 @@ class Rule:
         elif self.kind is str:
             ok = isinstance(value, str)
         if not ok:
-            raise SettingError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
+            raise SettingError(f"{key}={shown(value)} must be {self.describe()}{self._eg(key)}")
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
-            raise SettingError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
+            raise SettingError(f"{key}={shown(value)} must be {self.describe()}{self._eg(key)}")
         if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
-            raise SettingError(f"{key}={_fmt(value)} must be {self.describe()}{self._eg(key)}")
+            raise SettingError(f"{key}={shown(value)} must be {self.describe()}{self._eg(key)}")
 
     def _eg(self, key: str) -> str:
         return f" (e.g. {key}={self.example})" if self.example is not None else ""

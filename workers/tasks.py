@@ -35,6 +35,36 @@ class Task(Protocol):
     def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False): ...
 
 
+# What a task may have beyond `Task`, and what the pipeline assumes where it has not: read
+# every one through `member(task, name)` (a task may also inherit these from `TaskDefaults`).
+OPTIONAL: dict[str, Any] = {
+    # the margin every method and the LDS use (workers.margins.MARGIN_KINDS)
+    "margin": "logsumexp",
+    # () -> (x_train uint8 [n, C, H, W], y_train, x_target, y_target, num_classes): the images,
+    # for the plots of top examples and the image analyses (leakage, embedding)
+    "arrays": None,
+    # () -> (model_fn, x_train, y_train, x_target, y_target), the model and float inputs the
+    # attribution baselines differentiate (TRAK, TracIn, representer points, influence)
+    "attribution_inputs": None,
+    # () -> the names of labels 0..num_classes-1, for captions
+    "class_names": None,
+}
+
+
+def member(task, name: str):
+    """The task's optional member `name` (OPTIONAL), or its declared default."""
+    return getattr(task, name, OPTIONAL[name])
+
+
+class TaskDefaults:
+    """OPTIONAL's defaults, for a task class that prefers to inherit them."""
+
+    margin: str = OPTIONAL["margin"]
+    arrays = None
+    attribution_inputs = None
+    class_names = None
+
+
 class ImageClassificationTask:
     """Image classification on a subset of a published dataset, margins on test targets."""
 
@@ -75,6 +105,12 @@ class ImageClassificationTask:
         return self._arrays
 
     # -------------------------------------------------------------- training
+    def class_names(self) -> list[str] | None:
+        """The names of the dataset's labels (workers.data.CLASS_NAMES), if it has them."""
+        from workers.data import CLASS_NAMES
+        names = CLASS_NAMES.get(str(self.data_cfg.get("name")) if isinstance(self.data_cfg, dict) else "")
+        return list(names) if names is not None else None
+
     def setup(self, train_cfg: dict) -> None:
         from workers.train import TrainConfig, Trainer
         names = {f.name for f in fields(TrainConfig)}
@@ -93,7 +129,7 @@ class ImageClassificationTask:
         import torch
 
         from workers.models import build_model
-        from workers.train import channel_stats, normalize
+        from workers.train_parts import channel_stats, normalize
         x_tr, y_tr, x_tg, y_tg, num_classes = self.arrays()
         mean, std = channel_stats(x_tr)  # exactly the trainer's input normalization
         def norm(x):

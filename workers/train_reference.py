@@ -8,7 +8,8 @@ DataLoader with a per-item transform, nothing kept between calls.
 
 Both follow the recipe and the random streams of workers.train (per-model generator:
 initial weights, then each epoch's draw_epoch), so they give the engine's numbers up to
-rounding.
+rounding. The pieces they share with it come from workers.train_parts; this module does
+not import workers.train (workers.train imports it, for train.engine=single).
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from workers.devices import resolve_device
 from workers.margins import margin
 from workers.models import build_model, init_weights
-from workers.train import (
+from workers.recipe import TrainConfig
+from workers.train_parts import (
     DTYPES,
     Recipe,
     ResidentBatches,
-    TrainConfig,
     TrainResult,
     augment,
     batching,

@@ -60,7 +60,7 @@ class ParallelLauncher(Launcher):
         """Where the points' drivers join Ray: the job's cluster, or one local instance."""
         if os.environ.get("RAY_ADDRESS") or self.config.cluster.get("address"):
             return self.config.cluster.get("address") or os.environ["RAY_ADDRESS"]
-        from orchestrator import raycluster
+        from orchestrator.scheduling import cluster as raycluster
         raycluster.connect(self.config.cluster)
         import ray
         return ray.get_runtime_context().gcs_address
@@ -119,7 +119,7 @@ class ParallelLauncher(Launcher):
 
 def _pairs(overrides: Sequence[str]) -> dict[str, str]:
     """{key: value} of a point's overrides, credentials in URIs redacted."""
-    from orchestrator.store import redact
+    from orchestrator.uris import redact
     out = {}
     for o in filter_overrides(overrides):
         if "=" in o:
@@ -137,7 +137,7 @@ def _varied(job_overrides: Sequence[Sequence[str]]) -> list[str]:
 
 def _shown(overrides: Sequence[str]) -> str:
     """A point's overrides for people: credentials in URIs redacted."""
-    from orchestrator.store import redact
+    from orchestrator.uris import redact
     return " ".join(redact(o) if "://" in o else o for o in filter_overrides(overrides))
 
 

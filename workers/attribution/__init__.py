@@ -54,7 +54,7 @@ def accepted_params(method: str) -> set[str]:
 def check_params(method: str, params: dict | None) -> None:
     """The settings of `method` that can be checked without a model or data: unknown keys and
     the worded ones (CHOICES). Raises ValueError, one line naming the setting; the numbers'
-    bounds are the config's (orchestrator.config.BASELINE_PARAM_RULES)."""
+    bounds are the config's (orchestrator.settings.rules.BASELINE_PARAM_RULES)."""
     accepted = accepted_params(method)
     unknown = sorted(set(params or {}) - set(accepted))
     if unknown:
