@@ -19,33 +19,36 @@ BIN = os.path.dirname(sys.executable)
 SECRET = "SUPERSECRET0123456789"
 
 # A user's task module, written into the run's working directory (as a user's own code would
-# be): its check() passes for the CLI's preflight and raises, with a URI holding a secret in
-# its message, when the run validates again: an error that no check of ours foresaw.
+# be): it trains, but its images (arrays(), read by the evaluate stage's plot) fail with a URI
+# holding a secret in the message: an error that no check of ours foresaw, inside the run.
 USER_TASK = textwrap.dedent('''
     import numpy as np
     from types import SimpleNamespace
 
-    CALLS = [0]
-
     class Flaky:
         def __init__(self, n=40, n_targets=4):
             self.n, self.n_targets = n, n_targets
+            self.w = np.random.default_rng(0).normal(size=(n, n_targets)).astype(np.float32)
 
         def check(self):
-            CALLS[0] += 1
-            if CALLS[0] > 1:
-                raise RuntimeError("lost s3://bucket/x?secret_key=SECRET on the second look")
+            pass
 
         def setup(self, train_cfg):
             pass
 
         def train(self, masks, seeds, return_weights=False):
             k = len(masks)
-            return SimpleNamespace(margins=np.zeros((k, self.n_targets), np.float32), train_acc=np.ones(k),
-                                   target_acc=np.ones(k), loss=np.zeros(k), state_dicts=None)
+            noise = np.stack([np.random.default_rng(int(s)).normal(size=self.n_targets) for s in seeds])
+            margins = (masks.astype(np.float32) @ self.w + noise).astype(np.float32)
+            return SimpleNamespace(margins=margins, train_acc=np.ones(k), target_acc=np.ones(k), loss=np.zeros(k),
+                                   state_dicts=None)
+
+        def arrays(self):
+            raise RuntimeError("lost s3://bucket/x?secret_key=SECRET on the way")
 ''').replace("SECRET", SECRET)
 FLAKY = ["task._target_=usertask.Flaky", "~task.data", "~task.n_train", "~task.n_targets", "~task.target_split",
-         "~task.subset_seed", "~task.model", "~task.margin", "~task.name", "baselines.methods=[]", "stage=masks"]
+         "~task.subset_seed", "~task.model", "~task.margin", "~task.name", "baselines.methods=[]", "masks.n_train=20",
+         "masks.n_eval=5", "eval.replicas=1", "fit.prefixes=[]", "train.models_per_unit=25", "exp.name=flaky"]
 
 
 def datamodels(args, cwd, timeout=300, flags=(), **popen):
@@ -97,7 +100,7 @@ def test_an_unexpected_error_is_one_line_with_its_secrets_redacted(tmp_path, s3_
         assert SECRET not in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
         assert "Error executing job with overrides" not in out.stderr
         lines = errors(out.stderr)
-        assert len(lines) == 1 and "RuntimeError" in lines[0] and "second look" in lines[0], out.stderr[-3000:]
+        assert len(lines) == 1 and "RuntimeError" in lines[0] and "on the way" in lines[0], out.stderr[-3000:]
         assert ("Traceback" in out.stderr) == bool(debug)
         if not debug:
             assert "--debug" in lines[0]

@@ -994,3 +994,18 @@ def test_make_test_ci_and_the_tests_leave_pythonpath_alone():
 def test_the_pythonpath_scan_sees_the_repository(line):
     assert SETS_PYTHONPATH_TO_REPO.search(line.format(where="REPO"))
     assert not SETS_PYTHONPATH_TO_REPO.search(line.format(where="user_code"))
+
+
+def test_every_package_of_the_code_is_installed():
+    """pyproject.toml lists the packages a regular (non-editable) install ships: every folder
+    of orchestrator/, workers/ and hydra_plugins/ with an __init__.py is among them (a missing
+    one installs a command that cannot import itself; only the editable install hides it)."""
+    import tomllib
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for top in ("orchestrator", "workers", "hydra_plugins"):
+        for dirpath, _, files in os.walk(os.path.join(REPO, top)):
+            if "__init__.py" in files and "__pycache__" not in dirpath:
+                found.add(os.path.relpath(dirpath, REPO).replace(os.sep, "."))
+    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"

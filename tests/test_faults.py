@@ -277,7 +277,7 @@ import os, sys, time, json
 sys.path.insert(0, {repo!r})
 import psutil, ray
 from omegaconf import OmegaConf
-from orchestrator import raycluster
+from orchestrator.scheduling import cluster as raycluster
 raycluster.connect(OmegaConf.create({{"address": None, "num_cpus": 1, "num_gpus": None}}))
 @ray.remote
 class A:

@@ -12,7 +12,7 @@ from typing import cast
 import numpy as np
 
 from orchestrator.errors import UserError
-from orchestrator.scheduling.cluster import worker_logging
+from orchestrator.scheduling.cluster import worker_setup
 from orchestrator.storage import masks as M
 from orchestrator.storage.ledger import Identity, Ledger
 from orchestrator.storage.store import Layout
@@ -41,15 +41,9 @@ class TrainWorker:
     def __init__(self, task_cfg: dict, train_cfg: dict, store_handle, meta: dict):
         from hydra.utils import instantiate
 
-        worker_logging()
-        try:
-            import torch
-            torch.set_num_threads(max(1, int(train_cfg.get("cpus_per_worker") or 1)))
-        except ImportError:
-            pass
+        self.store = worker_setup(train_cfg.get("cpus_per_worker"), store_handle)
         self.task = instantiate(task_cfg, _convert_="all")
         self.task.setup(train_cfg)
-        self.store = store_handle.open()
         self.sets = meta.get("sets") or M.MaskSets()
         self.ledger = Ledger(self.store, Identity(**meta["identity"]), meta.get("root", Layout.LEDGER), self.sets)
         self.meta = meta

@@ -144,3 +144,16 @@ def worker_logging() -> None:
     if in_worker():
         from workers.logs import worker_format
         worker_format()
+
+
+def worker_setup(threads: float | int | None, store_handle=None):
+    """What every Ray task and actor of ours does first: our log format, torch's threads (the
+    CPUs it was given), and the store (reached directly, or through the driver's node where it
+    is a local directory there: scheduling.serve). Returns the store, or None without a handle."""
+    worker_logging()
+    try:
+        import torch
+        torch.set_num_threads(max(1, int(threads or 1)))
+    except ImportError:
+        pass
+    return store_handle.open() if store_handle is not None else None

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from orchestrator.scheduling.actors import worker_slots
-from orchestrator.scheduling.cluster import worker_logging
+from orchestrator.scheduling.cluster import worker_setup
 from orchestrator.scheduling.workpool import Item, Pool
 from orchestrator.settings.names import budget_sizes
 from orchestrator.storage.checkpoints import checkpoint_digests, read_checkpoints
@@ -46,21 +46,18 @@ def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files
     config_hash, digests: the experiment the checkpoints must belong to and the digests the
     driver verified (read_checkpoints). Each file's metadata records the digests of the
     checkpoints it was computed from (`checkpoint_digests`). Returns {k: metadata written}."""
-    import torch
     from hydra.utils import instantiate
 
     from workers.attribution import STEPS, budget_scores, compute_scores
-    torch.set_num_threads(max(1, threads))
+    store = worker_setup(threads, store_handle)
     if isinstance(files, str):
         files = {n_ckpt: files}
-    store = store_handle.open()
     task = instantiate(task_cfg, _convert_="all")
     model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
     # all K even for smaller budgets: params (tracin lrs) are per K
     ckpts, seen = read_checkpoints(store, n_ckpt, config_hash, digests)
     margin_kind = member(task, "margin")
     from workers.logs import repeats_summarised
-    worker_logging()
     results: dict[int, tuple[np.ndarray, float, list[float] | None]]
     with repeats_summarised():          # a solver warning per target block is printed once, with a count
         if set(files) == {n_ckpt} and method not in STEPS:

@@ -17,7 +17,7 @@ from dataclasses import fields
 import numpy as np
 
 from orchestrator.scheduling.actors import worker_slots
-from orchestrator.scheduling.cluster import worker_logging
+from orchestrator.scheduling.cluster import worker_setup
 from orchestrator.scheduling.workpool import Item, Pool, shuffled
 from orchestrator.settings.names import prefix_sizes
 from orchestrator.storage.datamodels import chunk_ok, chunks, datamodel_table, dir_key, models_key, store_dir
@@ -49,14 +49,8 @@ def fit_chunk(index, positions: np.ndarray, ledger_root: str, a: int, b: int, n:
     `positions` of the ledger's `index` from the store, fit those targets, write their chunk.
     A ledger file that changed since the index was built is LedgerError (one line naming it)."""
     from workers.lasso import fit_lasso
-    try:
-        import torch
-        torch.set_num_threads(max(1, int(fit_cfg.get("cpus_per_task") or 1)))
-    except ImportError:
-        pass
     from workers.logs import repeats_summarised
-    worker_logging()
-    store = store_handle.open()
+    store = worker_setup(fit_cfg.get("cpus_per_task"), store_handle)
     packed, Y = Ledger(store, root=ledger_root).read_block(index, positions, a, b)
     t0 = time.perf_counter()
     with repeats_summarised():          # a solver warning per target is printed once, with a count
