@@ -28,7 +28,7 @@ demo: install data
 test: install data browser
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The fast lane: every test but those marked slow (pyproject.toml's markers), in under two
+# The fast lane: every test but those marked slow (pyproject.toml's markers), in about five
 # minutes on a 2-core machine. `make test` (what CI runs) still runs them all. pytest's exit
 # code 5 (no tests collected) fails it too.
 test-fast: install data
