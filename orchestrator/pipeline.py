@@ -27,7 +27,7 @@ from orchestrator.runtime.artifacts import Artifacts
 from orchestrator.runtime.context import Context, Stage
 from orchestrator.scheduling import cluster as raycluster
 from orchestrator.scheduling.serve import serve
-from orchestrator.stages import baselines, evaluate, fit, masks, train
+from orchestrator.stages import baselines, evaluate, fit, masks, rounds, train
 from orchestrator.storage import experiment
 from orchestrator.storage.claims import Claims
 from orchestrator.storage.store import Layout
@@ -95,6 +95,22 @@ def table_lines(summary: dict) -> list[str]:
     return lines
 
 
+def rounds_lines(summary: dict) -> list[str]:
+    """The rounds of a run in rounds: models, LDS and gain per doubling each, and why they stopped."""
+    entry = summary.get("rounds")
+    if not isinstance(entry, dict) or not entry.get("rounds"):
+        return []
+    lines = [f"rounds (until {entry['rule']}):"]
+    for r in entry["rounds"]:
+        gain = "" if r.get("gain_per_doubling") is None else f"  {r['gain_per_doubling']:+.4f}/doubling"
+        lines.append(f"  {r['models']:>7} models  LDS {r['lds']:.4f}{gain}")
+    lines.append(f"  stopped: {entry['stopped']}")
+    fc = entry["rounds"][-1].get("forecast")
+    if fc is not None:
+        lines.append(f"  {rounds.forecast_line(fc)}")
+    return lines
+
+
 def print_table(summary: dict, evaluated: bool = True, ui: str | None = None) -> None:
     """The run's last words: model counts, the LDS table, the headline of the application
     stage that ran (stage=counterfactual, ...), and where to read the rest: the files of
@@ -102,6 +118,7 @@ def print_table(summary: dict, evaluated: bool = True, ui: str | None = None) ->
     lines = ["", f"models: train {summary['models'].get('train', 0)}, eval {summary['models'].get('eval', 0)}"]
     if summary.get("models_failed"):
         lines.append(f"failed models (not fitted): {summary['models_failed']}")
+    lines += rounds_lines(summary)
     table = table_lines(summary)
     if table and not evaluated:
         lines.append("LDS from the last evaluation (stage=evaluate was not run this time):")
@@ -140,13 +157,14 @@ def sweep_point() -> tuple[str | None, dict]:
     return os.environ.get(SWEEP_ID_ENV), point if isinstance(point, dict) else {}
 
 
-def run_name(cfg: DictConfig, stage: str, point: dict, chash: str | None = None) -> str:
+def run_name(cfg: DictConfig, stage: str, point: dict, chash: str | None = None, in_rounds: bool = False) -> str:
     """What tells this run from its neighbours, e.g. `fmnist_mlp-3f2a9c01de α=0.25 m=4000`:
     the experiment's directory name (exp.name and the hash of its recipe, so two recipes
     never share a name), α, the number of models, a sweep's varied keys, the stage when it is
-    not `all`. The tracker adds ` (resume N)` to the Nth re-run of the same experiment."""
+    not `all` (`m=auto` for a run in rounds: its models are its metric models.train). The
+    tracker adds ` (resume N)` to the Nth re-run of the same experiment."""
     name = f"{cfg.exp.name}-{chash}" if chash else str(cfg.exp.name)
-    parts = [name, f"α={float(cfg.masks.alpha):g}", f"m={int(cfg.masks.n_train)}"]
+    parts = [name, f"α={float(cfg.masks.alpha):g}", "m=auto" if in_rounds else f"m={int(cfg.masks.n_train)}"]
     parts += [f"{k}={v}" for k, v in point.items()
               if k.lstrip("+~") not in ("masks.alpha", "masks.n_train", "exp.name")]
     if stage != "all":
@@ -201,6 +219,8 @@ def run(cfg: DictConfig, plan: C.Plan | None = None, checked: bool = False) -> d
     plan = plan or C.validate(cfg)
     if not checked:
         check(plan)
+    if plan.rounds is not None:        # masks.n_train=auto: the first round's count until the rounds end
+        plan.use_models(plan.rounds.sizes(1)[0])
     todo = selected(str(cfg.stage))
     tracker = Tracker(plan.tracking_uri, cfg.exp.name, bool(cfg.tracking.required),
                       float(cfg.tracking.timeout_seconds), plan.artifact_root)
@@ -232,7 +252,10 @@ def _run(cfg: DictConfig, plan: C.Plan, todo: list[Stage], tracker: Tracker, res
         tags["sweep"] = sweep_id
         tags.update({f"sweep.{k.lstrip('+~')}": str(v) for k, v in point.items()})
     evaluated = any(st.name == "evaluate" for st in todo)
-    with tracker.parent(run_name(cfg, stage, point, plan.config_hash), resolved, tags, store=store,
+    if plan.rounds is not None:
+        tags["rounds"] = plan.rounds.describe()
+    with tracker.parent(run_name(cfg, stage, point, plan.config_hash, plan.rounds is not None), resolved, tags,
+                        store=store,
                         lease=float(cfg.store.lease_seconds), previous=summary.get("mlflow")):
         tracker.log_artifact(artifacts.local(Layout.CONFIG))
         if any(st.needs_ray for st in todo):
@@ -241,6 +264,16 @@ def _run(cfg: DictConfig, plan: C.Plan, todo: list[Stage], tracker: Tracker, res
             plan.claims = Claims(store, float(cfg.store.lease_seconds)).start()
         try:
             ctx = Context(plan, tracker, resolved, version, summary, scratch)
+            if plan.rounds is not None:
+                t0 = time.perf_counter()
+                summary["rounds"] = rounds.run(ctx)
+                summary["timings"]["rounds"] = time.perf_counter() - t0
+                plan.use_models(summary["rounds"]["models"])    # the stages run on what the rounds stopped at
+                ctx.index = None
+                artifacts.text(Layout.CONFIG, OmegaConf.to_yaml(OmegaConf.create(
+                    redacted(OmegaConf.to_container(cfg, resolve=True)))), log=False)
+            elif "rounds" in summary:
+                summary.pop("rounds")           # an earlier run's rounds; this run's models are masks.n_train
             for st in todo:
                 run_stage(st, ctx)
             index = ctx.ledger_index()
@@ -257,7 +290,7 @@ def _run(cfg: DictConfig, plan: C.Plan, todo: list[Stage], tracker: Tracker, res
             if plan.ledger.quarantined:
                 summary["quarantined"] = plan.ledger.quarantined
             artifacts.text(Layout.SUMMARY, json.dumps(summary, indent=2, default=float))
-            tracker.log_metrics(headline(summary, evaluated))
+            tracker.log_metrics(headline(summary, evaluated), step=summary["models"].get("train", 0))
             if evaluated:        # the run page's description: the table as the terminal shows it
                 tracker.set_tags({"mlflow.note.content": "```\n" + "\n".join(table_lines(summary)) + "\n```"})
         finally:

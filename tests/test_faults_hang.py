@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from orchestrator import pipeline
+from orchestrator.scheduling.actors import PROBE_GROUP, Probed, probe
 from orchestrator.scheduling.workpool import Item, unit_deadline
 from orchestrator.storage.ledger import Ledger
 from orchestrator.storage.store import Store
@@ -182,3 +183,71 @@ def test_an_item_that_hangs_on_every_worker_fails_the_run_in_one_line(ray_local)
     assert "\n" not in msg and "z made no progress on 2 workers" in msg and "train.unit_timeout_seconds" in msg, msg
     # (a task's first start on a busy machine may also pass so short a deadline: then it too is retried)
     assert pool.stats["timeouts"] >= 2
+
+
+class _Worker(Probed):
+    """A training actor's stand-in: items that compute (burn CPU) or block (sleep) for a while."""
+
+    def ready(self) -> str:
+        return "ready"
+
+    def run(self, key: str, seconds: float, busy: bool, once: str | None = None) -> str:
+        """`once`: a file; the item blocks only on its first run (the file does not exist yet)."""
+        if once is not None:
+            if os.path.exists(once):
+                return key
+            open(once, "w").close()
+        t0 = time.monotonic()
+        if busy:
+            while time.monotonic() - t0 < seconds:
+                sum(i * i for i in range(1000))
+        else:
+            time.sleep(seconds)
+        return key
+
+
+def _probed_pool(ray, **kw):
+    from orchestrator.scheduling.workpool import Pool
+    Actor = ray.remote(concurrency_groups=PROBE_GROUP)(_Worker).options(num_cpus=0.5, max_restarts=0)
+    pool = Pool("probe-test", submit=lambda actor, p: actor.run.remote(*p), spawn=lambda: Actor.remote(),
+                capacity=lambda: 2, per_worker=1, poll_seconds=0.2, timeout=2, item_workers=2,
+                timeout_setting="train.unit_timeout_seconds", probe=probe, **kw)
+    pool.probe_window, pool.probe_answer = 1.5, 5.0
+    return pool
+
+
+@pytest.mark.slow
+def test_an_actor_still_computing_past_its_deadline_is_left_to_finish(ray_local, caplog):
+    """A unit slowed past its deadline by other jobs on its cores is not hung: its actor
+    answers the probe with CPU seconds that grow, so it is left to finish (no worker killed,
+    nothing trained twice), with one info line. Before the probe, each was killed at its
+    deadline and retrained, and a loaded machine could lose every unit that way."""
+    caplog.set_level(logging.INFO, logger="orchestrator.scheduling.workpool")
+    pool = _probed_pool(ray_local)
+    keys = ["a", "b", "c"]
+    stats = pool.run([Item(k, (k, 6.0, True)) for k in keys])
+    said = [r.getMessage() for r in caplog.records if "past its deadline" in r.getMessage()]
+    report("slow_but_computing", units=len(keys), timeouts=stats["timeouts"], worker_deaths=stats["worker_deaths"],
+           left_to_finish=stats["slow_not_hung"], resubmitted=stats["resubmitted"])
+    assert stats["done_here"] == len(keys) and stats["timeouts"] == 0 and stats["worker_deaths"] == 0
+    assert stats["resubmitted"] == 0 and stats["slow_not_hung"] == len(keys)
+    assert len(said) == len(keys) and all("is computing" in s for s in said), said
+
+
+@pytest.mark.slow
+def test_an_actor_blocked_past_its_deadline_is_hung(tmp_path, ray_local, caplog):
+    """A unit blocked (asleep: no CPU, as on a dead NFS mount) answers the probe, but its CPU
+    seconds do not grow: it is declared lost one probe window after its deadline, its actor
+    killed and replaced, and the unit runs again on another worker."""
+    caplog.set_level(logging.WARNING, logger="orchestrator.scheduling.workpool")
+    pool = _probed_pool(ray_local)
+    t0 = time.monotonic()
+    stats = pool.run([Item("z", ("z", 60.0, False, str(tmp_path / "z-ran")))] +
+                     [Item(k, (k, 0.1, True)) for k in "ab"])
+    seconds = time.monotonic() - t0
+    hung = [r.getMessage() for r in caplog.records if "no progress" in r.getMessage()]
+    report("blocked_past_deadline", units=3, timeouts=stats["timeouts"], worker_deaths=stats["worker_deaths"],
+           seconds=round(seconds, 1))
+    assert stats["done_here"] == 3 and stats["timeouts"] == 1 and stats["worker_deaths"] == 1, stats
+    assert len(hung) == 1 and "probe-test: z made no progress" in hung[0] and "worker killed" in hung[0], hung
+    assert seconds < 40, seconds          # the deadline and a probe window or two, not the 60 s block

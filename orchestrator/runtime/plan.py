@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.errors import ConfigError
 from orchestrator.scheduling import cluster as raycluster
 from orchestrator.settings.analyses import check_settings
+from orchestrator.settings.budget import Rounds
+from orchestrator.settings.budget import rounds as budget_rounds
 from orchestrator.settings.identity import config_hash, experiment_uri, store_setting
 from orchestrator.settings.names import budget_sizes
 from orchestrator.settings.rules import check_devices, check_rules, setting_number
@@ -41,6 +43,13 @@ class Plan:
     artifact_root: str | None = None   # tracking.artifact_root as a URI (file:// for a local path)
     models_per_unit: int | None = None  # the experiment's unit size (orchestrator.storage.experiment.check)
     marker: dict | None = None          # the directory's experiment.json, as check found it
+    rounds: Rounds | None = None        # training in rounds (settings.budget), or None: masks.n_train at once
+
+    def use_models(self, n_train: int) -> None:
+        """Make this run one of n_train train models: masks.n_train and the ledger's view of it
+        (a round of orchestrator.stages.rounds, and the run after the last round)."""
+        self.cfg.masks.n_train = int(n_train)
+        self.ledger.limits = limits(int(n_train), int(self.cfg.masks.n_eval), int(self.cfg.eval.replicas))
 
     @property
     def identity(self):
@@ -68,6 +77,7 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     from hydra.utils import instantiate
 
     check_rules(cfg)
+    rounds = budget_rounds(cfg)
     if OmegaConf.select(cfg, "baselines") is not None:
         budget_sizes(cfg)          # a malformed baselines.budget_checkpoints, before any work
     alpha = setting_number(cfg, "masks.alpha")
@@ -86,7 +96,8 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
                 raise ConfigError(str(err)) from None
         if setting_number(cfg, "baselines.checkpoints", int) < 1:
             raise ConfigError("baselines.checkpoints must be at least 1 when baselines.methods is not empty")
-        if setting_number(cfg, "baselines.checkpoints", int) > setting_number(cfg, "masks.n_train", int):
+        most = rounds.cap if rounds is not None else setting_number(cfg, "masks.n_train", int)
+        if most is not None and setting_number(cfg, "baselines.checkpoints", int) > most:
             raise ConfigError("baselines.checkpoints must not exceed masks.n_train")
     if cfg.stage in ("all", "evaluate") and int(cfg.masks.n_eval) < 3:
         raise ConfigError(f"masks.n_eval={cfg.masks.n_eval}: LDS needs at least 3 eval masks (e.g. masks.n_eval=100)")
@@ -125,9 +136,10 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     tracking = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if not cfg.tracking.enabled:
         tracking = None
-    plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store)
+    plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store, rounds=rounds)
+    first = rounds.sizes(1)[0] if rounds is not None else int(cfg.masks.n_train)
     plan.ledger = Ledger(store, plan.identity,
-                         limits=limits(int(cfg.masks.n_train), int(cfg.masks.n_eval), int(cfg.eval.replicas)))
+                         limits=limits(first, int(cfg.masks.n_eval), int(cfg.eval.replicas)))
     root = cfg.tracking.get("artifact_root")
     if root:
         root = str(root)

@@ -35,7 +35,29 @@ class Unit:
         return [(self.mask_set, int(i), int(r)) for i, r in zip(self.ids, self.replicas)]
 
 
-class TrainWorker:
+PROBE_GROUP = {"probe": 1}     # the actors' concurrency group that answers while a unit runs
+
+
+class Probed:
+    """An actor that tells the work pool whether it is still computing: `cpu_seconds()` runs
+    in its own concurrency group (PROBE_GROUP, given to ray.remote), beside the unit being
+    trained, and returns the process's CPU seconds (every thread's). A stopped process never
+    answers; a blocked one answers with a number that no longer grows."""
+
+    def cpu_seconds(self) -> float:
+        return time.process_time()
+
+    # what @ray.method(concurrency_group="probe") sets, without importing Ray with this module
+    # (a test checks that the probe answers while a unit runs)
+    cpu_seconds.__ray_concurrency_group__ = "probe"  # type: ignore[attr-defined]
+
+
+def probe(actor):
+    """The work pool's probe of a Probed actor: an ObjectRef of its CPU seconds."""
+    return actor.cpu_seconds.remote()
+
+
+class TrainWorker(Probed):
     """A persistent training process: the task (data on device) is built once."""
 
     def __init__(self, task_cfg: dict, train_cfg: dict, store_handle, meta: dict):

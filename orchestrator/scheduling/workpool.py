@@ -15,6 +15,10 @@ item that has not finished by its deadline (`unit_deadline`: a fixed number of s
 a few times the median time per size unit so far) is declared lost with one warning line;
 its actor is killed (or its task cancelled) and replaced, counted as a worker death, and its
 items go back to the front of the queue. A late result from the killed worker is ignored.
+Past its deadline, an actor that can be probed (`probe`: its process's CPU seconds, answered
+while it trains) is asked first: one that is still computing (slowed by other jobs on its
+cores, not stuck) is left to finish and asked again every `probe_window` seconds; one that does
+not answer (stopped) or has used almost no CPU since the last answer (blocked) is hung.
 """
 from __future__ import annotations
 
@@ -51,6 +55,9 @@ class Item:
 
 AUTO_FLOOR_SECONDS = 60.0    # the automatic deadline is never shorter than this
 AUTO_FACTOR = 5.0            # ... and is this many times the median time of an item of its size
+PROBE_WINDOW = 30.0          # seconds between two probes of an actor past its deadline
+PROBE_ANSWER = 10.0          # seconds a probe may take to answer (a stopped process never does)
+BUSY_FRACTION = 0.05         # CPU seconds per second since the last probe that count as still working
 
 
 def unit_deadline(item: Item, timeout: float | None, per_size: float | None,
@@ -136,6 +143,8 @@ class Pool:
     on_result(item, result): called on the driver for every finished item.
     timeout: seconds an item may run before it is declared lost (see `unit_deadline`: None is
     automatic, 0 never); timeout_setting: the setting that holds it, named in the messages.
+    probe(worker): an ObjectRef of the actor's process CPU seconds (scheduling.actors.Probed),
+    asked before an item past its deadline is declared lost; None: the deadline alone decides.
     """
 
     def __init__(self, name: str, *, submit: Callable, spawn: Callable | None = None,
@@ -143,7 +152,8 @@ class Pool:
                  done: Callable | None = None, on_result: Callable | None = None,
                  max_deaths: int = 100, item_workers: int = 3, unit: str = "item",
                  poll_seconds: float = 1.0, fatal: tuple | None = None,
-                 timeout: float | None = None, timeout_setting: str | None = None):
+                 timeout: float | None = None, timeout_setting: str | None = None,
+                 probe: Callable | None = None):
         self.name, self.submit_fn, self.spawn_fn = name, submit, spawn
         self.capacity_fn, self.per_worker, self.claims = capacity, max(1, int(per_worker)), claims
         self.done_fn, self.on_result = done, on_result
@@ -153,8 +163,11 @@ class Pool:
         self.timeout = None if timeout is None else float(timeout)
         self.timeout_setting = timeout_setting
         self.floor, self.factor = AUTO_FLOOR_SECONDS, AUTO_FACTOR   # of the automatic deadline
+        self.probe_fn = probe
+        self.probe_window, self.probe_answer, self.busy_fraction = PROBE_WINDOW, PROBE_ANSWER, BUSY_FRACTION
         self.stats = {"items": 0, "done_here": 0, "done_elsewhere": 0, "worker_deaths": 0,
-                      "item_failures": 0, "resubmitted": 0, "workers_started": 0, "timeouts": 0}
+                      "item_failures": 0, "resubmitted": 0, "workers_started": 0, "timeouts": 0,
+                      "slow_not_hung": 0}
 
     # ------------------------------------------------------------------ state
     def _reset(self, items: list[Item]) -> None:
@@ -164,6 +177,8 @@ class Pool:
         self.workers: dict[int, _Worker] = {}
         self.refs: dict = {}                     # ref -> ("ready" | "item", wid, item)
         self.started: dict = {}                  # item ref -> when it started running (monotonic)
+        self.probed: dict = {}                   # item ref past its deadline -> (when, CPU seconds) last probed
+        self.slow_items: set[str] = set()        # items found computing past their deadline (said once)
         self.per_size: list[float] = []          # seconds per size unit of finished items, sorted
         self.next_wid = 0
         self.deaths_in_a_row = 0
@@ -186,6 +201,7 @@ class Pool:
         """`ref` is done on `w`: an actor starts its next queued item now; a success's time
         counts toward the median."""
         t0 = self.started.pop(ref, None)
+        self.probed.pop(ref, None)
         now = time.monotonic()
         if ok and t0 is not None and item is not None:
             bisect.insort(self.per_size, (now - t0) / max(int(item.size), 1))
@@ -417,7 +433,40 @@ class Pool:
                 continue
             if ray.wait([ref], timeout=0)[0]:   # done; read on a later turn of the loop
                 continue
+            if self._still_working(wid, ref, item, now, now - t0):
+                continue
+            self.probed.pop(ref, None)
             self._hung(wid, ref, item, now - t0, limit)
+
+    def _still_working(self, wid: int, ref, item: Item, now: float, waited: float) -> bool:
+        """Whether the actor running `item` past its deadline is still computing: its CPU
+        seconds (`probe`) grew by at least `busy_fraction` of the wall seconds since the last
+        probe. The first probe past the deadline takes the reading and waits `probe_window`;
+        an actor that does not answer within `probe_answer` seconds is not working."""
+        import ray
+        w = self.workers.get(wid)
+        if self.probe_fn is None or w is None or w.handle is None:
+            return False
+        last = self.probed.get(ref)
+        if last is not None and now - last[0] < self.probe_window:
+            return True                     # asked recently: wait for the next probe
+        try:
+            cpu = float(ray.get(self.probe_fn(w.handle), timeout=self.probe_answer))
+        except Exception:  # noqa: BLE001 - no answer in time, or the actor is gone: not working
+            return False
+        when = time.monotonic()
+        self.probed[ref] = (when, cpu)
+        if last is None:
+            return True
+        used, wall = cpu - last[1], max(when - last[0], 1e-9)
+        if used < self.busy_fraction * wall:
+            return False
+        if item.key not in self.slow_items:
+            self.slow_items.add(item.key)
+            self.stats["slow_not_hung"] += 1
+            log.info("%s: %s is past its deadline (%.0f s) but its worker %d is computing (%.0f%% of a core); "
+                     "left to finish", self.name, item.key, waited, wid, 100 * used / wall)
+        return True
 
     def _hung(self, wid: int, ref, item: Item, waited: float, limit: float) -> None:
         """`item` made no progress on worker `wid` for `waited` s (over `limit`): kill that

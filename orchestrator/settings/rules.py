@@ -10,7 +10,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.errors import ConfigError
-from orchestrator.settings import schema
+from orchestrator.settings import budget, schema
 from workers.settings import Rule, SettingError, rules, shown
 
 
@@ -103,6 +103,7 @@ def _schema_keys(cfg: DictConfig) -> None:
 
 def _check_values(cfg: DictConfig) -> None:
     _schema_keys(cfg)
+    budget.rounds(cfg)              # masks.n_train (a number or auto) and the budget. rules
     for key, rule in RULES.items():
         if OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
             continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 from omegaconf import MISSING
 
@@ -133,8 +133,23 @@ class ExpConf:
 @dataclass
 class MasksConf:
     alpha: float = setting(0.5, lo=0, hi=1, lo_open=True, hi_open=True, example=0.5)  # fraction per mask
-    n_train: int = setting(4000, lo=10, example=4000)  # models trained on `train` masks (datamodel fitting)
+    # models trained on `train` masks (datamodel fitting): a number, or auto to train in rounds
+    # until a budget rule is met (orchestrator/settings/budget.py checks it: an integer >= 10 or auto)
+    n_train: Union[int, str] = 4000  # noqa: UP007 - OmegaConf takes typing.Union, not int | str
     n_eval: int = setting(100, lo=1, example=100)      # held-out `eval` masks (LDS)
+
+
+@dataclass
+class BudgetConf:
+    """Training in rounds (masks.n_train=auto, or a number with a rule here): after each round
+    the datamodels are fit and scored, and the run stops at the first rule met
+    (orchestrator/settings/budget.py). null: the rule is off."""
+    lds: float | None = setting(None, lo=0, hi=1, lo_open=True, example=0.85)   # stop once the LDS reaches this
+    gain_per_doubling: float | None = setting(None, lo=0, lo_open=True, example=0.005)  # ... gains less per doubling
+    models: int | None = setting(None, lo=10, example=8000)     # ... has trained this many train models
+    seconds: float | None = setting(None, lo=0, lo_open=True, example=3600)  # ... compute seconds (train + fit)
+    first: int = setting(250, lo=10, example=250)               # train models in the first round
+    growth: float = setting(2.0, lo=1, lo_open=True, example=2.0)  # each round: the last one's models times this
 
 
 @dataclass
@@ -221,6 +236,7 @@ class Config:
     stage: str = setting("all", choices=STAGES)
     exp: ExpConf = setting(factory=ExpConf)
     masks: MasksConf = setting(factory=MasksConf)
+    budget: BudgetConf = setting(factory=BudgetConf)
     eval: EvalConf = setting(factory=EvalConf)
     baselines: BaselinesConf = setting(factory=BaselinesConf)
     counterfactual: CounterfactualConf = setting(factory=CounterfactualConf)

@@ -149,6 +149,17 @@ def score_baselines(plan, ev: EvalSet, per_model) -> tuple[dict, dict, dict]:
     return results, per_target, lds_budget
 
 
+def read_eval_set(plan, shown: bool = True) -> EvalSet:
+    """The eval set of this run (its eval masks and replicas, from the ledger), with the
+    bootstrap's settings; `shown`: keep the rows of the targets the plot of top examples shows."""
+    cfg = plan.cfg
+    X, Y, replicas = eval_set(plan.ledger, plan.n, plan.n_targets)
+    if len(X) < 3:
+        raise LedgerError(f"only {len(X)} eval masks in the ledger; LDS needs more (masks.n_eval)")
+    return EvalSet(X, Y, replicas, int(cfg.eval.bootstrap), int(cfg.eval.bootstrap_seed),
+                   min(int(cfg.eval.get("show_targets") or 0), plan.n_targets) if shown else 0)
+
+
 def draw(plan, artifacts: Artifacts, ev: EvalSet, results: dict, per_target: dict, curve: dict, lds_budget: dict,
          per_model) -> dict[str, str]:
     """The plots (local paths in the scratch directory's evaluate/), stored with the LDS per target."""
@@ -208,14 +219,10 @@ def score(plan, tracker, datamodels_dir: str, prefix_dirs: dict | None = None, c
         are train-set models like the others) + its measured scoring seconds (for a budget
         k < K, the seconds of those k checkpoints' share of the scoring pass).
     """
-    cfg = plan.cfg
     compute = compute or {}
     artifacts = artifacts or Artifacts(plan.store, tracker, tempfile.mkdtemp(prefix="datamodels-plots-"))
-    X, Y, replicas = eval_set(plan.ledger, plan.n, plan.n_targets)
-    if len(X) < 3:
-        raise LedgerError(f"only {len(X)} eval masks in the ledger; LDS needs more (masks.n_eval)")
-    ev = EvalSet(X, Y, replicas, int(cfg.eval.bootstrap), int(cfg.eval.bootstrap_seed),
-                 min(int(cfg.eval.get("show_targets") or 0), plan.n_targets))
+    ev = read_eval_set(plan)
+    X, replicas = ev.X, ev.replicas
     dm, dm_per_target, curve = score_datamodels(plan, ev, datamodels_dir, prefix_dirs or {}, compute)
     results, per_target, lds_budget = score_baselines(plan, ev, compute.get("per_model"))
     results, per_target = {"datamodels": dm, **results}, {"datamodels": dm_per_target, **per_target}

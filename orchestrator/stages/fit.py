@@ -84,8 +84,8 @@ class TrainRows:
         return index_ref, prefixes[m]
 
 
-def run(ctx) -> dict:
-    """Fit datamodels on all good train models, and on the prefixes `fit.prefixes`
+def run(ctx, prefixes: bool = True) -> dict:
+    """Fit datamodels on all good train models, and (`prefixes`) on the prefixes `fit.prefixes`
     (fractions of the train models, by model id) for the LDS-versus-models curve."""
     import ray
     from omegaconf import OmegaConf
@@ -104,7 +104,7 @@ def run(ctx) -> dict:
     stats = _fit_store(plan, tracker, fit_cfg, rows, m, m)
     stats["seconds_full"] = stats["seconds"]
     stats["prefixes"] = {}
-    for size in prefix_sizes(fit_cfg, m):
+    for size in prefix_sizes(fit_cfg, m) if prefixes else []:
         # prefixes are the first `size` train models by id (the positions are sorted by model id)
         sub = _fit_store(plan, tracker, fit_cfg, rows, size, m)
         stats["prefixes"][size] = sub["dir"]

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from orchestrator.scheduling.actors import TrainWorker, Unit, worker_slots
+from orchestrator.scheduling.actors import PROBE_GROUP, TrainWorker, Unit, probe, worker_slots
 from orchestrator.scheduling.workpool import Item, Pool, shuffled
 from orchestrator.storage.checkpoints import missing_checkpoints
 from orchestrator.storage.store import Layout
@@ -89,7 +89,8 @@ def train_models(plan, tracker, code_version: str, ledger, expected: dict, pendi
     meta = {"code_version": code_version, "identity": ident.__dict__, "root": ledger.root, "sets": ledger.sets}
     cpus, gpus = float(cfg.train.cpus_per_worker), float(cfg.train.gpus_per_worker)
     cap = int(cfg.train.workers) if cfg.train.get("workers") else None
-    Actor = ray.remote(TrainWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)
+    probed = ray.remote(concurrency_groups=PROBE_GROUP)  # type: ignore[call-overload]  # a probe beside the unit
+    Actor = probed(TrainWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)
     need = {u.name: set(u.keys) for u in units}
     hosts: dict[str, int] = {}
     t0 = time.perf_counter()
@@ -118,7 +119,8 @@ def train_models(plan, tracker, code_version: str, ledger, expected: dict, pendi
                 capacity=lambda: worker_slots(cpus, gpus, cap), per_worker=int(cfg.train.max_in_flight),
                 claims=plan.claims, done=done, on_result=on_result, unit="model",
                 max_deaths=int(cfg.train.max_worker_deaths), item_workers=int(cfg.train.max_retries),
-                timeout=cfg.train.get("unit_timeout_seconds"), timeout_setting="train.unit_timeout_seconds")
+                timeout=cfg.train.get("unit_timeout_seconds"), timeout_setting="train.unit_timeout_seconds",
+                probe=probe)
     items = shuffled([Item(u.name, u, len(u.ids)) for u in units], plan.claims.owner if plan.claims else "")
     pool_stats = pool.run(items)
     if done_models[1]:
