@@ -118,7 +118,8 @@ def print_table(summary: dict, evaluated: bool = True, ui: str | None = None) ->
     lines = ["", f"models: train {summary['models'].get('train', 0)}, eval {summary['models'].get('eval', 0)}"]
     if summary.get("models_failed"):
         lines.append(f"failed models (not fitted): {summary['models_failed']}")
-    lines += rounds_lines(summary)
+    if summary.get("stage") == "all":          # a run in rounds (a single stage's run did not train them)
+        lines += rounds_lines(summary)
     table = table_lines(summary)
     if table and not evaluated:
         lines.append("LDS from the last evaluation (stage=evaluate was not run this time):")
@@ -272,8 +273,8 @@ def _run(cfg: DictConfig, plan: C.Plan, todo: list[Stage], tracker: Tracker, res
                 ctx.index = None
                 artifacts.text(Layout.CONFIG, OmegaConf.to_yaml(OmegaConf.create(
                     redacted(OmegaConf.to_container(cfg, resolve=True)))), log=False)
-            elif "rounds" in summary:
-                summary.pop("rounds")           # an earlier run's rounds; this run's models are masks.n_train
+            elif stage == "all":
+                summary.pop("rounds", None)     # an earlier run's rounds; this run's models are masks.n_train
             for st in todo:
                 run_stage(st, ctx)
             index = ctx.ledger_index()

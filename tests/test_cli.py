@@ -87,6 +87,9 @@ def run_cli(args, tmp_path, timeout=120, entry="python -m orchestrator"):
     (["stage=trian"], "stage"),
     (["fit.backend=lars"], "fit.backend"),
     (["train.loader=dali"], "train.loader"),
+    (["masks.n_train=auto"], "budget.gain_per_doubling"),
+    (["masks.n_train=many"], "masks.n_train"),
+    (["masks.n_train=auto", "budget.lds=2"], "budget.lds"),
     # values that used to pass validation and make no sense
     (["train.lr=nan"], "train.lr"),
     (["train.workers=-1"], "train.workers"),
