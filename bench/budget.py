@@ -194,7 +194,8 @@ def main():
         doublings = [m for m in ms if m == args.first * 2 ** int(round(math.log2(m / args.first)))]
         measured = float(np.nanmean(c[M]))
         for frac in (8, 4):
-            upto = [m for m in doublings if m <= M / frac + 1e-9]
+            # within 1% of M/frac: a grid from --first 188 has 1504 as a quarter of 6000
+            upto = [m for m in doublings if m <= M / frac * 1.01]
             if len(upto) < 3:
                 print(f"    from {M // frac} (1/{frac}): fewer than 3 doubling points ({upto}); no forecast")
                 continue
