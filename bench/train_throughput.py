@@ -21,10 +21,18 @@ Default network: the CPU demo MLP (784 -> 64 -> 10), 10 epochs, batch 100, lr 0.
 Fashion-MNIST (1 000 training examples, alpha = 0.5, 200 targets) if present, else digits.
 
     RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=. python bench/train_throughput.py
+
+--preset: the shipped CPU preset (conf/train/cpu.yaml) on one thread, the engine's step as it
+is against the step before issue 28 (autograd's own backward for the grouped linear layers,
+whose weight gradient is copied into the weight's layout each step, and the multi-tensor SGD),
+alternating in this process, best of 3 each; the rate as a fraction of the GEMM peak and of
+the preset's k-shape bmm, measured in the same process; then where a step's time goes
+(torch profiler, self time per op), as it is now.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -32,6 +40,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from workers.models import build_model, forward_flops  # noqa: E402
 from workers.train import TrainConfig, Trainer  # noqa: E402
@@ -157,6 +166,83 @@ def ffcv_in_process(model_cfg, cfg, data, masks, seeds, directory):
                   f"target acc {res.target_acc.mean():.3f}  (set-up + first unit {warm:.1f} s)", flush=True)
 
 
+@contextlib.contextmanager
+def step_before_issue28():
+    """The training step as it was before issue 28, for the same-process comparison."""
+    from workers import models
+    from workers.train_parts import Recipe
+
+    def forward(self, x):
+        if self.groups == 1 and x.dim() == 2:
+            return F.linear(x, self.weight, self.bias)
+        k, o = self.groups, self.out_features
+        w = self.weight.view(k, o, self.in_features).transpose(1, 2)
+        return torch.baddbmm(self.bias.view(k, 1, o), x, w)
+
+    def optimizer(self, params, lr=None):
+        c = self.cfg
+        return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=c.momentum,
+                               weight_decay=c.weight_decay, nesterov=c.nesterov and c.momentum > 0, foreach=True)
+
+    saved = models.GroupedLinear.forward, Recipe.optimizer
+    models.GroupedLinear.forward, Recipe.optimizer = forward, optimizer
+    try:
+        yield
+    finally:
+        models.GroupedLinear.forward, Recipe.optimizer = saved
+
+
+def preset_report(model_cfg, data, n: int, alpha: float, t: int) -> None:
+    """The shipped CPU preset on one thread: the step now against the step before issue 28."""
+    from omegaconf import OmegaConf
+    x, y, xt, yt = data
+    here = os.path.dirname(os.path.abspath(__file__))
+    preset = OmegaConf.to_container(OmegaConf.load(os.path.join(here, "..", "conf", "train", "cpu.yaml")))
+    cfg = TrainConfig(**{k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__})
+    k, m = cfg.models_per_step, round(alpha * n)
+    count = 2 * k
+    masks, seeds = exact_masks(count, n, m), np.arange(count, dtype=np.int64) + 1000
+    fpm = flops_per_model(model_cfg, x.shape[1:], cfg, m, t)
+    torch.set_num_threads(1)
+    print(f"shipped CPU preset {preset}: k {k}, {fpm / 1e9:.2f} GFLOP per model, {count} models per timing, "
+          f"1 thread", flush=True)
+    widths = [int(np.prod(x.shape[1:])), *model_cfg["hidden"], 10]
+    peaks = [(matmul_peak(1), shape_rate(1, k, min(cfg.batch_size, m), widths))]  # again after: the best
+    trainers = {}
+    for label in ("before", "now"):
+        with step_before_issue28() if label == "before" else contextlib.nullcontext():
+            trainers[label] = Trainer(model_cfg, cfg, x, y, xt, yt)
+            trainers[label].train(masks[:k], seeds[:k])  # warm-up
+    best = {"before": float("inf"), "now": float("inf")}
+    margins = {}
+    for _ in range(3):                 # alternating: the machine is shared
+        for label in ("before", "now"):
+            with step_before_issue28() if label == "before" else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                margins[label] = trainers[label].train(masks, seeds).margins
+                best[label] = min(best[label], time.perf_counter() - t0)
+    peaks.append((matmul_peak(1), shape_rate(1, k, min(cfg.batch_size, m), widths)))
+    torch.set_num_threads(1)
+    peak, shaped = max(p for p, _ in peaks), max(r for _, r in peaks)
+    print(f"peaks before and after the timings: GEMM {peaks[0][0]:.1f}, {peaks[1][0]:.1f}; "
+          f"k-shape bmm {peaks[0][1]:.1f}, {peaks[1][1]:.1f} GFLOP/s (the best of each is used)")
+    print(f"{'step':<8}{'models/s':>9}{'GFLOP/s':>9}{'GEMM peak':>10}{'of peak':>8}{'k-shape bmm':>12}{'of shape':>9}")
+    for label in ("before", "now"):
+        rate = count / best[label] * fpm / 1e9
+        print(f"{label:<8}{count / best[label]:>9.2f}{rate:>9.2f}{peak:>10.1f}{rate / peak:>8.3f}{shaped:>12.1f}"
+              f"{rate / shaped:>9.3f}")
+    diff = float(np.abs(margins["now"] - margins["before"]).max())
+    print(f"speed-up now / before: {best['before'] / best['now']:.2f}x; margins now vs before: max |diff| {diff:.2e}")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainers["now"].train(masks[:k], seeds[:k])
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print("where a step's time goes now (self time, top ops):")
+    for e in events[:8]:
+        print(f"  {e.key:<36}{100 * e.self_cpu_time_total / total:6.1f}%")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
@@ -170,6 +256,8 @@ def main():
     ap.add_argument("--skip-in-process", action="store_true")
     ap.add_argument("--in-process-only", action="store_true", help="the engines and the peaks, no Ray part")
     ap.add_argument("--ffcv", action="store_true", help="also time train.loader=ffcv (optional extra)")
+    ap.add_argument("--preset", action="store_true",
+                    help="the shipped CPU preset: the step now against the step before issue 28, then stop")
     ap.add_argument("--ffcv-only", action="store_true", help="only the --ffcv comparison, then stop")
     ap.add_argument("--threads", default="1,2",
                     help="torch thread counts for the in-process part (2 threads on a loaded 2-core "
@@ -190,6 +278,9 @@ def main():
     print(f"data {name}: n={args.n}, m={m} per model, T={args.targets}; model {model_cfg}; "
           f"{cfg.epochs} epochs, batch {cfg.batch_size}; {fpm / 1e9:.2f} GFLOP per model", flush=True)
 
+    if args.preset:
+        preset_report(model_cfg, (x, y, xt, yt), args.n, args.alpha, args.targets)
+        return
     if args.ffcv or args.ffcv_only:
         import tempfile
         print("in-process, resident data vs FFCV .beton (1 thread):", flush=True)

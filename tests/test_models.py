@@ -65,6 +65,31 @@ def test_copies_get_independent_gradients():
     assert stacked.linear.weight.grad[10:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_linear_gradients_equal_k_plain_linears(bias):
+    """The grouped layer's own backward (weight gradient written in the weight's layout) gives
+    each copy the gradients of a plain nn.Linear on its slice."""
+    from workers.models import GroupedLinear
+    k, b, i, o = 3, 7, 11, 5
+    layer = GroupedLinear(i, o, groups=k, bias=bias)
+    x = torch.randn(k, b, i, requires_grad=True)
+    g = torch.randn(k, b, o)
+    layer(x).backward(g)
+    assert layer.weight.grad.shape == (k * o, i) and layer.weight.grad.is_contiguous()
+    for j in range(k):
+        plain = torch.nn.Linear(i, o, bias=bias)
+        with torch.no_grad():
+            plain.weight.copy_(layer.weight[j * o:(j + 1) * o])
+            if bias:
+                plain.bias.copy_(layer.bias[j * o:(j + 1) * o])
+        xj = x[j].detach().clone().requires_grad_(True)
+        plain(xj).backward(g[j])
+        assert torch.allclose(layer.weight.grad[j * o:(j + 1) * o], plain.weight.grad, atol=1e-5)
+        assert torch.allclose(x.grad[j], xj.grad, atol=1e-5)
+        if bias:
+            assert torch.allclose(layer.bias.grad[j * o:(j + 1) * o], plain.bias.grad, atol=1e-5)
+
+
 def test_init_is_a_function_of_the_generator():
     a = init_weights(MLP(20), torch.Generator().manual_seed(1)).state_dict()
     b = init_weights(MLP(20), torch.Generator().manual_seed(1)).state_dict()

@@ -45,11 +45,38 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1 and x.dim() == 2:
             return F.linear(x, self.weight, self.bias)
+        if not torch.is_autocast_enabled(x.device.type):
+            return _GroupedAffine.apply(x, self.weight, self.bias, self.groups)
+        # under autocast (bf16 on a GPU) autograd's own backward, which follows the casts
         k, o = self.groups, self.out_features
         w = self.weight.view(k, o, self.in_features).transpose(1, 2)  # [k, in, out]
         if self.bias is None:
             return torch.bmm(x, w)
         return torch.baddbmm(self.bias.view(k, 1, o), x, w)
+
+
+class _GroupedAffine(torch.autograd.Function):
+    """y = x W_jᵀ + b_j per copy, with a backward that writes the weight's gradient in the
+    weight's own layout [k*out, in]. Autograd's backward of the batched matmul computes it
+    transposed, as [k, in, out], and then copies it into that layout on every step: on the
+    CPU demo MLP that copy was 18% of a training step (bench/RESULTS.md, issue 28)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k):
+        w = weight.view(k, -1, weight.shape[1])                  # [k, out, in]
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, w.transpose(1, 2))
+        return torch.baddbmm(bias.view(k, 1, -1), x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g.transpose(1, 2), x).view(-1, w.shape[2]) if ctx.needs_input_grad[1] else None
+        gb = g.sum(1).view(-1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
 
 
 class _Residual(nn.Module):

@@ -193,7 +193,9 @@ class Recipe:
 
     def optimizer(self, params, lr: torch.Tensor | None = None) -> torch.optim.Optimizer:
         cfg = self.cfg
-        kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        # fused: one pass over each parameter per step (weight decay, momentum, update); on the
+        # CPU demo MLP the multi-tensor form's passes were 19% of a step (bench/RESULTS.md, issue 28)
+        kw = {"fused": True} if self.device.type in ("cuda", "cpu") else {"foreach": True}
         return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
