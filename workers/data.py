@@ -155,6 +155,26 @@ def select(
     return x_tr, y_tr, pool_x[target_idx], pool_y[target_idx]
 
 
+def flip_labels(y: np.ndarray, num_classes: int, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric label noise: round(rate·n) examples, drawn without replacement from a generator
+    seeded with `seed`, each get a label drawn uniformly from the other num_classes − 1 classes
+    (a flipped label is never the true one). Returns (the noisy labels, flipped bool [n]); the
+    input is not changed."""
+    y = np.asarray(y)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"label noise rate {rate} must be in [0, 1)")
+    if num_classes < 2:
+        raise ValueError("label noise needs at least 2 classes")
+    rng = np.random.default_rng([int(seed), 0x4E01])      # its own stream: not the subset's draw
+    k = int(round(rate * len(y)))
+    ids = np.sort(rng.choice(len(y), size=k, replace=False))
+    noisy = y.copy()
+    noisy[ids] = (y[ids] + rng.integers(1, num_classes, size=k)) % num_classes
+    flipped = np.zeros(len(y), bool)
+    flipped[ids] = True
+    return noisy, flipped
+
+
 def _draw(rng: np.random.Generator, n: int, k: int, mode: str) -> np.ndarray:
     """k of range(n): the first k, or a seeded random k-subset in increasing order."""
     if mode == "first":

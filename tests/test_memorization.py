@@ -1,0 +1,98 @@
+"""The memorization estimator and the detection metrics (orchestrator.metrics.memorization),
+and the planted label noise they are measured on (workers.data.flip_labels): arrays in, numbers
+out, checked against planted truths and brute force."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from orchestrator.metrics.memorization import auc, detection, found_at, found_curve, memorization, order
+from workers.data import flip_labels
+
+
+def exact_masks(m: int, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    X = np.zeros((m, n), bool)
+    for j in range(m):
+        X[j, rng.permutation(n)[: n // 2]] = True
+    return X
+
+
+def test_memorization_recovers_planted_effects_and_its_interval_covers_them():
+    rng = np.random.default_rng(0)
+    m, n = 2000, 300
+    X = exact_masks(m, n, 1)
+    w = rng.uniform(0, 2, n)                       # example i's own effect on its value
+    V = 0.5 + X * w + rng.normal(0, 1, (m, n))
+    r = memorization(X, V, n_boot=400, seed=0)
+    assert np.abs(r["value"] - w).max() < 0.25
+    covered = np.mean((r["ci95"][:, 0] <= w) & (w <= r["ci95"][:, 1]))
+    assert 0.88 <= covered <= 0.99, covered
+    assert (r["in_models"] + r["out_models"] == m).all()
+    np.testing.assert_array_equal(r["in_models"], X.sum(0))
+
+
+def test_memorization_equals_the_direct_means_and_is_nan_where_undefined():
+    rng = np.random.default_rng(3)
+    X = rng.random((40, 6)) < 0.5
+    X[:, 0] = True                                  # in every model: no models without it
+    V = rng.normal(size=(40, 6))
+    r = memorization(X, V, n_boot=50, seed=1)
+    assert np.isnan(r["value"][0]) and np.isnan(r["ci95"][0]).all()
+    for i in range(1, 6):
+        assert r["value"][i] == pytest.approx(V[X[:, i], i].mean() - V[~X[:, i], i].mean())
+    with pytest.raises(ValueError, match="masks"):
+        memorization(X, V[:, :5])
+
+
+def test_auc_equals_the_pairwise_count_with_ties_counted_half():
+    rng = np.random.default_rng(2)
+    s = rng.integers(0, 5, 60).astype(float)        # many ties
+    t = rng.random(60) < 0.3
+    pairs = [(a, b) for a, b in itertools.product(np.flatnonzero(t), np.flatnonzero(~t))]
+    brute = np.mean([1.0 if s[a] > s[b] else 0.5 if s[a] == s[b] else 0.0 for a, b in pairs])
+    assert auc(s, t) == pytest.approx(brute)
+    assert auc(s, np.zeros(60, bool)) != auc(s, np.zeros(60, bool))      # NaN without positives
+
+
+def test_found_at_follows_the_score_order_ties_by_id():
+    s = np.array([0.9, 0.1, 0.9, 0.5, np.nan, 0.2, 0.3, 0.0, 0.8, 0.4])
+    np.testing.assert_array_equal(order(s), [0, 2, 8, 3, 9, 6, 5, 1, 7, 4])
+    t = np.zeros(10, bool)
+    t[[2, 8, 4]] = True
+    curve = found_curve(s, t)
+    assert curve[0] == 0 and curve[-1] == 1
+    assert found_at(s, t, [0.2, 0.3, 0.9]) == {0.2: pytest.approx(1 / 3), 0.3: pytest.approx(2 / 3),
+                                               0.9: pytest.approx(2 / 3)}
+
+
+def test_detection_intervals_contain_the_estimates():
+    rng = np.random.default_rng(5)
+    t = rng.random(500) < 0.1
+    s = t * 1.5 + rng.normal(size=500)
+    d = detection(s, t, fractions=(0.1, 0.2), n_boot=200, seed=0)
+    assert 0.8 < d["auc"] < 0.95
+    assert d["auc_ci95"][0] <= d["auc"] <= d["auc_ci95"][1]
+    for q in (0.1, 0.2):
+        lo, hi = d["found_ci95"][q]
+        assert lo <= d["found"][q] <= hi
+
+
+def test_flip_labels_is_seeded_exact_and_never_keeps_the_label():
+    y = np.arange(1000) % 10
+    noisy, flipped = flip_labels(y, 10, 0.1, seed=7)
+    assert flipped.sum() == 100
+    assert (noisy[flipped] != y[flipped]).all() and (noisy[~flipped] == y[~flipped]).all()
+    assert ((noisy >= 0) & (noisy < 10)).all()
+    again, flipped_again = flip_labels(y, 10, 0.1, seed=7)
+    np.testing.assert_array_equal(again, noisy)
+    np.testing.assert_array_equal(flipped_again, flipped)
+    other, _ = flip_labels(y, 10, 0.1, seed=8)
+    assert not np.array_equal(other, noisy)
+    same, none = flip_labels(y, 10, 0.0, seed=7)
+    np.testing.assert_array_equal(same, y)
+    assert not none.any()
+    with pytest.raises(ValueError, match="rate"):
+        flip_labels(y, 10, 1.0, seed=0)
