@@ -52,14 +52,14 @@ def child(run: str, method: str, variant: str, T: int, threads: int, repeats: in
     process; writes the median and the first call's seconds and the peak RSS to `out` (JSON)
     and the scores to `out`.npy."""
     import torch
-    from hydra.utils import instantiate
 
+    from orchestrator.settings.task import build_task
     from orchestrator.storage.checkpoints import load_checkpoints
     from orchestrator.storage.store import Store
     from workers.attribution import compute_scores
     torch.set_num_threads(threads)
     task_cfg, bcfg = experiment(run)
-    task = instantiate({**task_cfg, "n_targets": T}, _convert_="all")
+    task = build_task({**task_cfg, "n_targets": T})
     model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
     ckpts = load_checkpoints(Store(os.path.abspath(run)), int(bcfg["checkpoints"]))
     params = dict((bcfg.get("params") or {}).get(method) or {})

@@ -100,11 +100,11 @@ def foldover_rows(exp, d: str, X, Y, half: int):
     """The foldover design: the complements of the first `half` masks, trained with the same
     seeds (the task built as the experiment's config says), beside those first `half` models."""
     import yaml
-    from hydra.utils import instantiate
 
+    from orchestrator.settings.task import build_task
     from orchestrator.storage.masks import model_seed
     cfg = yaml.safe_load(open(os.path.join(d, "config.yaml")))
-    task = instantiate(cfg["task"], _convert_="all")
+    task = build_task(cfg["task"])
     task.setup(cfg["train"])
     seed = int(cfg["exp"]["seed"])
     comp = ~X[:half]

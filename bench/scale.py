@@ -292,13 +292,12 @@ def per_target_measure(stage: str, run: str, T: int, scratch: str, prefixes: boo
         out["seconds"] = time.perf_counter() - t0
         out["lds"] = lds["datamodels"]
     else:
-        from hydra.utils import instantiate
-
+        from orchestrator.settings.task import build_task
         from orchestrator.storage.checkpoints import load_checkpoints
         from workers.attribution import compute_scores
         bcfg = cfg["baselines"]
         torch.set_num_threads(int(bcfg.get("cpus_per_task") or 1))
-        task = instantiate({**cfg["task"], "n_targets": T}, _convert_="all")
+        task = build_task({**cfg["task"], "n_targets": T})
         model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
         ckpts = load_checkpoints(ledger.store, int(bcfg["checkpoints"]))
         t0 = time.perf_counter()

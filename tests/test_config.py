@@ -147,7 +147,46 @@ PRESET_HASHES = {
     ("fit=glmnet",): "6693add97e",
     ("task=digits_mlp",): "1fc05aeeec",
     ("train.lr_peak_epoch=4.0",): "6693add97e",     # 4.0 and 4 are one recipe
+    ("task.label_noise=0",): "6693add97e",          # no noise: the experiment it always was
+    ("task.label_noise=0.0", "task.noise_seed=7"): "6693add97e",   # a seed that seeds nothing
 }
+
+
+def test_label_noise_is_another_experiment_and_its_seed_too(tmp_path):
+    from orchestrator.settings.identity import config_hash
+    noisy = config_hash(compose(["task.label_noise=0.1"], tmp_path))
+    assert noisy != PRESET_HASHES[()]
+    assert config_hash(compose(["task.label_noise=0.1", "task.noise_seed=0"], tmp_path)) == noisy
+    assert config_hash(compose(["task.label_noise=0.1", "task.noise_seed=1"], tmp_path)) != noisy
+    assert config_hash(compose(["task.label_noise=0.2"], tmp_path)) != noisy
+
+
+def test_a_task_class_without_label_noise_is_refused_in_one_line_only_when_it_is_set(tmp_path):
+    from orchestrator.runtime.plan import validate
+    from tests.test_pipeline import planted_overrides
+    base = planted_overrides(tmp_path)
+    validate(compose(base, tmp_path))                         # the preset's neutral values are dropped
+    with pytest.raises(ConfigError) as err:
+        validate(compose(base + ["task.label_noise=0.1"], tmp_path))
+    msg = str(err.value)
+    assert "task.label_noise=0.1" in msg and "PlantedTask does not take it" in msg and "\n" not in msg, msg
+
+
+def test_the_shipped_task_plants_seeded_noise_in_the_training_labels_only():
+    from workers.tasks import ImageClassificationTask
+    kw = dict(name="digits_mlp", data={"name": "digits"}, n_train=300, n_targets=50, model={"name": "mlp"})
+    clean = ImageClassificationTask(**kw)
+    noisy = ImageClassificationTask(**kw, label_noise=0.1, noise_seed=3)
+    assert clean.true_labels() is None
+    x0, y0, xt0, yt0, _ = clean.arrays()
+    x1, y1, xt1, yt1, _ = noisy.arrays()
+    y_true, flipped = noisy.true_labels()
+    assert flipped.sum() == 30
+    assert (y1[flipped] != y0[flipped]).all() and (y1[~flipped] == y0[~flipped]).all()
+    assert (y_true == y0).all() and (x1 == x0).all() and (xt1 == xt0).all() and (yt1 == yt0).all()
+    assert (noisy.attribution_inputs()[2].numpy() == y1).all()     # the baselines see what the models saw
+    with pytest.raises(ValueError, match="task.label_noise"):
+        ImageClassificationTask(**kw, label_noise=0.1, target_split="train").check()
 
 
 @pytest.mark.parametrize("overrides", sorted(PRESET_HASHES))

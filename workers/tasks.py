@@ -48,6 +48,9 @@ OPTIONAL: dict[str, Any] = {
     "attribution_inputs": None,
     # () -> the names of labels 0..num_classes-1, for captions
     "class_names": None,
+    # () -> (the true labels of the training set, flipped bool [n]) where the task planted label
+    # noise in it (task.label_noise), else None
+    "true_labels": None,
 }
 
 
@@ -63,13 +66,21 @@ class TaskDefaults:
     arrays = None
     attribution_inputs = None
     class_names = None
+    true_labels = None
 
 
 class ImageClassificationTask:
-    """Image classification on a subset of a published dataset, margins on test targets."""
+    """Image classification on a subset of a published dataset, margins on test targets.
+
+    label_noise: the fraction of the training subset whose labels are flipped, each to a label
+    drawn uniformly from the other classes (workers.data.flip_labels, seeded by noise_seed);
+    the models train on the noisy labels, the targets keep theirs, and `true_labels()` says
+    which were flipped.
+    """
 
     def __init__(self, name: str, data: dict, n_train: int, n_targets: int, model: dict,
-                 margin: str = "logsumexp", target_split: str = "test", subset_seed: int = 0):
+                 margin: str = "logsumexp", target_split: str = "test", subset_seed: int = 0,
+                 label_noise: float = 0.0, noise_seed: int = 0):
         self.name = name
         self.data_cfg = dict(data)
         self.n = int(n_train)
@@ -78,7 +89,10 @@ class ImageClassificationTask:
         self.margin = margin
         self.target_split = target_split
         self.subset_seed = int(subset_seed)
+        self.label_noise = float(label_noise)
+        self.noise_seed = int(noise_seed)
         self._arrays = None
+        self._true_labels: tuple[np.ndarray, np.ndarray] | None = None
         self._trainer: Any = None
 
     # -------------------------------------------------------------- data
@@ -91,6 +105,12 @@ class ImageClassificationTask:
             raise ValueError(f"task.n_train={self.n} must be at least 2")
         if self.n_targets < 1:
             raise ValueError(f"task.n_targets={self.n_targets} must be at least 1")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"task.label_noise={self.label_noise} must be in [0, 1): the fraction of "
+                             f"training labels to flip, e.g. task.label_noise=0.1")
+        if self.label_noise > 0 and self.target_split == "train":
+            raise ValueError("task.label_noise>0 with task.target_split=train would score targets against "
+                             "flipped labels; use task.target_split=test")
         D.check_available(self.data_cfg["name"], self.data_cfg.get("root"))
         self.arrays()  # sizes are checked by select()
 
@@ -101,8 +121,17 @@ class ImageClassificationTask:
             ds = D.load_dataset(self.data_cfg["name"], self.data_cfg.get("root"))
             x_tr, y_tr, x_tg, y_tg = D.select(ds, self.n, self.n_targets, seed=self.subset_seed,
                                               target_split=self.target_split)
+            if self.label_noise > 0:
+                noisy, flipped = D.flip_labels(y_tr, ds.num_classes, self.label_noise, self.noise_seed)
+                self._true_labels = (y_tr, flipped)
+                y_tr = noisy
             self._arrays = (x_tr, y_tr, x_tg, y_tg, ds.num_classes)
         return self._arrays
+
+    def true_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(the training subset's true labels, flipped bool [n]) with task.label_noise > 0, else None."""
+        self.arrays()
+        return self._true_labels
 
     # -------------------------------------------------------------- training
     def class_names(self) -> list[str] | None:

@@ -74,7 +74,7 @@ def _task_error(target, err: BaseException) -> str:
 
 def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     """Check the config and the task's data; build nothing remote, write nothing."""
-    from hydra.utils import instantiate
+    from orchestrator.settings.task import build_task
 
     check_rules(cfg)
     rounds = budget_rounds(cfg)
@@ -109,7 +109,7 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     check_devices(cfg)
 
     try:
-        task = instantiate(cfg.task, _convert_="all")
+        task = build_task(cfg.task)
     except Exception as err:  # noqa: BLE001 - user classes can raise anything
         raise ConfigError(_task_error(cfg.task.get("_target_"), err)) from None
     if check_data:

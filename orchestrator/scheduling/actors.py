@@ -61,10 +61,10 @@ class TrainWorker(Probed):
     """A persistent training process: the task (data on device) is built once."""
 
     def __init__(self, task_cfg: dict, train_cfg: dict, store_handle, meta: dict):
-        from hydra.utils import instantiate
+        from orchestrator.settings.task import build_task
 
         self.store = worker_setup(train_cfg.get("cpus_per_worker"), store_handle)
-        self.task = instantiate(task_cfg, _convert_="all")
+        self.task = build_task(task_cfg)
         self.task.setup(train_cfg)
         self.sets = meta.get("sets") or M.MaskSets()
         self.ledger = Ledger(self.store, Identity(**meta["identity"]), meta.get("root", Layout.LEDGER), self.sets)

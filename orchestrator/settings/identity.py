@@ -1,5 +1,6 @@
 """The experiment's identity: the config parts that define its ledger's rows (task, recipe,
-α, seed; not how many models, not how fast), their hash, and where the experiment lives
+α, seed; not how many models, not how fast; the task settings of settings.task only when set
+to something that changes the task), their hash, and where the experiment lives
 (<store.uri or exp.root>/<exp.name>-<hash>, or exp.dir).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from orchestrator import uris as S
 from orchestrator.errors import ConfigError
+from orchestrator.settings.task import identity_part
 
 # Settings that change what a trained model is (and so what the ledger holds). Scheduling
 # and speed settings (workers, engine, models_per_step, device, compile, ...) do not.
@@ -20,7 +22,7 @@ RECIPE_KEYS = ("epochs", "batch_size", "lr", "lr_peak_epoch", "momentum", "neste
 
 def ledger_identity(cfg: DictConfig) -> dict:
     """The config parts that define the ledger's rows (not how many, not how fast)."""
-    task = OmegaConf.to_container(cfg.task, resolve=True)
+    task = identity_part(OmegaConf.to_container(cfg.task, resolve=True))
     task.get("data", {}).pop("root", None)
     return {
         "task": task,

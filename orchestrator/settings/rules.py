@@ -31,6 +31,8 @@ RULES: dict[str, Rule] = {
     "task.n_train": Rule(int, 2, example=1000),
     "task.n_targets": _positive(200),
     "task.subset_seed": SEED,
+    "task.label_noise": Rule(float, 0, 1, hi_open=True, example=0.1),
+    "task.noise_seed": SEED,
     "task.model.width": Rule(float, 0, lo_open=True, example=1.0),
 }
 # Method parameters of the baselines that are numbers (workers.attribution).

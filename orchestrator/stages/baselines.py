@@ -46,13 +46,12 @@ def compute_method(task_cfg: dict, method: str, params: dict, n_ckpt: int, files
     config_hash, digests: the experiment the checkpoints must belong to and the digests the
     driver verified (read_checkpoints). Each file's metadata records the digests of the
     checkpoints it was computed from (`checkpoint_digests`). Returns {k: metadata written}."""
-    from hydra.utils import instantiate
-
+    from orchestrator.settings.task import build_task
     from workers.attribution import STEPS, budget_scores, compute_scores
     store = worker_setup(threads, store_handle)
     if isinstance(files, str):
         files = {n_ckpt: files}
-    task = instantiate(task_cfg, _convert_="all")
+    task = build_task(task_cfg)
     model_fn, x_tr, y_tr, x_tg, y_tg = task.attribution_inputs()
     # all K even for smaller budgets: params (tracin lrs) are per K
     ckpts, seen = read_checkpoints(store, n_ckpt, config_hash, digests)
