@@ -3,9 +3,19 @@ CLI composes them, pointed at a temporary experiment root and MLflow store."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
+
+
+# The suite sends Ctrl-C (SIGINT) to the commands it tests. A shell that starts the suite in the
+# background without job control (`bash .ci/run &` in a script) runs it with SIGINT ignored, and
+# an ignored signal stays ignored across exec: the commands under test would never see the
+# Ctrl-C. A handled signal is reset to the default on exec, so handling it here gives them what a
+# terminal gives.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
