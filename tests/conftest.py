@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-
 # The suite sends Ctrl-C (SIGINT) to the commands it tests. A shell that starts the suite in the
 # background without job control (`bash .ci/run &` in a script) runs it with SIGINT ignored, and
 # an ignored signal stays ignored across exec: the commands under test would never see the

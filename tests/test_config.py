@@ -149,7 +149,17 @@ PRESET_HASHES = {
     ("train.lr_peak_epoch=4.0",): "6693add97e",     # 4.0 and 4 are one recipe
     ("task.label_noise=0",): "6693add97e",          # no noise: the experiment it always was
     ("task.label_noise=0.0", "task.noise_seed=7"): "6693add97e",   # a seed that seeds nothing
+    ("task.targets=test",): "6693add97e",           # the targets only: as always
+    ("experiment=tiny", "task.targets=test"): "1bfbbefd37",
 }
+
+
+def test_margins_on_the_training_examples_are_another_experiment(tmp_path):
+    from orchestrator.settings.identity import config_hash
+    both = config_hash(compose(["task.targets=both"], tmp_path))
+    assert both != PRESET_HASHES[()]
+    assert config_hash(compose(["task.targets=both", "task.label_noise=0.1"], tmp_path)) not in (
+        both, config_hash(compose(["task.label_noise=0.1"], tmp_path)))
 
 
 def test_label_noise_is_another_experiment_and_its_seed_too(tmp_path):
@@ -166,10 +176,11 @@ def test_a_task_class_without_label_noise_is_refused_in_one_line_only_when_it_is
     from tests.test_pipeline import planted_overrides
     base = planted_overrides(tmp_path)
     validate(compose(base, tmp_path))                         # the preset's neutral values are dropped
-    with pytest.raises(ConfigError) as err:
-        validate(compose(base + ["task.label_noise=0.1"], tmp_path))
-    msg = str(err.value)
-    assert "task.label_noise=0.1" in msg and "PlantedTask does not take it" in msg and "\n" not in msg, msg
+    for setting in ("task.label_noise=0.1", "task.targets=both"):
+        with pytest.raises(ConfigError) as err:
+            validate(compose(base + [setting], tmp_path))
+        msg = str(err.value)
+        assert setting in msg and "PlantedTask does not take it" in msg and "\n" not in msg, msg
 
 
 def test_the_shipped_task_plants_seeded_noise_in_the_training_labels_only():

@@ -179,3 +179,35 @@ def test_the_summary_keeps_the_entries_of_stages_that_did_not_run(tiny):
         return json.loads(json.dumps(x, default=float))
     for key in ("train", "fit", "baselines", "lds", "plots"):
         assert plain(again[key]) == plain(summary[key]), key
+
+
+def test_margins_on_the_training_examples_change_nothing_else(tiny, tmp_path):
+    """task.targets=both: a new experiment whose models, targets and LDS are the tiny run's,
+    every model (train and eval) with its margins and correctness on all n training examples;
+    the models that trained on an example have the larger margin on it."""
+    import numpy as np
+
+    from orchestrator import api
+    from orchestrator.metrics.memorization import memorization
+    from workers import bits
+    root, clean = tiny
+    summary = pipeline.run(compose(["experiment=tiny", "task.targets=both"], tmp_path))
+    assert summary["config_hash"] != clean["config_hash"]
+    def scores(s):       # the LDS of every method, without the seconds it took
+        return {m: {k: e.get(k) for k in ("mean", "ci95", "median", "targets", "mse")} for m, e in s["lds"].items()}
+    assert scores(summary) == scores(clean)
+    assert summary["models"] == clean["models"]
+    exp = api.open(summary["experiment_dir"])
+    led = exp._ledger
+    index = led.index()
+    for mask_set, count in (("train", 300), ("eval", 60)):
+        pos = index.select(mask_set)
+        assert len(pos) == count
+        packed, own, right = led.read_self(index, pos, 0, exp.n)
+        assert own.shape == (count, exp.n) and np.isfinite(own).all()
+    pos = index.select("train")
+    packed, own, right = led.read_self(index, pos, 0, exp.n)
+    mem = memorization(bits.unpack(packed, exp.n), own, n_boot=0)["value"]
+    assert np.nanmean(mem) > 0.5, np.nanmean(mem)          # trained on it: a larger margin on it
+    X = bits.unpack(packed, exp.n)
+    assert right[X].mean() > right[~X].mean()

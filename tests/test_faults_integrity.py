@@ -203,6 +203,7 @@ def forge_records(root, ident: Identity, names: list[str], sign_with: bytes | No
     led = os.path.join(root, "ledger")
     checked = os.path.join(led, "_checked")
     os.makedirs(checked, exist_ok=True)
+    about = {k: v for k, v in asdict(ident).items() if k != "n_self" or v}    # the record's scope format
     for rec in os.listdir(checked):
         path = os.path.join(checked, rec)
         doc = json.load(open(path))
@@ -210,13 +211,13 @@ def forge_records(root, ident: Identity, names: list[str], sign_with: bytes | No
             doc["files"] += names
         else:
             doc["files"].update({n: footer_digest(os.path.join(led, n)) for n in names})
-            scope = json.loads(json.dumps({**asdict(ident), **M.MaskSets().describe()}, default=str))
+            scope = json.loads(json.dumps({**about, **M.MaskSets().describe()}, default=str))
             body = json.dumps({"format": 2, "key_id": doc["key_id"], "scope": scope, "files": doc["files"]},
                               sort_keys=True, separators=(",", ":"))
             doc["mac"] = hmac.new(sign_with or os.urandom(32), body.encode(), hashlib.sha256).hexdigest()
         with open(path, "w") as f:
             json.dump(doc, f)
-    key = json.dumps({**asdict(ident), **M.MaskSets().describe()}, sort_keys=True, default=str)
+    key = json.dumps({**about, **M.MaskSets().describe()}, sort_keys=True, default=str)
     unsigned = os.path.join(checked, hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
     everything = sorted(n for n in os.listdir(led) if n.endswith(".parquet"))
     with open(unsigned, "w") as f:

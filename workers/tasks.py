@@ -69,18 +69,22 @@ class TaskDefaults:
     true_labels = None
 
 
+TARGETS = ("test", "both")      # task.targets: margins on the targets, or also on the training examples
+
+
 class ImageClassificationTask:
     """Image classification on a subset of a published dataset, margins on test targets.
 
     label_noise: the fraction of the training subset whose labels are flipped, each to a label
     drawn uniformly from the other classes (workers.data.flip_labels, seeded by noise_seed);
     the models train on the noisy labels, the targets keep theirs, and `true_labels()` says
-    which were flipped.
+    which were flipped. targets="both": each model's margins on every training example (against
+    the label it trained on) and whether it gets each right are returned too (TrainResult.self_*).
     """
 
     def __init__(self, name: str, data: dict, n_train: int, n_targets: int, model: dict,
                  margin: str = "logsumexp", target_split: str = "test", subset_seed: int = 0,
-                 label_noise: float = 0.0, noise_seed: int = 0):
+                 label_noise: float = 0.0, noise_seed: int = 0, targets: str = "test"):
         self.name = name
         self.data_cfg = dict(data)
         self.n = int(n_train)
@@ -91,6 +95,7 @@ class ImageClassificationTask:
         self.subset_seed = int(subset_seed)
         self.label_noise = float(label_noise)
         self.noise_seed = int(noise_seed)
+        self.targets = str(targets)
         self._arrays = None
         self._true_labels: tuple[np.ndarray, np.ndarray] | None = None
         self._trainer: Any = None
@@ -108,6 +113,9 @@ class ImageClassificationTask:
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"task.label_noise={self.label_noise} must be in [0, 1): the fraction of "
                              f"training labels to flip, e.g. task.label_noise=0.1")
+        if self.targets not in TARGETS:
+            raise ValueError(f"task.targets={self.targets} is not one of {'|'.join(TARGETS)}: test records the "
+                             f"margins on the targets, both also each model's margins on the training examples")
         if self.label_noise > 0 and self.target_split == "train":
             raise ValueError("task.label_noise>0 with task.target_split=train would score targets against "
                              "flipped labels; use task.target_split=test")
@@ -145,7 +153,8 @@ class ImageClassificationTask:
         names = {f.name for f in fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in train_cfg.items() if k in names})
         x_tr, y_tr, x_tg, y_tg, num_classes = self.arrays()
-        self._trainer = Trainer(dict(self.model_cfg), cfg, x_tr, y_tr, x_tg, y_tg, margin=self.margin)
+        self._trainer = Trainer(dict(self.model_cfg), cfg, x_tr, y_tr, x_tg, y_tg, margin=self.margin,
+                                self_targets=self.targets == "both")
 
     def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False):
         if self._trainer is None:

@@ -162,8 +162,11 @@ class Trainer:
     """
 
     def __init__(self, model_cfg: dict, train_cfg: TrainConfig, x_train, y_train, x_target, y_target,
-                 margin: str = "logsumexp"):
+                 margin: str = "logsumexp", self_targets: bool = False):
         train_cfg.validate()
+        if self_targets and train_cfg.loader == "ffcv":
+            raise ValueError("task.targets=both needs the training set on the device: set train.loader=resident")
+        self.self_targets = bool(self_targets)   # also the margins on every training example (TrainResult.self_*)
         if margin not in MARGIN_KINDS:
             raise ValueError(f"margin={margin!r}: use one of {MARGIN_KINDS}")
         self.margin = margin
@@ -287,14 +290,16 @@ class Trainer:
                     step += 1
             loss = (stepper.loss_sum / steps).cpu().numpy().astype(np.float32)
             module = stepper.module
-        margins, train_acc, target_acc = self._evaluate(module, idx)
+        margins, train_acc, target_acc, own = self._evaluate(module, idx)
         return TrainResult(margins, train_acc, target_acc, loss, seconds=time.perf_counter() - t0,
-                           state_dicts=unstack_states(module.state_dict(), k) if return_weights else None)
+                           state_dicts=unstack_states(module.state_dict(), k) if return_weights else None,
+                           self_margins=own[0] if own else None, self_correct=own[1] if own else None)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _evaluate(self, module: torch.nn.Module, idx: torch.Tensor):
-        """Margins on the targets and accuracy on each model's own subset (eval mode, no aug)."""
+        """Margins on the targets and accuracy on each model's own subset (eval mode, no aug);
+        with self_targets also (margins, correct) on every training example, else None."""
         module.eval()
         r = self.recipe
         k, m = idx.shape
@@ -307,22 +312,32 @@ class Trainer:
                     return module(r.prep(x, 1)).to(r.acc).view(1, -1, nc)
                 return module(x.view(k, -1, *self.in_shape)).to(r.acc)
 
-        parts = []
-        for a in range(0, self.T, rows):
-            x = self.x_target[a:a + rows]
-            if k > 1:  # every copy sees the same targets
-                x = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *self.in_shape)
-            parts.append(forward(x))
-        logits = torch.cat(parts, dim=1)  # [k, T, C]
+        def shared(xs):       # logits [k, N, C] of every copy on the same examples xs [N, ...]
+            parts = []
+            for a in range(0, len(xs), rows):
+                x = xs[a:a + rows]
+                if k > 1:  # every copy sees the same examples
+                    x = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *self.in_shape)
+                parts.append(forward(x))
+            return torch.cat(parts, dim=1)
+
+        logits = shared(self.x_target)  # [k, T, C]
         labels = self.y_target.expand(k, self.T)
         margins = margin(logits, labels, self.margin)
         target_acc = (logits.argmax(-1) == labels).float().mean(1)
         correct = torch.zeros(k, device=self.device)
         for xb, yb in self.source.eval_batches(idx, rows):
             correct += (forward(xb).argmax(-1) == yb.view(k, -1)).float().sum(1)
+        own = None
+        if self.self_targets:
+            assert self.x_train is not None          # refused with train.loader=ffcv in __init__
+            logits = shared(self.x_train)           # [k, n, C]
+            labels = self.y_train.expand(k, self.n)
+            own = (margin(logits, labels, self.margin).cpu().numpy().astype(np.float32),
+                   (logits.argmax(-1) == labels).cpu().numpy())
         module.train()
         return (margins.cpu().numpy().astype(np.float32), (correct / m).cpu().numpy().astype(np.float32),
-                target_acc.cpu().numpy().astype(np.float32))
+                target_acc.cpu().numpy().astype(np.float32), own)
 
 
 class _Stepper:

@@ -33,22 +33,30 @@ class TrainResult:
     loss: np.ndarray  # float32 [k]  final-epoch mean training loss
     seconds: float
     state_dicts: list | None = None  # CPU state dicts of plain (copies=1) models, if asked
+    self_margins: np.ndarray | None = None   # float32 [k, n]: margins on the training examples themselves
+    self_correct: np.ndarray | None = None   # bool [k, n]: whether each is classified right (its own label)
 
     @classmethod
     def concat(cls, parts: list[TrainResult], seconds: float) -> TrainResult:
-        """The results of consecutive groups of models as one (state dicts kept if every part has them)."""
+        """The results of consecutive groups of models as one (state dicts kept if every part
+        has them, and so the margins on the training examples)."""
         weights = all(p.state_dicts is not None for p in parts)
+        own = all(p.self_margins is not None for p in parts)
         return cls(margins=np.concatenate([p.margins for p in parts]),
                    train_acc=np.concatenate([p.train_acc for p in parts]),
                    target_acc=np.concatenate([p.target_acc for p in parts]),
                    loss=np.concatenate([p.loss for p in parts]), seconds=seconds,
-                   state_dicts=[sd for p in parts for sd in p.state_dicts or []] if weights else None)
+                   state_dicts=[sd for p in parts for sd in p.state_dicts or []] if weights else None,
+                   self_margins=np.concatenate([p.self_margins for p in parts]) if own else None,  # type: ignore[misc]
+                   self_correct=np.concatenate([p.self_correct for p in parts]) if own else None)  # type: ignore[misc]
 
     def take(self, order: np.ndarray) -> TrainResult:
         """The models in `order` (indices into this result)."""
         sds = None if self.state_dicts is None else [self.state_dicts[int(i)] for i in order]
         return TrainResult(self.margins[order], self.train_acc[order], self.target_acc[order], self.loss[order],
-                           self.seconds, sds)
+                           self.seconds, sds,
+                           None if self.self_margins is None else self.self_margins[order],
+                           None if self.self_correct is None else self.self_correct[order])
 
 
 # ============================================================================ recipe pieces

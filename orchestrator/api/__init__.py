@@ -265,8 +265,9 @@ class Experiment:
     @cached_property
     def _ledger(self):
         exp = self.config.get("exp") or {}
+        both = (self.config.get("task") or {}).get("targets") == "both"     # margins on the training examples too
         ident = Identity(str(self.summary["config_hash"]), float(self.summary["alpha"]), int(exp.get("seed", 0)),
-                         self.n, self.n_targets)
+                         self.n, self.n_targets, self.n if both else 0)
         masks, ev = self.config.get("masks") or {}, self.config.get("eval") or {}
         try:     # the models the experiment's last run used (masks.n_train, masks.n_eval, eval.replicas)
             use = limits(int(masks["n_train"]), int(masks["n_eval"]), int(ev["replicas"]))

@@ -44,6 +44,7 @@ class Plan:
     models_per_unit: int | None = None  # the experiment's unit size (orchestrator.storage.experiment.check)
     marker: dict | None = None          # the directory's experiment.json, as check found it
     rounds: Rounds | None = None        # training in rounds (settings.budget), or None: masks.n_train at once
+    n_self: int = 0                     # training examples whose own margins the ledger holds (task.targets=both)
 
     def use_models(self, n_train: int) -> None:
         """Make this run one of n_train train models: masks.n_train and the ledger's view of it
@@ -54,7 +55,7 @@ class Plan:
     @property
     def identity(self):
         return Identity(self.config_hash, float(self.cfg.masks.alpha), int(self.cfg.exp.seed), self.n,
-                        self.n_targets)
+                        self.n_targets, self.n_self)
 
 
 def _task_error(target, err: BaseException) -> str:
@@ -136,7 +137,8 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     tracking = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if not cfg.tracking.enabled:
         tracking = None
-    plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store, rounds=rounds)
+    n_self = n if OmegaConf.select(cfg, "task.targets", default="test") == "both" else 0
+    plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store, rounds=rounds, n_self=n_self)
     first = rounds.sizes(1)[0] if rounds is not None else int(cfg.masks.n_train)
     plan.ledger = Ledger(store, plan.identity,
                          limits=limits(first, int(cfg.masks.n_eval), int(cfg.eval.replicas)))

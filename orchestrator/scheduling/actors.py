@@ -91,7 +91,17 @@ class TrainWorker(Probed):
         if margins.shape != (k, ident.n_targets):
             raise TrainStageError(f"task.train returned margins of shape {margins.shape}, "
                                   f"expected ({k}, {ident.n_targets})")
+        own = {}
+        if ident.n_self:
+            got, right = getattr(res, "self_margins", None), getattr(res, "self_correct", None)
+            want = (k, ident.n_self)
+            if got is None or right is None or np.shape(got) != want or np.shape(right) != want:
+                shape = None if got is None else np.shape(got)
+                raise TrainStageError(f"task.targets=both: task.train returned margins on the training examples of "
+                                      f"shape {shape}, expected ({k}, {ident.n_self}) with self_correct")
+            own = {"self_margins": np.asarray(got, np.float32), "self_correct": np.asarray(right, bool)}
         rows = {
+            **own,
             "mask_set": [unit.mask_set] * k, "model_id": unit.ids, "replica": unit.replicas,
             "seed": seeds, "alpha": [ident.alpha] * k, "mask": bits.pack(masks),
             "margins": margins, "train_acc": np.asarray(res.train_acc, np.float32),

@@ -6,7 +6,8 @@ change nothing (TASK_SETTINGS): the label noise to plant and its seed. At those 
 setting is not part of the experiment's identity (its hash stays what it was before the
 setting existed) and is not passed to a class that does not take it, so a user's task class
 and the commands that built it keep working. Set to anything else, it is both: a noisy
-experiment is another experiment, and a class that cannot plant noise is refused in one line.
+experiment is another experiment, and so is one that records each model's margins on the
+training examples (task.targets=both); a class that cannot do it is refused in one line.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# setting -> the value that changes nothing
-TASK_SETTINGS: dict[str, Any] = {"label_noise": 0.0, "noise_seed": 0}
+# setting -> the value that changes nothing. targets: test (margins on the targets only) or both
+# (also each model's margins on the training examples themselves, storage.ledger's `self_*`)
+TASK_SETTINGS: dict[str, Any] = {"label_noise": 0.0, "noise_seed": 0, "targets": "test"}
 
 
 def neutral(task: dict, key: str) -> bool:
@@ -24,9 +26,11 @@ def neutral(task: dict, key: str) -> bool:
     while there is no label noise: it seeds nothing)."""
     if key == "noise_seed" and neutral(task, "label_noise"):
         return True
-    value = task.get(key, TASK_SETTINGS[key])
+    value, plain = task.get(key, TASK_SETTINGS[key]), TASK_SETTINGS[key]
+    if isinstance(plain, str):
+        return value == plain
     try:
-        return float(value) == float(TASK_SETTINGS[key])
+        return float(value) == float(plain)
     except (TypeError, ValueError):
         return False
 

@@ -173,9 +173,15 @@ def decode_margins(table: pa.Table, a: int, b: int, prefix: str = "margins") -> 
     return out
 
 
-def schema(n_bytes: int, n_targets: int) -> pa.Schema:
+SELF = "self"                 # prefix of the blocks of margins on the training examples themselves
+
+
+def schema(n_bytes: int, n_targets: int, n_self: int = 0) -> pa.Schema:
     """One row per trained model; the mask bit-packed (workers.bits), the margins float32
-    in blocks of MARGIN_BLOCK targets, `failure` empty for a good model."""
+    in blocks of MARGIN_BLOCK targets, `failure` empty for a good model. With n_self > 0
+    (task.targets=both) also each model's margins on the n training examples themselves, in
+    the same blocks (`self_<b>`), and whether it classifies each one right (`self_correct`,
+    bit-packed); without, the schema is the one every ledger had before."""
     fields = [
         pa.field("mask_set", pa.string(), nullable=False),
         pa.field("model_id", pa.int64(), nullable=False),
@@ -186,6 +192,10 @@ def schema(n_bytes: int, n_targets: int) -> pa.Schema:
     ]
     fields += [pa.field(name, pa.list_(pa.float32(), b - a), nullable=False)
                for name, a, b in margin_columns(n_targets)]
+    if n_self:
+        fields += [pa.field(name, pa.list_(pa.float32(), b - a), nullable=False)
+                   for name, a, b in margin_columns(n_self, SELF)]
+        fields.append(pa.field(f"{SELF}_correct", pa.binary((n_self + 7) // 8), nullable=False))
     fields += [pa.field(name, kind, nullable=False) for name, kind in (
         ("train_acc", pa.float32()), ("target_acc", pa.float32()), ("loss", pa.float32()),
         ("seconds", pa.float32()), ("host", pa.string()), ("unit", pa.string()),
@@ -201,11 +211,13 @@ class Identity:
     seed: int
     n: int
     n_targets: int
+    n_self: int = 0       # training examples whose own margins each row holds (task.targets=both), or 0
 
 
-def unit_table(unit: str, rows: dict, n_targets: int | None = None) -> pa.Table:
+def unit_table(unit: str, rows: dict, n_targets: int | None = None, n_self: int = 0) -> pa.Table:
     """One work unit's rows as a table of the ledger schema. `rows` maps column names to
-    sequences; `mask` is uint8 [k, n_bytes] (packed), `margins` float32 [k, T]."""
+    sequences; `mask` is uint8 [k, n_bytes] (packed), `margins` float32 [k, T]; with n_self,
+    `self_margins` float32 [k, n_self] and `self_correct` bool [k, n_self] too."""
     packed = np.ascontiguousarray(rows["mask"], dtype=np.uint8)
     margins = np.ascontiguousarray(rows["margins"], dtype=np.float32)
     k, n_bytes = packed.shape
@@ -214,16 +226,26 @@ def unit_table(unit: str, rows: dict, n_targets: int | None = None) -> pa.Table:
     T = margins.shape[1] if n_targets is None else n_targets
     if margins.shape[1] != T:
         raise LedgerError(f"unit {unit}: margins have {margins.shape[1]} targets, expected {T}")
-    sch = schema(n_bytes, T)
+    sch = schema(n_bytes, T, n_self)
     failure = rows.get("failure")
     if failure is None:
         failure = np.where(np.isfinite(margins).all(1), "", FAILED_NONFINITE)
     cols = {}
     blocks = block_array(margins)
+    if n_self:
+        own = np.ascontiguousarray(rows.get("self_margins", np.zeros((0, 0))), dtype=np.float32)
+        right = np.asarray(rows.get("self_correct", np.zeros((0, 0))), dtype=bool)
+        if own.shape != (k, n_self) or right.shape != (k, n_self):
+            raise LedgerError(f"unit {unit}: margins on the training examples of shape {own.shape} and "
+                              f"correctness {right.shape}, expected ({k}, {n_self}) each")
+        blocks.update(block_array(own, SELF))
+        right_packed = bits.pack(right)
     for f in sch:
         if f.name == "mask":
             cols[f.name] = pa.FixedSizeBinaryArray.from_buffers(f.type, k, [None, pa.py_buffer(packed.tobytes())])
-        elif f.name.startswith("margins_"):
+        elif f.name == f"{SELF}_correct":
+            cols[f.name] = pa.FixedSizeBinaryArray.from_buffers(f.type, k, [None, pa.py_buffer(right_packed.tobytes())])
+        elif f.name.startswith("margins_") or f.name.startswith(f"{SELF}_"):
             cols[f.name] = blocks[f.name]
         elif f.name == "host":
             cols[f.name] = pa.array(list(rows.get("host", [socket.gethostname()] * k)), pa.string())
@@ -350,7 +372,10 @@ class Ledger:
     def write_unit(self, unit: str, rows: dict) -> str:
         """Write one work unit's rows as one file named by its content; returns its path in
         the store. The same content written twice is the same file."""
-        table = unit_table(unit, rows, self.identity.n_targets if self.identity else None)
+        if self.identity:
+            table = unit_table(unit, rows, self.identity.n_targets, self.identity.n_self)
+        else:
+            table = unit_table(unit, rows, None, np.shape(rows["self_margins"])[1] if "self_margins" in rows else 0)
         digests = table_digests(table)
         rel = Layout.unit(unit, content_digest(digests), self.root)
         self.store.write_table(rel, table, digests)
@@ -385,7 +410,9 @@ class Ledger:
         n_bytes = table.schema.field("mask").type.byte_width
         T = ident.n_targets if ident else sum(table.schema.field(c).type.list_size
                                               for c in names if c.startswith("margins_"))
-        want = schema(n_bytes, T)
+        n_self = ident.n_self if ident else sum(table.schema.field(c).type.list_size for c in names
+                                                if c.startswith(f"{SELF}_") and c != f"{SELF}_correct")
+        want = schema(n_bytes, T, n_self)
         if ident and n_bytes != (ident.n + 7) // 8:
             raise CorruptFile(rel, f"masks of {n_bytes} bytes, the experiment has n={ident.n}")
         for f in want:
@@ -513,9 +540,13 @@ class Ledger:
         return index.limited(self.limits) if self.limits else index
 
     def _scope(self) -> dict:
-        """What a record of checked files is about: the experiment's identity and the mask sets."""
+        """What a record of checked files is about: the experiment's identity and the mask sets
+        (n_self only where it is not 0, so the records written before it existed still hold)."""
         assert self.identity is not None
-        return json.loads(json.dumps({**asdict(self.identity), **self.sets.describe()}, sort_keys=True, default=str))
+        ident = asdict(self.identity)
+        if not ident.get("n_self"):
+            ident.pop("n_self", None)
+        return json.loads(json.dumps({**ident, **self.sets.describe()}, sort_keys=True, default=str))
 
     def _checked_rel(self) -> str | None:
         """Where this machine's signed record of checked files of this experiment and these mask
@@ -662,6 +693,36 @@ class Ledger:
             packed[sel] = masks
             margins[sel] = decode_margins(part, a, b)
         return packed, margins
+
+    def read_self(self, index: Index, positions: np.ndarray, a: int,
+                  b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(packed masks uint8 [k, n_bytes], margins float32 [k, b - a], correct bool [k, b - a])
+        of the models at `positions` on training examples [a, b) themselves (task.targets=both).
+        LedgerError when the ledger does not hold them."""
+        if not len(positions):
+            raise LedgerError(f"ledger {self.where}: no models asked for training examples {a}-{b}")
+        files = index.file[positions]
+        first = self.store.read_schema(index.files[int(files[0])])
+        if f"{SELF}_correct" not in first.names:
+            raise LedgerError(f"ledger {self.where} holds no margins on the training examples: they are recorded "
+                              f"with task.targets=both (a new experiment)")
+        order = np.argsort(files, kind="stable")
+        packed = np.empty((len(positions), 0), np.uint8)
+        margins = np.empty((len(positions), b - a), np.float32)
+        correct = np.empty((len(positions), b - a), bool)
+        for sel in np.split(order, np.flatnonzero(np.diff(files[order])) + 1):
+            part = self.read_columns(index, positions[sel], ["mask", f"{SELF}_correct"] + block_columns(a, b, SELF))
+            masks = decode_masks(part)
+            if not packed.shape[1]:
+                packed = np.empty((len(positions), masks.shape[1]), np.uint8)
+            packed[sel] = masks
+            margins[sel] = decode_margins(part, a, b, SELF)
+            col = part[f"{SELF}_correct"].combine_chunks()
+            width = col.type.byte_width
+            raw = np.frombuffer(col.buffers()[1], np.uint8, count=len(col) * width,
+                                offset=col.offset * width).reshape(len(col), width)
+            correct[sel] = bits.unpack(raw, b)[:, a:b]
+        return packed, margins, correct
 
     def load(self, mask_set: str, n: int | None = None, n_targets: int | None = None,
              index: Index | None = None) -> MaskSetData:
