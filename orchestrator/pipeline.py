@@ -20,7 +20,7 @@ import time
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from orchestrator.analyses import brittleness, compare, counterfactual, embedding, leakage
+from orchestrator.analyses import brittleness, compare, counterfactual, embedding, leakage, memorization
 from orchestrator.analyses.common import check_datamodels
 from orchestrator.runtime import plan as C
 from orchestrator.runtime.artifacts import Artifacts
@@ -327,6 +327,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("leakage", leakage.run, params="leakage", in_all=False, check=check_datamodels),
     Stage("embedding", embedding.run, params="embedding", in_all=False, check=check_datamodels),
     Stage("compare", compare.run, params="compare", in_all=False, check=compare.check),
+    Stage("memorization", memorization.run, params="memorization", in_all=False, check=memorization.check),
 )
 
 

@@ -96,3 +96,45 @@ def test_flip_labels_is_seeded_exact_and_never_keeps_the_label():
     assert not none.any()
     with pytest.raises(ValueError, match="rate"):
         flip_labels(y, 10, 1.0, seed=0)
+
+
+# --------------------------------------------------------------------------- the stage, on tiny
+@pytest.mark.slow
+def test_memorization_stage_on_tiny_with_planted_label_noise(tmp_path, ray_local, capsys):
+    """experiment=tiny with task.targets=both and 10% flipped labels, then stage=memorization
+    with its defaults: its files, its headline, the same numbers from api, the flipped labels
+    found better than chance; and one line on an experiment without the margins it needs."""
+    import csv
+    import os
+
+    from orchestrator import api, pipeline
+    from orchestrator.errors import UserError
+    from tests.conftest import compose
+    base = ["experiment=tiny", "task.targets=both", "task.label_noise=0.1", "baselines.methods=[]",
+            "fit.prefixes=[]"]
+    pipeline.run(compose(base, tmp_path))
+    capsys.readouterr()
+    out = pipeline.run(compose(base + ["stage=memorization"], tmp_path))
+    printed = capsys.readouterr().out
+    entry, root = out["memorization"], out["experiment_dir"]
+    for rel in entry["files"]:
+        assert os.path.getsize(os.path.join(root, rel)) > 0, rel
+    assert f"memorization:\n  {entry['headline'][0]}" in printed
+    assert entry["models"] == 300 and entry["estimated"] == 300
+    assert entry["margin"]["q50"] > 0                       # a model is surer of what it trained on
+    noise = entry["label_noise"]
+    assert noise["flipped"] == 30
+    assert noise["mean_margin_flipped"] > noise["mean_margin_clean"]
+    auc = noise["detection"]["margin"]["auc"]
+    assert auc > 0.7 and noise["detection"]["margin"]["auc_ci95"][0] < auc, noise
+    with open(os.path.join(root, entry["csv"])) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 300 and sum(r["flipped"] == "True" for r in rows) == 30
+    mine = api.open(root).memorization()
+    np.testing.assert_allclose([float(r["mem_margin"]) for r in rows], mine["margin"]["value"], atol=1e-5)
+    np.testing.assert_allclose([float(r["mem_correct_lo"]) for r in rows], mine["correct"]["ci95"][:, 0],
+                               atol=1e-5)
+    # an experiment without the margins on the training examples: one line, before any work
+    with pytest.raises(UserError) as err:
+        pipeline.run(compose(["experiment=tiny", "stage=memorization"], tmp_path / "plain"))
+    assert "task.targets=both" in str(err.value) and "\n" not in str(err.value)

@@ -289,6 +289,15 @@ class Experiment:
             raise ApiError(str(err)) from None
         return bits.unpack(d.packed, self.n), d.margins, d.model_id
 
+    def memorization(self) -> dict:
+        """Each training example's memorization from the experiment's train models (task.targets=both):
+        memorization_of's numbers, the ones stage=memorization writes."""
+        n_boot, seed = self.bootstrap
+        try:
+            return memorization_of(self._ledger, self._ledger.index(), self.n, n_boot, seed)
+        except LedgerError as err:
+            raise ApiError(str(err)) from None
+
     def eval_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(eval masks bool [e, n], replica-averaged margins float32 [e, T], replicas [e]): what LDS is computed on."""
         if "eval_set" not in self._cache:
@@ -328,6 +337,30 @@ class Experiment:
         if X2.dtype != bool and not np.isin(X2, (0, 1)).all():
             raise ApiError(f"mask has values other than 0 and 1; pass a bool mask of length {self.n}")
         return X2.astype(bool)
+
+
+def memorization_of(ledger: Ledger, index, n: int, n_boot: int, seed: int) -> dict:
+    """Memorization of each of the n training examples over the good train models of `ledger`
+    (its margins on the examples themselves, task.targets=both), read and estimated one block of
+    examples at a time: {"margin", "correct"}: each {"value": [n], "ci95": [n, 2]} (the mean
+    over models trained with the example minus the mean over those without, with a bootstrap
+    interval over models, orchestrator.metrics.memorization), "in_models", "out_models" [n],
+    "models" (how many)."""
+    from orchestrator.metrics.memorization import memorization
+    from orchestrator.storage.ledger import MARGIN_BLOCK
+    pos, _, _ = ledger.good_models("train", index)
+    out: dict = {k: {"value": np.full(n, np.nan), "ci95": np.full((n, 2), np.nan)} for k in ("margin", "correct")}
+    out["in_models"], out["out_models"] = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for a in range(0, n, MARGIN_BLOCK):
+        b = min(n, a + MARGIN_BLOCK)
+        packed, own, right = ledger.read_self(index, pos, a, b)
+        X = bits.unpack(packed, n)[:, a:b]
+        for key, values in (("margin", own), ("correct", right.astype(np.float64))):
+            r = memorization(X, values, n_boot=n_boot, seed=seed)
+            out[key]["value"][a:b], out[key]["ci95"][a:b] = r["value"], r["ci95"]
+        out["in_models"][a:b], out["out_models"][a:b] = r["in_models"], r["out_models"]
+    out["models"] = int(len(pos))
+    return out
 
 
 class _ReadOnlyLedger(Ledger):

@@ -20,7 +20,7 @@ from workers.recipe import TrainConfig
 from workers.settings import SettingError, check, setting
 
 STAGES = ("all", "masks", "train", "fit", "baselines", "evaluate", "counterfactual", "brittleness", "leakage",
-          "embedding", "compare")
+          "embedding", "compare", "memorization")
 SEED_MAX = 2 ** 63 - 1
 
 
@@ -62,6 +62,13 @@ class CompareConf:
     other: str | None = setting(None, example="runs/fmnist_mlp-<hash>")
     show: int = setting(4, lo=0, example=4)                   # most-disagreeing targets drawn
     top: int = setting(5, lo=1, example=5)                    # top examples per datamodel drawn and overlapped
+
+
+@dataclass
+class MemorizationConf:
+    """stage=memorization (an experiment of task.targets=both): each training example's
+    memorization from the trained models; the interval's resamples are eval.bootstrap's."""
+    show: int = setting(12, lo=0, example=12)                 # most and least memorized examples drawn, each
 
 
 def make_conf(cls, settings: dict | None, section: str):
@@ -243,6 +250,7 @@ class Config:
     brittleness: BrittlenessConf = setting(factory=BrittlenessConf)
     leakage: LeakageConf = setting(factory=LeakageConf)        # orchestrator.analyses
     embedding: EmbeddingConf = setting(factory=EmbeddingConf)
+    memorization: MemorizationConf = setting(factory=MemorizationConf)
     compare: CompareConf = setting(factory=CompareConf)
     store: StoreConf = setting(factory=StoreConf)
     tracking: TrackingConf = setting(factory=TrackingConf)
