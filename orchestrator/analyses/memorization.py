@@ -102,8 +102,8 @@ def memorization_stage(ctx, settings: dict) -> dict:
     out["files"] = [out["table"], out["csv"], *plots.values()]
     top_decile = float(np.nanquantile(mem, 0.9)) if finite.any() else float("nan")
     headline = [f"memorization of {int(finite.sum())} training examples from {est['models']} models: median margin "
-                f"gain {out['margin']['q50']:+.3f}, top decile above {top_decile:+.3f}; median correctness gain "
-                f"{out['correct']['q50']:+.3f}"]
+                f"gain {_signed(out['margin']['q50'])}, top decile above {_signed(top_decile)}; median correctness "
+                f"gain {_signed(out['correct']['q50'])}"]
     metrics = {"mem_margin_median": out["margin"]["q50"], "mem_margin_q90": top_decile,
                "mem_correct_median": out["correct"]["q50"]}
     if truth is not None:
@@ -117,6 +117,11 @@ def memorization_stage(ctx, settings: dict) -> dict:
     for line in headline:
         log.info("memorization: %s", line)
     return out
+
+
+def _signed(x) -> str:
+    """+0.123, or n/a where no example was in some models and out of others."""
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:+.3f}"
 
 
 def _quantiles(v: np.ndarray) -> dict:
