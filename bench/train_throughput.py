@@ -24,8 +24,10 @@ Fashion-MNIST (1 000 training examples, alpha = 0.5, 200 targets) if present, el
 
 --preset: the shipped CPU preset (conf/train/cpu.yaml) on one thread, the engine's step as it
 is against the step before issue 28 (autograd's own backward for the grouped linear layers,
-whose weight gradient is copied into the weight's layout each step, and the multi-tensor SGD),
-alternating in this process, best of 3 each; the rate as a fraction of the GEMM peak and of
+whose weight gradient is copied into the weight's layout each step, and the multi-tensor SGD)
+and against "whole" (torch's fused SGD over each whole [k*...] parameter, which the engine ran
+before it split the update per copy for bit-identical retraining), alternating in this
+process, best of 3 each; the rate as a fraction of the GEMM peak and of
 the preset's k-shape bmm, measured in the same process; then where a step's time goes
 (torch profiler, self time per op), as it is now.
 """
@@ -179,17 +181,34 @@ def step_before_issue28():
         w = self.weight.view(k, o, self.in_features).transpose(1, 2)
         return torch.baddbmm(self.bias.view(k, 1, o), x, w)
 
-    def optimizer(self, params, lr=None):
-        c = self.cfg
-        return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=c.momentum,
-                               weight_decay=c.weight_decay, nesterov=c.nesterov and c.momentum > 0, foreach=True)
-
     saved = models.GroupedLinear.forward, Recipe.optimizer
-    models.GroupedLinear.forward, Recipe.optimizer = forward, optimizer
+    models.GroupedLinear.forward, Recipe.optimizer = forward, _plain_sgd(foreach=True)
     try:
         yield
     finally:
         models.GroupedLinear.forward, Recipe.optimizer = saved
+
+
+def _plain_sgd(**kw):
+    """Recipe.optimizer as torch's SGD over whole parameters, with `kw` (foreach or fused)."""
+    def optimizer(self, params, lr=None, copies=1):
+        c = self.cfg
+        return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=c.momentum,
+                               weight_decay=c.weight_decay, nesterov=c.nesterov and c.momentum > 0, **kw)
+    return optimizer
+
+
+@contextlib.contextmanager
+def step_whole_tensor_sgd():
+    """The step of the first issue-28 change: torch's fused SGD over each whole [k*...]
+    parameter, which rounds the copy in the kernel's tail otherwise (CopywiseSGD)."""
+    from workers.train_parts import Recipe
+    saved = Recipe.optimizer
+    Recipe.optimizer = _plain_sgd(fused=True)
+    try:
+        yield
+    finally:
+        Recipe.optimizer = saved
 
 
 def preset_report(model_cfg, data, n: int, alpha: float, t: int) -> None:
@@ -208,16 +227,17 @@ def preset_report(model_cfg, data, n: int, alpha: float, t: int) -> None:
           f"1 thread", flush=True)
     widths = [int(np.prod(x.shape[1:])), *model_cfg["hidden"], 10]
     peaks = [(matmul_peak(1), shape_rate(1, k, min(cfg.batch_size, m), widths))]  # again after: the best
+    steps = {"before": step_before_issue28, "whole": step_whole_tensor_sgd, "now": contextlib.nullcontext}
     trainers = {}
-    for label in ("before", "now"):
-        with step_before_issue28() if label == "before" else contextlib.nullcontext():
+    for label, step in steps.items():
+        with step():
             trainers[label] = Trainer(model_cfg, cfg, x, y, xt, yt)
             trainers[label].train(masks[:k], seeds[:k])  # warm-up
-    best = {"before": float("inf"), "now": float("inf")}
+    best = dict.fromkeys(steps, float("inf"))
     margins = {}
     for _ in range(3):                 # alternating: the machine is shared
-        for label in ("before", "now"):
-            with step_before_issue28() if label == "before" else contextlib.nullcontext():
+        for label, step in steps.items():
+            with step():
                 t0 = time.perf_counter()
                 margins[label] = trainers[label].train(masks, seeds).margins
                 best[label] = min(best[label], time.perf_counter() - t0)
@@ -227,12 +247,14 @@ def preset_report(model_cfg, data, n: int, alpha: float, t: int) -> None:
     print(f"peaks before and after the timings: GEMM {peaks[0][0]:.1f}, {peaks[1][0]:.1f}; "
           f"k-shape bmm {peaks[0][1]:.1f}, {peaks[1][1]:.1f} GFLOP/s (the best of each is used)")
     print(f"{'step':<8}{'models/s':>9}{'GFLOP/s':>9}{'GEMM peak':>10}{'of peak':>8}{'k-shape bmm':>12}{'of shape':>9}")
-    for label in ("before", "now"):
+    for label in steps:
         rate = count / best[label] * fpm / 1e9
         print(f"{label:<8}{count / best[label]:>9.2f}{rate:>9.2f}{peak:>10.1f}{rate / peak:>8.3f}{shaped:>12.1f}"
               f"{rate / shaped:>9.3f}")
     diff = float(np.abs(margins["now"] - margins["before"]).max())
     print(f"speed-up now / before: {best['before'] / best['now']:.2f}x; margins now vs before: max |diff| {diff:.2e}")
+    print(f"now (fused SGD per copy) / whole (fused SGD per whole parameter): {best['whole'] / best['now']:.3f}x "
+          f"speed; margins max |diff| {float(np.abs(margins['now'] - margins['whole']).max()):.2e}")
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainers["now"].train(masks[:k], seeds[:k])

@@ -118,6 +118,25 @@ def test_row_depends_only_on_its_mask_and_seed(model_cfg, data, precision, tol, 
     np.testing.assert_allclose(chunked.loss, full.loss, atol=tol)
 
 
+def test_a_model_is_the_same_bits_whatever_unit_it_trains_in(gray):
+    """Retraining lost models beside other companions gives back the same bytes: every op of
+    the CPU step is computed per copy alike (the fused SGD's vectorised body and its tail
+    included, workers.train_parts.CopywiseSGD). A model trained alone (k = 1) runs other
+    GEMM kernels (torch's bmm with one batch is a plain GEMM) and agrees to rounding, which
+    test_row_depends_only_on_its_mask_and_seed checks."""
+    x, y, xt, yt = gray
+    masks, seeds = make_masks(7, 240, 120, seed=4), np.arange(30, 37)
+    cfg = cfg_for(flip=True, translate=1, cutout=2, models_per_step=7, weight_decay=5e-4)
+    tr = Trainer(MLP_CFG, cfg, x, y, xt, yt)
+    full = tr.train(masks, seeds, return_weights=True)
+    for rows in ([6, 2], [1, 3, 4]):
+        part = tr.train(masks[rows], seeds[rows], return_weights=True)
+        np.testing.assert_array_equal(part.margins, full.margins[rows])
+        for j, row in enumerate(rows):
+            for key, v in full.state_dicts[row].items():
+                assert torch.equal(part.state_dicts[j][key], v), (rows, key)
+
+
 def test_naive_path_matches_the_engine(gray):
     x, y, xt, yt = gray
     masks, seeds = make_masks(1, 240, 120, seed=3), np.array([7])

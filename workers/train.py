@@ -359,7 +359,7 @@ class _Stepper:
         dev = recipe.device
         self.use_graph = bool(recipe.cfg.cuda_graph) and dev.type == "cuda" and source.capturable
         self.lr = torch.zeros((), device=dev) if self.use_graph else None
-        self.opt = recipe.optimizer(module.parameters(), lr=self.lr)
+        self.opt = recipe.optimizer(module.parameters(), lr=self.lr, copies=k)
         self.inputs = source.buffer(k, bs)
         probe = draw_epoch(torch.Generator().manual_seed(0), 1, recipe.cfg, recipe.in_shape[1:])
         self.aug = {key: torch.zeros((k, bs, *v.shape[1:]), dtype=v.dtype, device=dev)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from workers.recipe import PRECISIONS, TrainConfig
 
-__all__ = ["DTYPES", "Recipe", "ResidentBatches", "TrainResult", "augment", "batching", "channel_stats",
+__all__ = ["DTYPES", "CopywiseSGD", "Recipe", "ResidentBatches", "TrainResult", "augment", "batching", "channel_stats",
            "check_arrays", "draw_epoch", "lr_at", "normalize"]
 
 
@@ -173,6 +173,58 @@ def check_arrays(x_train, y_train, x_target, y_target) -> None:
         raise ValueError("labels and images differ in length")
 
 
+class CopywiseSGD(torch.optim.SGD):
+    """The fused SGD on the CPU, applied to each copy's slice of a k-copy parameter as a
+    tensor of its own, so that a model's bits do not depend on which models shared its unit.
+
+    The CPU fused kernel computes the vectorised body of a tensor and its last few elements
+    (numel mod the vector width) in different code, whose roundings differ (FMA or not): run
+    over the whole [k*...] parameter, the copy that fell in that tail came out otherwise than
+    when trained beside other models (3e-8 after the tiny recipe; retraining a lost model
+    must give back the same bytes). Per copy, the split falls at the same place whatever k
+    is (k >= 2; a model trained alone runs other GEMM kernels and agrees to rounding). With
+    the views of parameters and buffers made once, it runs at 0.995x the speed of the fused
+    SGD over whole parameters on the CPU preset (bench/train_throughput.py --preset; 0.911x
+    when the views were made every step). Momentum buffers exist from the start, zero: SGD's
+    first step (buf = grad) is then the general one.
+    """
+
+    def __init__(self, params, copies: int, **kw) -> None:
+        super().__init__(params, fused=True, **kw)
+        self.copies = copies
+        self._views: dict[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.numel() % copies:
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is not laid out per copy (k={copies})")
+                buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                if self.defaults["momentum"]:
+                    self.state[p]["momentum_buffer"] = buf
+                self._views[p] = (self._split(p), self._split(buf) if self.defaults["momentum"] else [])
+
+    def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return list(t.view(self.copies, -1).unbind(0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None
+        for group in self.param_groups:
+            ps: list[torch.Tensor] = []
+            gs: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            for p in group["params"]:
+                if p.grad is not None:
+                    views, buf_views = self._views[p]
+                    ps += views
+                    gs += self._split(p.grad)
+                    bufs += buf_views
+            if ps:     # one device, one dtype: torch's kernel directly, without the functional's grouping
+                torch._fused_sgd_(ps, gs, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                                  lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                                  maximize=group["maximize"], is_first_step=False)
+        return None
+
+
 class Recipe:
     """The recipe bound to a device and an input shape: what one training step computes with.
 
@@ -199,14 +251,17 @@ class Recipe:
     def augment(self, x: torch.Tensor, draws: dict) -> torch.Tensor:
         return augment(x, draws, self.cfg, self.pad)
 
-    def optimizer(self, params, lr: torch.Tensor | None = None) -> torch.optim.Optimizer:
+    def optimizer(self, params, lr: torch.Tensor | None = None, copies: int = 1) -> torch.optim.Optimizer:
+        """SGD over a module's parameters; `copies` > 1: the k-copy module, every parameter
+        laid out copy-major ([k*...]). Fused (one pass over each parameter per step: weight
+        decay, momentum, update) on CUDA and the CPU; on the CPU demo MLP the multi-tensor
+        form's passes were 19% of a step (bench/RESULTS.md, issue 28)."""
         cfg = self.cfg
-        # fused: one pass over each parameter per step (weight decay, momentum, update); on the
-        # CPU demo MLP the multi-tensor form's passes were 19% of a step (bench/RESULTS.md, issue 28)
-        kw = {"fused": True} if self.device.type in ("cuda", "cpu") else {"foreach": True}
-        return torch.optim.SGD(params, lr=0.0 if lr is None else lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
+        kw: dict = dict(lr=0.0 if lr is None else lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                        nesterov=cfg.nesterov and cfg.momentum > 0)
+        if self.device.type == "cpu":
+            return CopywiseSGD(params, copies, **kw)
+        return torch.optim.SGD(params, **kw, **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
 
     def losses(self, out: torch.Tensor, y: torch.Tensor, k: int, bs: int) -> torch.Tensor:
         """Per-model mean training loss [k] of outputs [k, bs, C] (or [bs, C]) against y [k*bs]."""
