@@ -259,7 +259,7 @@ def _run(cfg: DictConfig, plan: C.Plan, todo: list[Stage], tracker: Tracker, res
                         store=store,
                         lease=float(cfg.store.lease_seconds), previous=summary.get("mlflow")):
         tracker.log_artifact(artifacts.local(Layout.CONFIG))
-        if any(st.needs_ray for st in todo):
+        if any(st.uses_ray(cfg) for st in todo):
             raycluster.connect(cfg.cluster)
             plan.handle = serve(store)
             plan.claims = Claims(store, float(cfg.store.lease_seconds)).start()
@@ -307,7 +307,7 @@ def check(plan, hydra_dir: str | None = None) -> None:
     """Before anything is written: every place the run writes can be written, the cluster it
     joins answers (when an asked stage needs Ray), and the asked stages' inputs are there
     (runtime.plan.check_outputs, with what this registry knows of the stages)."""
-    C.check_outputs(plan, hydra_dir, needs_ray=any(st.needs_ray for st in selected(str(plan.cfg.stage))),
+    C.check_outputs(plan, hydra_dir, needs_ray=any(st.uses_ray(plan.cfg) for st in selected(str(plan.cfg.stage))),
                     inputs=check_inputs)
 
 
@@ -327,7 +327,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("leakage", leakage.run, params="leakage", in_all=False, check=check_datamodels),
     Stage("embedding", embedding.run, params="embedding", in_all=False, check=check_datamodels),
     Stage("compare", compare.run, params="compare", in_all=False, check=compare.check),
-    Stage("memorization", memorization.run, params="memorization", in_all=False, check=memorization.check),
+    Stage("memorization", memorization.run, params="memorization", in_all=False, check=memorization.check,
+          needs_ray=memorization.retrains),
 )
 
 

@@ -33,6 +33,28 @@ def test_removal_masks_regenerate_and_pair_seeds():
         sets.masks(7, "counterfactual", [6], 20, 0.5)
 
 
+def test_toggled_masks_keep_their_size_and_differ_in_the_set_and_as_many_others():
+    rem = Removals("memorization", 40, toggle=True)
+    assert rem.add([3]) == 1 and rem.add([7, 8, 9]) == 2
+    assert rem.digest() != Removals("memorization", 40).digest()      # its own ledger directory
+    sets = rem.sets()
+    assert sets.describe()["toggle"] is True and "toggle" not in Removals("m", 40).sets().describe()
+    masks = sets.masks(7, "memorization", np.arange(120), 30, 0.5)
+    base, one, three = masks[:40], masks[40:80], masks[80:]
+    assert (masks.sum(1) == 15).all()                              # every mask keeps its size
+    assert (one[:, 3] != base[:, 3]).all() and (three[:, 7:10] != base[:, 7:10]).all()
+    assert ((one != base).sum(1) == 2).all()                       # the example and one other
+    changed = (three != base).sum(1)
+    held = base[:, 7:10].sum(1)
+    assert np.array_equal(changed, 3 + np.abs(3 - 2 * held))       # the set, and as many others as it nets
+    assert np.array_equal(masks, sets.masks(7, "memorization", np.arange(120), 30, 0.5))   # regenerable
+    assert np.array_equal(sets.seeds(7, "memorization", [0, 40], [0, 0])[:1], sets.seeds(7, "memorization", [40], [0]))
+    full = Removals("memorization", 2, toggle=True)
+    full.add(np.arange(13))                                        # every example: nothing to rebalance with
+    with pytest.raises(ValueError, match="cannot keep the mask's size"):
+        full.sets().masks(7, "memorization", [2], 13, 0.5)
+
+
 @pytest.mark.slow
 def test_counterfactual_and_brittleness_on_a_planted_task(tmp_path, ray_local):
     summary = pipeline.run(compose(planted_overrides(tmp_path), tmp_path))

@@ -134,6 +134,15 @@ def test_memorization_stage_on_tiny_with_planted_label_noise(tmp_path, ray_local
     np.testing.assert_allclose([float(r["mem_margin"]) for r in rows], mine["margin"]["value"], atol=1e-5)
     np.testing.assert_allclose([float(r["mem_correct_lo"]) for r in rows], mine["correct"]["ci95"][:, 0],
                                atol=1e-5)
+    # the check by retraining: 20 examples at evenly spaced ranks, each toggled in 20 fresh
+    # masks at the same size; the direct estimate agrees with the ledger's in rank
+    more = base + ["stage=memorization", "memorization.verify=20", "memorization.verify_masks=20"]
+    v = pipeline.run(compose(more, tmp_path))["memorization"]["verify"]
+    assert v["examples"] == 20 and v["pairs"] == [20] * 20 and v["models"]["models_trained"] == 21 * 20
+    assert v["spearman"] >= 0.8, v
+    assert "Spearman" in capsys.readouterr().out
+    again = pipeline.run(compose(more, tmp_path))["memorization"]["verify"]
+    assert again["models"]["models_trained"] == 0 and again["direct"] == v["direct"]      # resumed, the same numbers
     # an experiment without the margins on the training examples: one line, before any work
     with pytest.raises(UserError) as err:
         pipeline.run(compose(["experiment=tiny", "stage=memorization"], tmp_path / "plain"))

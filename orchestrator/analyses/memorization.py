@@ -33,6 +33,11 @@ def check(plan) -> None:
                             f"(or stage=train) first")
 
 
+def retrains(cfg) -> bool:
+    """Whether the stage trains models (the check by retraining: memorization.verify > 0)."""
+    return int(cfg.memorization.verify) > 0
+
+
 def memorization_stage(ctx, settings: dict) -> dict:
     """memorization.json (summary numbers; per-example values in memorization.csv) and
     memorization_extremes.png (the most and least memorized examples with their labels)."""
@@ -73,6 +78,8 @@ def memorization_stage(ctx, settings: dict) -> dict:
                               "mean_margin_flipped": float(np.nanmean(mem[flipped])) if flipped.any() else None,
                               "mean_margin_clean": float(np.nanmean(mem[~flipped])),
                               "detection": {k: _jsonable(v) for k, v in found.items()}}
+    if conf.verify:
+        out["verify"] = verify_by_retraining(ctx, mem, conf)
     out["table"] = ctx.artifacts.json("memorization", out)
     out["csv"] = ctx.artifacts.csv("memorization.csv", header, rows)
     plots = {}
@@ -112,11 +119,58 @@ def memorization_stage(ctx, settings: dict) -> dict:
                         f"{100 * d['found'][0.2]:.0f}% of them in the top 20% (AUC {d['auc']:.3f} "
                         f"[{d['auc_ci95'][0]:.3f}, {d['auc_ci95'][1]:.3f}])")
         metrics.update({"mem_auc_flipped": d["auc"], "mem_found20_flipped": d["found"][0.2]})
+    if "verify" in out:
+        v = out["verify"]
+        rho = v["spearman"]
+        headline.append(f"checked by retraining {v['examples']} examples ({v['masks']} masks, each trained with "
+                        f"and without every one, at the same size): Spearman "
+                        f"{'n/a' if rho is None else f'{rho:.3f}'} between the ledger's estimate and the direct one")
+        metrics["mem_verify_spearman"] = rho
     out["headline"] = headline
     ctx.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None and np.isfinite(v)})
     for line in headline:
         log.info("memorization: %s", line)
     return out
+
+
+def verify_by_retraining(ctx, mem: np.ndarray, conf: MemorizationConf) -> dict:
+    """The direct estimate for `conf.verify` examples at evenly spaced ranks of `mem`: fresh
+    α-masks, each trained as drawn and with the example's membership toggled at the same
+    size (orchestrator.analyses.removal, toggle; the same seed), the mean over the masks of
+    the margin on the example of the model that held it minus that of the one that did not,
+    with a 95% bootstrap interval over the masks. The two models of a pair differ in the
+    example and one other, never in the number of SGD steps."""
+    from orchestrator.analyses import removal
+    plan = ctx.plan
+    ev = plan.cfg.eval
+    ranked = [int(i) for i in order(mem) if np.isfinite(mem[i])]
+    k = min(int(conf.verify), len(ranked))
+    picks = [ranked[int(round(q))] for q in np.linspace(0, len(ranked) - 1, k)] if k else []
+    rem = removal.Removals("memorization", int(conf.verify_masks), toggle=True)
+    rs = [rem.add([i]) for i in picks]
+    _, stats = removal.train(ctx, rem)
+    own = removal.own_margins(ctx, rem, picks)                          # [R, J, k]
+    holds = rem.base_masks(int(plan.cfg.exp.seed), plan.n, float(plan.cfg.masks.alpha))[:, picks]   # [J, k]
+    rng = np.random.default_rng(int(ev.bootstrap_seed))
+    direct: list[float] = []
+    ci: list[list[float | None]] = []
+    pairs: list[int] = []
+    for col, r in enumerate(rs):
+        d = np.where(holds[:, col], own[0, :, col] - own[r, :, col], own[r, :, col] - own[0, :, col])
+        d = d[np.isfinite(d)]
+        pairs.append(int(len(d)))
+        direct.append(float(d.mean()) if len(d) else float("nan"))
+        if len(d) > 1:
+            boot = d[rng.integers(0, len(d), (int(ev.bootstrap), len(d)))].mean(1)
+            ci.append([float(x) for x in np.quantile(boot, [0.025, 0.975])])
+        else:
+            ci.append([None, None])
+    ledger_values = [float(mem[i]) for i in picks]
+    return {"examples": k, "masks": int(conf.verify_masks), "ids": picks, "ledger": ledger_values,
+            "direct": _num(*direct), "direct_ci95": ci, "pairs": pairs,
+            "spearman": _spearman(np.array(ledger_values), np.array(direct)),
+            "mean_abs_diff": float(np.nanmean(np.abs(np.array(ledger_values) - np.array(direct)))) if k else None,
+            "models": stats}
 
 
 def _signed(x) -> str:

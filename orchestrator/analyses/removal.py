@@ -1,5 +1,6 @@
 """Removal experiments: models retrained without chosen training examples, the ground truth
-that datamodels and attribution scores predict (stage=counterfactual, stage=brittleness).
+that datamodels and attribution scores predict (stage=counterfactual, stage=brittleness),
+and, with `toggle`, the same-size swaps that check memorization (stage=memorization verify).
 
 A removal experiment is `base` fresh α-masks of its own mask set (named after the stage), each
 trained once as drawn and once without each removal set, with the same seed: model id
@@ -34,6 +35,7 @@ class Removals:
     """The removal sets of one experiment; `add` returns the index r of a set (deduplicated)."""
     name: str                 # the mask set's name: the stage's
     base: int                 # fresh α-masks, each trained with and without every removal
+    toggle: bool = False      # flip each set's membership at the mask's size (masks.RemovalSets)
 
     def __post_init__(self):
         self.removed: list[np.ndarray] = [np.zeros(0, np.int64)]
@@ -48,7 +50,7 @@ class Removals:
         return self._index[key]
 
     def digest(self) -> str:
-        h = hashlib.sha256(json.dumps([self.name, self.base]).encode())
+        h = hashlib.sha256(json.dumps([self.name, self.base, *(["toggle"] if self.toggle else [])]).encode())
         for r in self.removed:
             h.update(len(r).to_bytes(8, "little") + r.tobytes())
         return h.hexdigest()[:10]
@@ -57,7 +59,7 @@ class Removals:
         return f"{self.name}/{self.digest()}"
 
     def sets(self) -> M.MaskSets:
-        return M.RemovalSets(self.name, self.base, self.removed)
+        return M.RemovalSets(self.name, self.base, self.removed, self.toggle)
 
     def base_masks(self, seed: int, n: int, alpha: float) -> np.ndarray:
         """bool [base, n]: the masks as drawn (removal r = 0)."""
@@ -92,4 +94,21 @@ def train(ctx, removals: Removals) -> tuple[np.ndarray, dict]:
     stats["models_failed"] = int(R * J - len(data))
     return margins.reshape(R, J, plan.n_targets), stats
 
+
+def own_margins(ctx, removals: Removals, ids) -> np.ndarray:
+    """float32 [R, base, len(ids)]: each model of the removal experiment's margins on the
+    training examples `ids` themselves (the experiment records them: task.targets=both), NaN
+    for a model that failed."""
+    plan = ctx.plan
+    ids = np.asarray(ids, np.int64)
+    ledger = Ledger(plan.store, plan.identity, f"{removals.root()}/ledger", removals.sets())
+    index = ledger.index()
+    pos, _, _ = ledger.good_models(removals.name, index)
+    R, J = len(removals.removed), removals.base
+    out = np.full((R * J, len(ids)), np.nan, np.float32)
+    if len(ids) and len(pos):
+        lo, hi = int(ids.min()), int(ids.max()) + 1
+        _, margins, _ = ledger.read_self(index, pos, lo, hi)
+        out[index.model_id[pos]] = margins[:, ids - lo]
+    return out.reshape(R, J, len(ids))
 

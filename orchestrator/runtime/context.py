@@ -40,8 +40,12 @@ class Stage:
     name: str
     run: Callable[[Context], dict]
     params: str | None = None         # the config section logged as its MLflow run's parameters
-    needs_ray: bool = False           # its work runs on Ray (the pipeline connects first)
+    needs_ray: bool | Callable[[Any], bool] = False   # its work runs on Ray (or: given the config, whether)
     in_all: bool = True               # stage=all runs it (the analyses run when asked by name)
     check: Callable[[Any], None] | None = None   # given the plan, before anything is written
     merged: tuple[str, ...] = ()      # its entry's keys go to summary.json's top level (else under its name)
     after: Callable[[Context, dict], None] | None = None   # once its MLflow run has ended, in the parent run
+
+    def uses_ray(self, cfg) -> bool:
+        """Whether the pipeline connects to Ray before this stage runs with `cfg`."""
+        return bool(self.needs_ray(cfg)) if callable(self.needs_ray) else self.needs_ray

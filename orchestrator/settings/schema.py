@@ -69,6 +69,8 @@ class MemorizationConf:
     """stage=memorization (an experiment of task.targets=both): each training example's
     memorization from the trained models; the interval's resamples are eval.bootstrap's."""
     show: int = setting(12, lo=0, example=12)                 # most and least memorized examples drawn, each
+    verify: int = setting(0, lo=0, example=20)                # examples checked by retraining (0: none)
+    verify_masks: int = setting(20, lo=2, example=20)         # fresh α-masks, each trained with each example toggled
 
 
 def make_conf(cls, settings: dict | None, section: str):

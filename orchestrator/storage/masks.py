@@ -79,19 +79,29 @@ class RemovalSets(MaskSets):
     """One mask set `name` of removal experiments: model id r·base + j is the fresh α-mask j of
     `name` with the examples `removed[r]` taken out, trained with the seed of (name, j,
     replica) whatever r is, so that every removal is paired with the same seed and the same
-    mask without it (r = 0 removes nothing, by convention of orchestrator.analyses.removal)."""
+    mask without it (r = 0 removes nothing, by convention of orchestrator.analyses.removal).
 
-    def __init__(self, name: str, base: int, removed: list[np.ndarray]):
+    toggle: model r·base + j is mask j with the membership of every example of `removed[r]`
+    flipped (out if it was in, in if it was out), and as many other examples flipped the
+    other way, drawn from (seed, name, j, r): every mask keeps its size, so a model and its
+    pair train the same number of SGD steps and differ in those examples alone. Removing
+    one example from a mask of 150 at batch 30 (the partial batch is dropped) would train 4
+    steps an epoch instead of 5, an effect far larger than the example's own.
+    """
+
+    def __init__(self, name: str, base: int, removed: list[np.ndarray], toggle: bool = False):
         self.names = (name,)
         self.base = int(base)
         self.removed = [np.asarray(r, dtype=np.int64) for r in removed]
+        self.toggle = bool(toggle)
 
     def describe(self) -> dict:
         removed = hashlib.sha256()
         for r in self.removed:
             removed.update(len(r).to_bytes(8, "little"))
             removed.update(np.ascontiguousarray(r, dtype=np.int64).tobytes())
-        return {**super().describe(), "base": self.base, "removed": removed.hexdigest()[:32]}
+        return {**super().describe(), "base": self.base, "removed": removed.hexdigest()[:32],
+                **({"toggle": True} if self.toggle else {})}
 
     def model_id(self, r: int, j: int) -> int:
         return int(r) * self.base + int(j)
@@ -102,10 +112,33 @@ class RemovalSets(MaskSets):
             raise ValueError(f"mask set {mask_set!r} ids {ids.min()}..{ids.max()} are not removal masks "
                              f"of {self.names[0]!r} ({self.base} x {len(self.removed)})")
         out = make_masks(seed, mask_set, ids % self.base, n, alpha)
-        for row, r in enumerate(ids // self.base):
-            out[row, self.removed[int(r)]] = False
+        for row, (j, r) in enumerate(zip(ids % self.base, ids // self.base)):
+            chosen = self.removed[int(r)]
+            if self.toggle and len(chosen):
+                out[row] = toggled(out[row], chosen, np.random.default_rng([seed, set_code(mask_set), int(j), int(r),
+                                                                            0x7066]))
+            else:
+                out[row, chosen] = False
         return out
 
     def seeds(self, seed: int, mask_set: str, ids, replicas) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         return super().seeds(seed, mask_set, ids % self.base, replicas)
+
+
+def toggled(mask: np.ndarray, chosen: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`mask` with the membership of `chosen` flipped and the size kept: as many examples
+    outside `chosen` flipped the other way (members dropped for those added, non-members
+    added for those dropped), drawn by `rng`."""
+    out = mask.copy()
+    was_in = out[chosen]
+    out[chosen] = ~was_in
+    net = int((~was_in).sum()) - int(was_in.sum())      # members gained
+    free = np.ones(len(out), bool)
+    free[chosen] = False
+    pool = np.flatnonzero(free & (out if net > 0 else ~out))
+    if abs(net) > len(pool):
+        raise ValueError(f"cannot keep the mask's size: {abs(net)} examples to flip, {len(pool)} available")
+    out[rng.choice(pool, size=abs(net), replace=False)] = net < 0
+    return out
+
