@@ -22,7 +22,8 @@ class Task(Protocol):
     setup(train_cfg): once per persistent worker (load data onto the device, build the trainer).
     train(masks, seeds, return_weights): train k models; return an object with attributes
       margins float32 [k, T], train_acc, target_acc, loss (float32 [k]) and, if asked,
-      state_dicts (list of k state dicts).
+      state_dicts (list of k state dicts). stage=mislabel's repair check also passes
+      labels= (int [n], the training labels to use), which only a task with true_labels() needs.
     """
 
     n: int
@@ -156,10 +157,13 @@ class ImageClassificationTask:
         self._trainer = Trainer(dict(self.model_cfg), cfg, x_tr, y_tr, x_tg, y_tg, margin=self.margin,
                                 self_targets=self.targets == "both")
 
-    def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False):
+    def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False,
+              labels: np.ndarray | None = None):
+        """labels: the training labels for these models in place of the task's (the repair check
+        of stage=mislabel trains with the true labels restored where it says)."""
         if self._trainer is None:
             raise RuntimeError("task.setup(train_cfg) must be called before task.train()")
-        return self._trainer.train(masks, seeds, return_weights=return_weights)
+        return self._trainer.train(masks, seeds, return_weights=return_weights, labels=labels)
 
     # -------------------------------------------------------------- baselines
     def attribution_inputs(self):

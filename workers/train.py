@@ -226,9 +226,28 @@ class Trainer:
         return states
 
     # ------------------------------------------------------------------ public
-    def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False) -> TrainResult:
+    def train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool = False,
+              labels: np.ndarray | None = None) -> TrainResult:
         """Train one model per row of `masks` (bool [k, n]) with `seeds` [k]; the masks of one
-        size (row sum) are trained together, so a model's result does not depend on the others."""
+        size (row sum) are trained together, so a model's result does not depend on the others.
+        labels: int [n], the training labels for these models in place of the trainer's own
+        (stage=mislabel's repair check: labels restored to the true ones); resident data only."""
+        if labels is None:
+            return self._train(masks, seeds, return_weights)
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        if self.streamed:
+            raise ValueError("training with other labels needs the training set on the device: "
+                             "set train.loader=resident")
+        if y.shape != self.y_train.shape or int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise ValueError(f"labels must be {self.n} ints in [0, {self.num_classes}), got {tuple(y.shape)}")
+        own = self.y_train.clone()
+        self.y_train.copy_(y)       # in place: the batch source and the evaluation read this tensor
+        try:
+            return self._train(masks, seeds, return_weights)
+        finally:
+            self.y_train.copy_(own)
+
+    def _train(self, masks: np.ndarray, seeds: np.ndarray, return_weights: bool) -> TrainResult:
         t0 = time.perf_counter()
         masks = np.asarray(masks)
         seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
@@ -248,7 +267,7 @@ class Trainer:
             parts, rows = [], []
             for size in np.unique(sizes):
                 sel = np.flatnonzero(sizes == size)
-                parts.append(self.train(masks[sel], seeds[sel], return_weights))
+                parts.append(self._train(masks[sel], seeds[sel], return_weights))
                 rows.append(sel)
             res = TrainResult.concat(parts, seconds=time.perf_counter() - t0)
             return res.take(np.argsort(np.concatenate(rows), kind="stable"))

@@ -83,8 +83,10 @@ class TrainWorker(Probed):
         meta, ident = self.meta, cast(Identity, self.ledger.identity)
         masks = self.sets.masks(ident.seed, unit.mask_set, unit.ids, ident.n, ident.alpha)
         seeds = self.sets.seeds(ident.seed, unit.mask_set, unit.ids, unit.replicas)
+        labels = self.sets.labels(unit.mask_set, self.task)
         t0 = time.perf_counter()
-        res = self.task.train(masks, seeds, return_weights=bool(ckpt_ids))
+        res = self.task.train(masks, seeds, return_weights=bool(ckpt_ids),
+                              **({"labels": labels} if labels is not None else {}))
         seconds = time.perf_counter() - t0
         k = len(unit.ids)
         margins = np.asarray(res.margins, dtype=np.float32)

@@ -74,6 +74,10 @@ class MaskSets:
         return np.array([model_seed(seed, mask_set, int(i), int(r)) for i, r in zip(ids, replicas)],
                         dtype=np.int64)
 
+    def labels(self, mask_set: str, task) -> np.ndarray | None:
+        """The training labels the models of `mask_set` train with, None: the task's own."""
+        return None
+
 
 class RemovalSets(MaskSets):
     """One mask set `name` of removal experiments: model id r·base + j is the fresh α-mask j of
@@ -141,4 +145,53 @@ def toggled(mask: np.ndarray, chosen: np.ndarray, rng: np.random.Generator) -> n
         raise ValueError(f"cannot keep the mask's size: {abs(net)} examples to flip, {len(pool)} available")
     out[rng.choice(pool, size=abs(net), replace=False)] = net < 0
     return out
+
+
+class RepairSets(MaskSets):
+    """The mask sets of stage=mislabel's repair check, one per variant: `base` models each on
+    the whole training set less the variant's `removed` examples, trained with the task's
+    labels except at the variant's `restored` examples, which get their true labels back
+    (the task's true_labels()). Model j of every variant has the seed of ("repair", j,
+    replica), so the variants are paired model by model."""
+
+    SEEDS = "repair"
+
+    def __init__(self, variants: dict[str, tuple[np.ndarray, np.ndarray]], base: int):
+        self.variants = {name: (np.asarray(rem, np.int64), np.asarray(res, np.int64))
+                         for name, (rem, res) in variants.items()}
+        self.names = tuple(self.variants)
+        self.base = int(base)
+
+    def describe(self) -> dict:
+        h = hashlib.sha256()
+        for name, (rem, res) in self.variants.items():
+            h.update(name.encode() + b"\0")
+            for ids in (rem, res):
+                h.update(len(ids).to_bytes(8, "little") + np.ascontiguousarray(ids).tobytes())
+        return {**super().describe(), "base": self.base, "variants": h.hexdigest()[:32]}
+
+    def masks(self, seed: int, mask_set: str, ids, n: int, alpha: float) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if mask_set not in self.variants or np.any(ids < 0) or np.any(ids >= self.base):
+            raise ValueError(f"mask set {mask_set!r} ids {ids.min()}..{ids.max()} are not repair models "
+                             f"({', '.join(self.names)} x {self.base})")
+        out = np.ones((len(ids), n), dtype=bool)
+        out[:, self.variants[mask_set][0]] = False
+        return out
+
+    def seeds(self, seed: int, mask_set: str, ids, replicas) -> np.ndarray:
+        return super().seeds(seed, self.SEEDS, ids, replicas)
+
+    def labels(self, mask_set: str, task) -> np.ndarray | None:
+        restored = self.variants[mask_set][1]
+        if not len(restored):
+            return None
+        from workers.tasks import member
+        truth, arrays = member(task, "true_labels"), member(task, "arrays")
+        if truth is None or arrays is None or truth() is None:
+            raise ValueError(f"repair variant {mask_set!r} restores true labels: the task has none "
+                             f"(task.label_noise=0, or a task without true_labels())")
+        y = np.array(arrays()[1], dtype=np.int64)
+        y[restored] = truth()[0][restored]
+        return y
 
