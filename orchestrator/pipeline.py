@@ -20,7 +20,7 @@ import time
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from orchestrator.analyses import brittleness, compare, counterfactual, embedding, leakage, memorization
+from orchestrator.analyses import brittleness, compare, counterfactual, embedding, leakage, memorization, mislabel
 from orchestrator.analyses.common import check_datamodels
 from orchestrator.runtime import plan as C
 from orchestrator.runtime.artifacts import Artifacts
@@ -329,6 +329,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("compare", compare.run, params="compare", in_all=False, check=compare.check),
     Stage("memorization", memorization.run, params="memorization", in_all=False, check=memorization.check,
           needs_ray=memorization.retrains),
+    Stage("mislabel", mislabel.run, params="mislabel", in_all=False, check=mislabel.check, needs_ray=mislabel.retrains),
 )
 
 

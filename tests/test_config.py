@@ -142,6 +142,7 @@ PRESET_HASHES = {
     (): "6693add97e",
     ("experiment=tiny",): "1bfbbefd37",
     ("experiment=fmnist_10k",): "8081878d98",      # the default's recipe, 10,000 targets
+    ("experiment=fmnist_mislabel",): "9d4e32be66",  # the default's recipe, 10% flipped, margins on the training set
     ("train=resnet9_datamodels", "task=cifar10_resnet9"): "6c42288037",
     ("train=resnet9_fast",): "425b5d2e3b",
     ("fit=glmnet",): "6693add97e",

@@ -134,6 +134,10 @@ def test_memorization_stage_on_tiny_with_planted_label_noise(tmp_path, ray_local
     np.testing.assert_allclose([float(r["mem_margin"]) for r in rows], mine["margin"]["value"], atol=1e-5)
     np.testing.assert_allclose([float(r["mem_correct_lo"]) for r in rows], mine["correct"]["ci95"][:, 0],
                                atol=1e-5)
+    # the datamodel self-weights beside it, from the same files stage=mislabel reads
+    w = pipeline.run(compose(base + ["stage=memorization", "memorization.self_weight=true"], tmp_path))["memorization"]
+    assert w["self_weight"]["spearman_with_margin"] > 0.5 and "self_weight" in w["label_noise"]["detection"]
+    assert "datamodel self-weights" in capsys.readouterr().out
     # the check by retraining: 20 examples at evenly spaced ranks, each toggled in 20 fresh
     # masks at the same size; the direct estimate agrees with the ledger's in rank
     more = base + ["stage=memorization", "memorization.verify=20", "memorization.verify_masks=20"]

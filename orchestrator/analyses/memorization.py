@@ -34,8 +34,9 @@ def check(plan) -> None:
 
 
 def retrains(cfg) -> bool:
-    """Whether the stage trains models (the check by retraining: memorization.verify > 0)."""
-    return int(cfg.memorization.verify) > 0
+    """Whether the stage runs Ray work: the check by retraining (memorization.verify > 0), the
+    self-weights' fits (memorization.self_weight)."""
+    return int(cfg.memorization.verify) > 0 or bool(cfg.memorization.self_weight)
 
 
 def memorization_stage(ctx, settings: dict) -> dict:
@@ -66,6 +67,14 @@ def memorization_stage(ctx, settings: dict) -> dict:
               "mem_correct_hi", "in_models", "out_models"]
     rows = [[i, label(names, y[i]) if y is not None else "", *_num(mem[i], *ci[i], acc[i], *acc_ci[i]),
              int(est["in_models"][i]), int(est["out_models"][i])] for i in range(plan.n)]
+    weights = None
+    if conf.self_weight:          # the same files as stage=mislabel's self_weight (computed once for both)
+        from orchestrator.analyses.mislabel import ray_scores
+        weights = ray_scores(ctx, ["self_weight"], est["models"])["self_weight"]
+        header.append("self_weight")
+        for i, r in enumerate(rows):
+            r += _num(weights[i])
+        out["self_weight"] = {**_quantiles(weights), "spearman_with_margin": _spearman(mem, weights)}
     if truth is not None:
         y_true, flipped = truth
         header += ["true_label", "flipped"]
@@ -73,7 +82,7 @@ def memorization_stage(ctx, settings: dict) -> dict:
             r += [label(names, y_true[i]), bool(flipped[i])]
         n_boot, seed = int(ev.bootstrap), int(ev.bootstrap_seed)
         found = {key: detection(np.nan_to_num(v, nan=-np.inf), flipped, FRACTIONS, n_boot, seed)
-                 for key, v in (("margin", mem), ("correct", acc))}
+                 for key, v in (("margin", mem), ("correct", acc), ("self_weight", weights)) if v is not None}
         out["label_noise"] = {"flipped": int(flipped.sum()),
                               "mean_margin_flipped": float(np.nanmean(mem[flipped])) if flipped.any() else None,
                               "mean_margin_clean": float(np.nanmean(mem[~flipped])),
@@ -119,6 +128,10 @@ def memorization_stage(ctx, settings: dict) -> dict:
                         f"{100 * d['found'][0.2]:.0f}% of them in the top 20% (AUC {d['auc']:.3f} "
                         f"[{d['auc_ci95'][0]:.3f}, {d['auc_ci95'][1]:.3f}])")
         metrics.update({"mem_auc_flipped": d["auc"], "mem_found20_flipped": d["found"][0.2]})
+    if weights is not None:
+        rho = out["self_weight"]["spearman_with_margin"]
+        headline.append(f"datamodel self-weights: median {_signed(out['self_weight']['q50'])}; Spearman with the "
+                        f"margin gain {'n/a' if rho is None else f'{rho:.3f}'}")
     if "verify" in out:
         v = out["verify"]
         rho = v["spearman"]

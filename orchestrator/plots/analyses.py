@@ -159,3 +159,58 @@ def plot_spectra(spectra: dict[str, np.ndarray], path: str) -> dict:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8.5)
     return save(fig, path)
+
+
+def plot_found(curves: dict[str, np.ndarray], aucs: dict[str, float], flipped: int, path: str) -> dict:
+    """The share of the flipped labels found against the share of the training set inspected in
+    each method's order (found_curve), with chance (the diagonal) and the best possible."""
+    from orchestrator.plots.style import method_colors
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.6, 4.8))
+    colors = method_colors(list(curves))
+    for name, curve in curves.items():
+        x = np.arange(len(curve)) / max(len(curve) - 1, 1)
+        ax.plot(x, curve, color=colors[name], linewidth=1.6, label=f"{name} (AUC {sig(aucs[name])})")
+    n = max(len(c) for c in curves.values()) - 1 if curves else 1
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.plot([0, flipped / max(n, 1), 1], [0, 1, 1], color="black", linestyle=":", linewidth=1, label="perfect")
+    for q in (0.05, 0.1, 0.2):
+        ax.axvline(q, color="lightgray", linewidth=0.8, zorder=0)
+    ax.set_xlabel("share of the training set inspected, in the method's order", fontsize=10)
+    ax.set_ylabel(f"share of the {flipped} flipped labels found", fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.tick_params(labelsize=9)
+    ax.set_title("Finding the flipped labels: found against inspected", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8.5, loc="lower right")
+    return save(fig, path)
+
+
+def plot_repair(repair: dict, path: str) -> dict:
+    """Mean test accuracy (95% CI over models) of every repair variant, with the noisy and the
+    clean training sets as reference lines."""
+    plt = pyplot()
+    rows = repair["variants"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(7.8, 0.34 * len(names) + 2.0))
+    y = np.arange(len(names))[::-1]
+    acc = np.array([rows[v]["test_acc"] for v in names])
+    lo = np.array([rows[v]["test_acc_ci95"][0] if rows[v]["test_acc_ci95"][0] is not None else a
+                   for v, a in zip(names, acc)])
+    hi = np.array([rows[v]["test_acc_ci95"][1] if rows[v]["test_acc_ci95"][1] is not None else a
+                   for v, a in zip(names, acc)])
+    ax.errorbar(acc, y, xerr=np.clip([acc - lo, hi - acc], 0, None), fmt="o", color="tab:blue", capsize=3)
+    for ref, color in (("noisy", "tab:red"), ("clean", "tab:green")):
+        ax.axvline(rows[ref]["test_acc"], color=color, linestyle="--", linewidth=1, label=f"{ref} training set")
+    ax.set_yticks(y)
+    def recovered(v):
+        r = rows[v]["recovered"]
+        return "" if v in ("noisy", "clean") or r is None else f" (recovers {100 * r:.0f}%)"
+    ax.set_yticklabels([f"{v}{recovered(v)}" for v in names], fontsize=8.5)
+    ax.set_xlabel(f"test accuracy, mean over {repair['models_per_variant']} models (95% CI)", fontsize=10)
+    ax.set_title(f"Repair by retraining: each method's top {repair['k']} removed or relabelled", fontsize=11,
+                 pad=28)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8.5, loc="lower left", bbox_to_anchor=(0.0, 1.06), ncol=2, frameon=False)
+    return save(fig, path)

@@ -20,7 +20,7 @@ from workers.recipe import TrainConfig
 from workers.settings import SettingError, check, setting
 
 STAGES = ("all", "masks", "train", "fit", "baselines", "evaluate", "counterfactual", "brittleness", "leakage",
-          "embedding", "compare", "memorization")
+          "embedding", "compare", "memorization", "mislabel")
 SEED_MAX = 2 ** 63 - 1
 
 
@@ -71,6 +71,17 @@ class MemorizationConf:
     show: int = setting(12, lo=0, example=12)                 # most and least memorized examples drawn, each
     verify: int = setting(0, lo=0, example=20)                # examples checked by retraining (0: none)
     verify_masks: int = setting(20, lo=2, example=20)         # fresh α-masks, each trained with each example toggled
+    self_weight: bool = False                                 # also each example's datamodel self-weight (a lasso each)
+
+
+@dataclass
+class MislabelConf:
+    """stage=mislabel (an experiment of task.targets=both with task.label_noise): each method's
+    ranking of the flipped labels, and the repair check by retraining."""
+    methods: list[str] = setting(factory=list)   # []: memorization, self_weight, loss and every baselines.methods
+    inspect: int = setting(0, lo=0, example=100)  # k flagged per method for the repair check; 0: as many as flipped
+    models: int = setting(20, lo=0, example=20)   # models per repair variant (0: no repair check)
+    show: int = setting(12, lo=0, example=12)     # the best method's first flagged examples drawn
 
 
 def make_conf(cls, settings: dict | None, section: str):
@@ -253,6 +264,7 @@ class Config:
     leakage: LeakageConf = setting(factory=LeakageConf)        # orchestrator.analyses
     embedding: EmbeddingConf = setting(factory=EmbeddingConf)
     memorization: MemorizationConf = setting(factory=MemorizationConf)
+    mislabel: MislabelConf = setting(factory=MislabelConf)
     compare: CompareConf = setting(factory=CompareConf)
     store: StoreConf = setting(factory=StoreConf)
     tracking: TrackingConf = setting(factory=TrackingConf)
