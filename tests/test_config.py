@@ -161,6 +161,8 @@ def test_margins_on_the_training_examples_are_another_experiment(tmp_path):
     assert both != PRESET_HASHES[()]
     assert config_hash(compose(["task.targets=both", "task.label_noise=0.1"], tmp_path)) not in (
         both, config_hash(compose(["task.label_noise=0.1"], tmp_path)))
+    train = config_hash(compose(["task.targets=train", "task.n_targets=1000"], tmp_path))
+    assert train not in (both, PRESET_HASHES[()], config_hash(compose(["task.n_targets=1000"], tmp_path)))
 
 
 def test_label_noise_is_another_experiment_and_its_seed_too(tmp_path):

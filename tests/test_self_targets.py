@@ -100,3 +100,43 @@ def test_the_trainer_returns_each_models_margins_on_its_training_examples():
         assert b.self_correct[j][masks[j]].mean() == pytest.approx(float(b.train_acc[j]), abs=1e-6)
     with pytest.raises(ValueError, match="task.targets"):
         ImageClassificationTask(**{**kw, "label_noise": 0.0}, targets="train").check()
+
+
+def test_training_examples_as_the_targets():
+    """task.targets=train: target i is training example i, with the label the models train on
+    (the flipped one where label noise flipped it); task.n_targets must say n_train."""
+    from workers.tasks import ImageClassificationTask
+    kw = dict(name="digits_mlp", data={"name": "digits"}, n_train=120, model={"name": "mlp", "hidden": [16]},
+              label_noise=0.1, targets="train")
+    task = ImageClassificationTask(**kw, n_targets=120)
+    task.check()
+    x_tr, y_tr, x_tg, y_tg, _ = task.arrays()
+    np.testing.assert_array_equal(x_tg, x_tr)
+    np.testing.assert_array_equal(y_tg, y_tr)
+    y_true, flipped = task.true_labels()
+    assert (y_tg[flipped] != y_true[flipped]).all()
+    test_kind = ImageClassificationTask(**{**kw, "targets": "test"}, n_targets=30)
+    np.testing.assert_array_equal(test_kind.arrays()[0], x_tr)       # the same training subset
+    with pytest.raises(ValueError) as err:
+        ImageClassificationTask(**kw, n_targets=30).check()
+    assert "task.n_targets=120" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_datamodels_of_the_training_examples_on_tiny(tmp_path, ray_local):
+    """experiment=tiny with task.targets=train: 300 datamodels, one per training example, an
+    LDS on them, and self-weights (w_ii) that are positive for most examples (a model is surer
+    of an example it trained on) and largest for the flipped labels."""
+    from orchestrator import api, pipeline
+    from orchestrator.settings.task import build_task
+    from tests.conftest import compose
+    cfg = compose(["experiment=tiny", "task.targets=train", "task.n_targets=300", "task.label_noise=0.1",
+                   "baselines.methods=[]", "fit.prefixes=[]"], tmp_path)
+    out = pipeline.run(cfg)
+    assert out["lds"]["datamodels"]["mean"] > 0.3
+    W, _, _ = api.open(out["experiment_dir"]).datamodel_arrays()
+    assert W.shape == (300, 300)
+    own = np.diag(W)
+    assert (own > 0).mean() > 0.8
+    _, flipped = build_task(cfg.task).true_labels()
+    assert np.median(own[flipped]) > np.quantile(own[~flipped], 0.9)

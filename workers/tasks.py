@@ -70,7 +70,10 @@ class TaskDefaults:
     true_labels = None
 
 
-TARGETS = ("test", "both")      # task.targets: margins on the targets, or also on the training examples
+# task.targets: test, margins on the targets; train, the training examples are the targets (with
+# their given labels: T = n, datamodels of the training examples themselves); both, the test
+# targets, and each model's margins on every training example beside them (TrainResult.self_*)
+TARGETS = ("test", "train", "both")
 
 
 class ImageClassificationTask:
@@ -81,6 +84,8 @@ class ImageClassificationTask:
     the models train on the noisy labels, the targets keep theirs, and `true_labels()` says
     which were flipped. targets="both": each model's margins on every training example (against
     the label it trained on) and whether it gets each right are returned too (TrainResult.self_*).
+    targets="train": the training examples are the targets, with the labels the models train
+    on (task.n_targets must equal task.n_train).
     """
 
     def __init__(self, name: str, data: dict, n_train: int, n_targets: int, model: dict,
@@ -116,8 +121,12 @@ class ImageClassificationTask:
                              f"training labels to flip, e.g. task.label_noise=0.1")
         if self.targets not in TARGETS:
             raise ValueError(f"task.targets={self.targets} is not one of {'|'.join(TARGETS)}: test records the "
-                             f"margins on the targets, both also each model's margins on the training examples")
-        if self.label_noise > 0 and self.target_split == "train":
+                             f"margins on the targets, train takes the training examples as the targets, both "
+                             f"records each model's margins on the training examples beside the targets")
+        if self.targets == "train" and self.n_targets != self.n:
+            raise ValueError(f"task.targets=train takes the {self.n} training examples as the targets: set "
+                             f"task.n_targets={self.n} (it is {self.n_targets})")
+        if self.label_noise > 0 and self.target_split == "train" and self.targets != "train":
             raise ValueError("task.label_noise>0 with task.target_split=train would score targets against "
                              "flipped labels; use task.target_split=test")
         D.check_available(self.data_cfg["name"], self.data_cfg.get("root"))
@@ -128,12 +137,14 @@ class ImageClassificationTask:
         if self._arrays is None:
             from workers import data as D
             ds = D.load_dataset(self.data_cfg["name"], self.data_cfg.get("root"))
-            x_tr, y_tr, x_tg, y_tg = D.select(ds, self.n, self.n_targets, seed=self.subset_seed,
-                                              target_split=self.target_split)
+            x_tr, y_tr, x_tg, y_tg = D.select(ds, self.n, 1 if self.targets == "train" else self.n_targets,
+                                              seed=self.subset_seed, target_split=self.target_split)
             if self.label_noise > 0:
                 noisy, flipped = D.flip_labels(y_tr, ds.num_classes, self.label_noise, self.noise_seed)
                 self._true_labels = (y_tr, flipped)
                 y_tr = noisy
+            if self.targets == "train":      # the training examples themselves, with the labels trained on
+                x_tg, y_tg = x_tr, y_tr
             self._arrays = (x_tr, y_tr, x_tg, y_tg, ds.num_classes)
         return self._arrays
 

@@ -26,8 +26,9 @@ def check(plan) -> None:
     """Before anything is written: the ledger holds the models' margins on the training
     examples (an experiment of task.targets=both) and some train models."""
     if not plan.n_self:
-        raise AnalysisError("stage=memorization needs every model's margins on the training examples: run with "
-                            "task.targets=both (a new experiment: stage=all trains it), then stage=memorization")
+        raise AnalysisError("stage=memorization needs every model's margins on the training examples beside the "
+                            "targets: run with task.targets=both (a new experiment: stage=all trains it), then "
+                            "stage=memorization")
     if not plan.store.list(Layout.LEDGER, ".parquet") or not plan.ledger.index().count("train"):
         raise AnalysisError(f"stage=memorization: {plan.store.where()} has no trained models yet; run stage=all "
                             f"(or stage=train) first")

@@ -59,8 +59,8 @@ def check(plan) -> None:
     from workers.tasks import member
     cfg = plan.cfg
     if not plan.n_self:
-        raise AnalysisError("stage=mislabel needs every model's margins on the training examples: run with "
-                            "task.targets=both and task.label_noise (e.g. 0.1), then stage=mislabel")
+        raise AnalysisError("stage=mislabel needs every model's margins on the training examples beside the "
+                            "targets: run with task.targets=both and task.label_noise (e.g. 0.1), then stage=mislabel")
     truth = member(plan.task, "true_labels")
     if truth is None or float(cfg.task.get("label_noise") or 0) <= 0:
         raise AnalysisError("stage=mislabel ranks planted label errors: set task.label_noise (e.g. 0.1; a new "

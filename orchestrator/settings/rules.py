@@ -33,7 +33,7 @@ RULES: dict[str, Rule] = {
     "task.subset_seed": SEED,
     "task.label_noise": Rule(float, 0, 1, hi_open=True, example=0.1),
     "task.noise_seed": SEED,
-    "task.targets": Rule(str, choices=("test", "both"), example="both"),
+    "task.targets": Rule(str, choices=("test", "train", "both"), example="both"),
     "task.model.width": Rule(float, 0, lo_open=True, example=1.0),
 }
 # Method parameters of the baselines that are numbers (workers.attribution).
