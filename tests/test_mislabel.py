@@ -108,6 +108,18 @@ def test_mislabel_stage_on_tiny_ranks_the_flipped_labels_and_repairs_by_retraini
     again = pipeline.run(compose(ask, tmp_path))["mislabel"]
     assert again["repair"]["models"]["models_trained"] == 0
     assert json.dumps(again["methods"]) == json.dumps(entry["methods"]) and again["repair"]["variants"] == v
+    # a corrupted score file is recomputed, a lost repair unit retrained, nothing else
+    import glob
+    scored = sorted(glob.glob(os.path.join(root, "mislabel", "self", "trak-*.parquet")))
+    units = sorted(glob.glob(os.path.join(root, rep["models"]["dir"], "ledger", "*.parquet")))
+    assert len(scored) == 1 and units
+    with open(scored[0], "r+b") as f:
+        f.seek(40)
+        f.write(b"\x00" * 64)
+    os.remove(units[0])
+    fixed = pipeline.run(compose(ask, tmp_path))["mislabel"]
+    assert fixed["repair"]["models"]["models_trained"] == 10
+    assert json.dumps(fixed["methods"]) == json.dumps(entry["methods"]) and fixed["repair"]["variants"] == v
     # refused in one line before any work: no label noise, no self margins, an unknown method
     for overrides, words in ((["experiment=tiny", "task.targets=both"], "task.label_noise"),
                              (["experiment=tiny", "task.label_noise=0.1"], "task.targets=both"),
