@@ -90,7 +90,7 @@ def _key(*parts) -> str:
 def _read_vector(store, rel: str, n: int, digests: list[str] | None = None) -> np.ndarray | None:
     """A verified [n] score vector written by `_vector_table`, else None (recomputed)."""
     from orchestrator.storage.scores import read_scores, scores_ok
-    if scores_ok(store, rel, n, 1, digests) is None:
+    if scores_ok(store, rel, n, 1, digests, who="mislabel") is None:
         return None
     return read_scores(store, rel)[0][:, 0].astype(np.float64)
 

@@ -161,12 +161,13 @@ def open_scores(store, rel: str, n: int, T: int, who: str) -> ScoresFile:
     return f
 
 
-def scores_ok(store, rel: str, n: int, T: int, digests: list[str] | None = None) -> dict | None:
+def scores_ok(store, rel: str, n: int, T: int, digests: list[str] | None = None, who: str = "baselines") -> dict | None:
     """The metadata of a finished, verified scores file of shape [n, T], else None (a
     corrupt or misshapen file is deleted, to be recomputed). Verified one target block at a
     time, so that the check holds at most one block of the file. `digests`: those of the
     checkpoints the file must have been computed from (its metadata's `checkpoint_digests`);
-    a file of other checkpoints, or one written before files recorded them, is recomputed."""
+    a file of other checkpoints, or one written before files recorded them, is recomputed.
+    `who`: the stage named in the messages."""
     try:
         f = ScoresFile(store, rel)
         shape, meta = f.shape, f.meta
@@ -176,18 +177,18 @@ def scores_ok(store, rel: str, n: int, T: int, digests: list[str] | None = None)
     except FileNotFoundError:
         return None
     except (CorruptFile, KeyError, ValueError) as err:
-        log.error("baselines: %s is corrupt (%s); it will be recomputed", store.where(rel),
+        log.error("%s: %s is corrupt (%s); it will be recomputed", who, store.where(rel),
                   getattr(err, "reason", str(err)))
         store.delete(rel)
         return None
     if shape != (n, T):
-        log.error("baselines: %s has shape %s, expected (%d, %d); it will be recomputed",
-                  store.where(rel), shape, n, T)
+        log.error("%s: %s has shape %s, expected (%d, %d); it will be recomputed",
+                  who, store.where(rel), shape, n, T)
         store.delete(rel)
         return None
     if digests is not None and meta.get("checkpoint_digests") != list(digests):
         what = "other checkpoints" if "checkpoint_digests" in meta else "checkpoints it does not record"
-        log.warning("baselines: %s was computed from %s than the %d in %s now; it will be recomputed",
-                    store.where(rel), what, len(digests), store.where(Layout.CHECKPOINTS))
+        log.warning("%s: %s was computed from %s than the %d in %s now; it will be recomputed",
+                    who, store.where(rel), what, len(digests), store.where(Layout.CHECKPOINTS))
         return None
     return meta
