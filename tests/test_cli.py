@@ -264,8 +264,8 @@ def test_help_and_version(entry, tmp_path):
     help_ = subprocess.run([*ENTRIES[entry], "--help"], capture_output=True, text=True,
                            env=env, cwd=tmp_path, timeout=120)
     assert help_.returncode == 0, help_.stderr
-    for text in ("stage=", "baselines", "experiment: fmnist_10k, fmnist_mislabel, tiny", "counterfactual", "fit: glmnet, torch",
-                 "task: cifar10_resnet9",
+    for text in ("stage=", "baselines", "experiment: fmnist_10k, fmnist_mislabel, tiny", "counterfactual",
+                 "fit: glmnet, torch", "task: cifar10_resnet9",
                  "store.uri=", "tracking.uri=", "summary.json", "MLflow"):
         assert text in help_.stdout, text
     version = subprocess.run([*ENTRIES[entry], "--version"], capture_output=True, text=True,

@@ -209,8 +209,8 @@ def plot_repair(repair: dict, path: str) -> dict:
         return "" if v in ("noisy", "clean") or r is None else f" (recovers {100 * r:.0f}%)"
     ax.set_yticklabels([f"{v}{recovered(v)}" for v in names], fontsize=8.5)
     ax.set_xlabel(f"test accuracy, mean over {repair['models_per_variant']} models (95% CI)", fontsize=10)
-    ax.set_title(f"Repair by retraining: each method's top {repair['k']} removed or relabelled", fontsize=11,
-                 pad=28)
+    ax.set_title(f"Repair by retraining: each method's top {repair['k']} removed or relabelled", fontsize=11)
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8.5, loc="lower left", bbox_to_anchor=(0.0, 1.06), ncol=2, frameon=False)
+    ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.07 - 0.6 / (0.34 * len(names) + 2.0)),
+              ncol=2, frameon=False)
     return save(fig, path)
