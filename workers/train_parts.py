@@ -197,10 +197,11 @@ class CopywiseSGD(torch.optim.SGD):
             for p in group["params"]:
                 if p.numel() % copies:
                     raise ValueError(f"a parameter of shape {tuple(p.shape)} is not laid out per copy (k={copies})")
-                buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                bufs: list[torch.Tensor] = []
                 if self.defaults["momentum"]:
-                    self.state[p]["momentum_buffer"] = buf
-                self._views[p] = (self._split(p), self._split(buf) if self.defaults["momentum"] else [])
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    bufs = self._split(buf)
+                self._views[p] = (self._split(p), bufs)
 
     def _split(self, t: torch.Tensor) -> list[torch.Tensor]:
         return list(t.view(self.copies, -1).unbind(0))

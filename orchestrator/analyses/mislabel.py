@@ -3,7 +3,7 @@ self-influence, and the repair check by retraining.
 
 Each method scores every training example with its given (possibly flipped) label; a higher
 score is more suspect:
-- memorization: the ledger's margin gain (api.memorization_of);
+- memorization: the ledger's margin gain (as api.memorization_of);
 - self_weight: the datamodel self-weight w_ii, a lasso of the models' margin on example i over
   the masks (the fit.* settings), one Ray task per block of examples;
 - loss: the naive baseline, the mean training loss on the example of the models trained
@@ -33,7 +33,6 @@ import logging
 import numpy as np
 
 from orchestrator.analyses.common import AnalysisError, label, task_images
-from orchestrator.api import memorization_of
 from orchestrator.errors import ConfigError
 from orchestrator.metrics.memorization import detection, found_curve, order
 from orchestrator.settings.schema import MislabelConf, make_conf
@@ -204,9 +203,15 @@ def ray_scores(ctx, methods: list[str], models: int) -> dict[str, np.ndarray]:
                                       task_cfg, m, params, n_ckpt, threads, rel, plan.handle,
                                       plan.identity.config_hash, digests))))
 
+    got: dict[str, np.ndarray] = {}          # rel -> its verified vector, read once
+
+    def vector(rel: str, size: int, digests) -> np.ndarray | None:
+        if rel not in got and (v := _read_vector(store, rel, size, digests)) is not None:
+            got[rel] = v
+        return got.get(rel)
+
     def ok(item) -> bool:
-        rel, size, digests = item.payload[:3]
-        return _read_vector(store, rel, size, digests) is not None
+        return vector(*item.payload[:3]) is not None
 
     todo = [it for it in items if not ok(it)]
     if todo:
@@ -219,28 +224,32 @@ def ray_scores(ctx, methods: list[str], models: int) -> dict[str, np.ndarray]:
     for m, (rels, spans, wanted) in reads.items():
         v = np.empty(n)
         for rel, (a, b) in zip(rels, spans):
-            got = _read_vector(store, rel, b - a, wanted)
-            if got is None:
+            part = vector(rel, b - a, wanted)
+            if part is None:
                 raise AnalysisError(f"mislabel: {store.where(rel)} is missing after its task; run stage=mislabel again")
-            v[a:b] = got
+            v[a:b] = part
         out[m] = v
     return out
 
 
-def in_model_loss(ledger, index, n: int, margin_kind: str) -> np.ndarray:
-    """Per training example, the mean over the models trained with it of its training loss:
-    softplus(−margin) (the cross-entropy, for the logsumexp margin), −margin otherwise."""
-    from orchestrator.storage.ledger import MARGIN_BLOCK
-    from workers import bits
-    pos, _, _ = ledger.good_models("train", index)
-    out = np.full(n, np.nan)
-    for a in range(0, n, MARGIN_BLOCK):
-        b = min(n, a + MARGIN_BLOCK)
-        packed, own, _ = ledger.read_self(index, pos, a, b)
-        X = bits.unpack(packed, n)[:, a:b]
-        loss = np.logaddexp(0.0, -own.astype(np.float64)) if margin_kind == "logsumexp" else -own.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            out[a:b] = (loss * X).sum(0) / X.sum(0)
+def ledger_scores(ledger, index, n: int, methods: list[str], margin_kind: str) -> dict[str, np.ndarray]:
+    """The asked ones of `memorization` (the margin gain, as api.memorization_of) and `loss` (per
+    example, the mean over the models trained with it of its training loss: softplus(−margin),
+    the cross-entropy, for the logsumexp margin, −margin otherwise), from one read of the
+    ledger's margins on the training examples."""
+    from orchestrator.api import self_blocks
+    from orchestrator.metrics.memorization import memorization
+    out: dict[str, np.ndarray] = {m: np.full(n, np.nan) for m in ("memorization", "loss") if m in methods}
+    if not out:
+        return out
+    for a, b, X, own, _ in self_blocks(ledger, index, n):
+        if "memorization" in out:
+            out["memorization"][a:b] = memorization(X, own, n_boot=0)["value"]
+        if "loss" in out:
+            v = own.astype(np.float64)
+            loss = np.logaddexp(0.0, -v) if margin_kind == "logsumexp" else -v
+            with np.errstate(invalid="ignore"):
+                out["loss"][a:b] = (loss * X).sum(0) / X.sum(0)
     return out
 
 
@@ -328,11 +337,7 @@ def mislabel_stage(ctx, settings: dict) -> dict:
     y_true, flipped = member(plan.task, "true_labels")()
     index = ctx.ledger_index()
     models = int(index.count("train"))
-    scores: dict[str, np.ndarray] = {}
-    if "memorization" in methods:
-        scores["memorization"] = memorization_of(plan.ledger, index, plan.n, 0, seed)["margin"]["value"]
-    if "loss" in methods:
-        scores["loss"] = in_model_loss(plan.ledger, index, plan.n, member(plan.task, "margin"))
+    scores = ledger_scores(plan.ledger, index, plan.n, methods, member(plan.task, "margin"))
     scores.update(ray_scores(ctx, [m for m in methods if m not in ("memorization", "loss")], models))
     scores = {m: scores[m] for m in methods}
     found = {m: detection(np.nan_to_num(s, nan=-np.inf), flipped, FRACTIONS, n_boot, seed) for m, s in scores.items()}

@@ -19,6 +19,7 @@ import numpy as np
 
 from orchestrator.errors import UserError
 from orchestrator.metrics.lds import score_method
+from orchestrator.settings.task import n_self
 from orchestrator.storage.datamodels import load_datamodels
 from orchestrator.storage.evalset import eval_set
 from orchestrator.storage.ledger import Identity, Ledger, LedgerError, limits
@@ -265,9 +266,8 @@ class Experiment:
     @cached_property
     def _ledger(self):
         exp = self.config.get("exp") or {}
-        both = (self.config.get("task") or {}).get("targets") == "both"     # margins on the training examples too
         ident = Identity(str(self.summary["config_hash"]), float(self.summary["alpha"]), int(exp.get("seed", 0)),
-                         self.n, self.n_targets, self.n if both else 0)
+                         self.n, self.n_targets, n_self(self.config.get("task") or {}, self.n))
         masks, ev = self.config.get("masks") or {}, self.config.get("eval") or {}
         try:     # the models the experiment's last run used (masks.n_train, masks.n_eval, eval.replicas)
             use = limits(int(masks["n_train"]), int(masks["n_eval"]), int(ev["replicas"]))
@@ -347,20 +347,29 @@ def memorization_of(ledger: Ledger, index, n: int, n_boot: int, seed: int) -> di
     interval over models, orchestrator.metrics.memorization), "in_models", "out_models" [n],
     "models" (how many)."""
     from orchestrator.metrics.memorization import memorization
-    from orchestrator.storage.ledger import MARGIN_BLOCK
-    pos, _, _ = ledger.good_models("train", index)
     out: dict = {k: {"value": np.full(n, np.nan), "ci95": np.full((n, 2), np.nan)} for k in ("margin", "correct")}
     out["in_models"], out["out_models"] = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    for a in range(0, n, MARGIN_BLOCK):
-        b = min(n, a + MARGIN_BLOCK)
-        packed, own, right = ledger.read_self(index, pos, a, b)
-        X = bits.unpack(packed, n)[:, a:b]
+    models = 0
+    for a, b, X, own, right in self_blocks(ledger, index, n):
         for key, values in (("margin", own), ("correct", right.astype(np.float64))):
             r = memorization(X, values, n_boot=n_boot, seed=seed)
             out[key]["value"][a:b], out[key]["ci95"][a:b] = r["value"], r["ci95"]
         out["in_models"][a:b], out["out_models"][a:b] = r["in_models"], r["out_models"]
-    out["models"] = int(len(pos))
+        models = len(X)
+    out["models"] = models
     return out
+
+
+def self_blocks(ledger: Ledger, index, n: int):
+    """The good train models' margins on the training examples themselves (task.targets=both),
+    one ledger block of examples at a time: (a, b, masks bool [m, b - a] of those examples,
+    margins float32 [m, b - a], correct bool [m, b - a])."""
+    from orchestrator.storage.ledger import MARGIN_BLOCK
+    pos, _, _ = ledger.good_models("train", index)
+    for a in range(0, n, MARGIN_BLOCK):
+        b = min(n, a + MARGIN_BLOCK)
+        packed, own, right = ledger.read_self(index, pos, a, b)
+        yield a, b, bits.unpack(packed, n)[:, a:b], own, right
 
 
 class _ReadOnlyLedger(Ledger):

@@ -75,7 +75,7 @@ def _task_error(target, err: BaseException) -> str:
 
 def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     """Check the config and the task's data; build nothing remote, write nothing."""
-    from orchestrator.settings.task import build_task
+    from orchestrator.settings.task import build_task, n_self
 
     check_rules(cfg)
     rounds = budget_rounds(cfg)
@@ -137,8 +137,8 @@ def validate(cfg: DictConfig, check_data: bool = True) -> Plan:
     tracking = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if not cfg.tracking.enabled:
         tracking = None
-    n_self = n if OmegaConf.select(cfg, "task.targets", default="test") == "both" else 0
-    plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store, rounds=rounds, n_self=n_self)
+    plan = Plan(cfg, task, n, n_targets, uri, chash, tracking, store, rounds=rounds,
+                n_self=n_self(OmegaConf.to_container(cfg.task, resolve=True), n))
     first = rounds.sizes(1)[0] if rounds is not None else int(cfg.masks.n_train)
     plan.ledger = Ledger(store, plan.identity,
                          limits=limits(first, int(cfg.masks.n_eval), int(cfg.eval.replicas)))

@@ -41,6 +41,12 @@ def identity_part(task: dict) -> dict:
     return {k: v for k, v in task.items() if not (k in TASK_SETTINGS and neutral(task, k))}
 
 
+def n_self(task: dict, n: int) -> int:
+    """How many training examples' own margins each ledger row holds: all n with
+    task.targets=both (beside the targets), else none."""
+    return n if task.get("targets", TASK_SETTINGS["targets"]) == "both" else 0
+
+
 def _takes(cls, key: str) -> bool:
     try:
         params = inspect.signature(cls).parameters.values()

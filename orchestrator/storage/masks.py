@@ -188,10 +188,11 @@ class RepairSets(MaskSets):
             return None
         from workers.tasks import member
         truth, arrays = member(task, "true_labels"), member(task, "arrays")
-        if truth is None or arrays is None or truth() is None:
+        known = truth() if truth is not None else None
+        if known is None or arrays is None:
             raise ValueError(f"repair variant {mask_set!r} restores true labels: the task has none "
                              f"(task.label_noise=0, or a task without true_labels())")
         y = np.array(arrays()[1], dtype=np.int64)
-        y[restored] = truth()[0][restored]
+        y[restored] = known[0][restored]
         return y
 
