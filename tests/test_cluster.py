@@ -177,6 +177,29 @@ def test_job_with_the_store_on_s3(cluster, s3):
     report("tiny, store on S3", wall_s=round(wall, 1), models=TINY)
 
 
+def test_data_debugging_stages_with_the_store_on_s3(cluster, s3):
+    """stage=memorization's check by retraining and stage=mislabel (self-weights and TRAK's
+    self-influence in Ray tasks, the repair models on the actors) on nodes that share no disk:
+    everything they write reaches the S3 store, and the numbers are read back from there."""
+    base = ["experiment=tiny", "task.targets=both", "task.label_noise=0.1", "baselines.methods=[trak]",
+            "fit.prefixes=[]", s3_store(s3, "debug")]
+    for extra in ([], ["stage=memorization", "memorization.verify=5", "memorization.verify_masks=4"],
+                  ["stage=mislabel", "mislabel.models=4"]):
+        r = cluster.submit(entry(cluster, base + extra, "debug"))
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    store = s3_experiment(s3, "debug")
+    mem = json.loads(store.read_bytes("memorization.json"))
+    assert mem["verify"]["models"]["models_trained"] == 6 * 4 and mem["verify"]["pairs"] == [4] * 5
+    mis = json.loads(store.read_bytes("mislabel.json"))
+    assert set(mis["methods"]) == {"memorization", "self_weight", "loss", "trak"}
+    assert mis["methods"][mis["best"]]["found"]["0.2"] >= 0.8
+    assert store.list("mislabel/self", ".parquet")
+    assert store.list(f"{mis['repair']['models']['dir']}/ledger", ".parquet")
+    assert len(mis["repair"]["models"]["hosts"]) == 2          # both worker nodes trained repair models
+    report("tiny, memorization verify and mislabel, store on S3", best=mis["best"],
+           found20=mis["methods"][mis["best"]]["found"]["0.2"])
+
+
 def test_slow_run_without_faults(cluster, s3):
     """The fault tests' configuration, undisturbed: the baseline of their wall-time cost."""
     t0 = time.time()
