@@ -66,6 +66,21 @@ def test_repair_sets_remove_restore_and_pair_the_seeds(noisy_task):
     assert other.describe() != sets.describe()
 
 
+def test_a_score_file_is_read_only_by_its_own_experiment(tmp_path):
+    """stage=mislabel's cached scores carry the experiment's config hash: the same file under
+    another experiment's name reads as missing (recomputed), never as its numbers; a damaged
+    one too."""
+    from orchestrator.analyses.mislabel import _read_vector, _write_vector
+    from orchestrator.storage.store import Store
+    store = Store(str(tmp_path))
+    values = np.linspace(-1, 1, 7)
+    _write_vector(store, "mislabel/self/x.parquet", values, {"method": "loss"}, "aaaa")
+    np.testing.assert_allclose(_read_vector(store, "mislabel/self/x.parquet", 7, None, "aaaa"), values, atol=1e-7)
+    assert _read_vector(store, "mislabel/self/x.parquet", 7, None, "bbbb") is None
+    assert _read_vector(store, "mislabel/self/x.parquet", 8, None, "aaaa") is None     # another shape: deleted
+    assert _read_vector(store, "mislabel/self/x.parquet", 7, None, "aaaa") is None
+
+
 @pytest.mark.slow
 def test_mislabel_stage_on_tiny_ranks_the_flipped_labels_and_repairs_by_retraining(tmp_path, ray_local, capsys):
     """experiment=tiny with 10% of its labels flipped and TRAK beside the ledger's methods:

@@ -86,21 +86,28 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _read_vector(store, rel: str, n: int, digests: list[str] | None = None) -> np.ndarray | None:
-    """A verified [n] score vector written by `_vector_table`, else None (recomputed)."""
+def _read_vector(store, rel: str, n: int, digests: list[str] | None, config_hash: str) -> np.ndarray | None:
+    """A verified [n] score vector written by `_write_vector` for the experiment of
+    `config_hash`, else None (recomputed: a file of another experiment is never read)."""
     from orchestrator.storage.scores import read_scores, scores_ok
-    if scores_ok(store, rel, n, 1, digests, who="mislabel") is None:
+    meta = scores_ok(store, rel, n, 1, digests, who="mislabel")
+    if meta is None:
+        return None
+    if meta.get("config_hash") != config_hash:
+        log.warning("mislabel: %s was computed for experiment %s, not %s; it will be recomputed", store.where(rel),
+                    meta.get("config_hash"), config_hash)
         return None
     return read_scores(store, rel)[0][:, 0].astype(np.float64)
 
 
-def _write_vector(store, rel: str, values: np.ndarray, meta: dict) -> None:
+def _write_vector(store, rel: str, values: np.ndarray, meta: dict, config_hash: str) -> None:
     from orchestrator.storage.scores import scores_table
-    store.write_table(rel, scores_table(np.asarray(values, np.float32).reshape(-1, 1), meta))
+    store.write_table(rel, scores_table(np.asarray(values, np.float32).reshape(-1, 1),
+                                        {**meta, "config_hash": config_hash}))
 
 
 def self_weight_chunk(index, positions: np.ndarray, ledger_root: str, a: int, b: int, n: int, fit_cfg: dict,
-                      rel: str, store_handle) -> dict:
+                      rel: str, store_handle, config_hash: str) -> dict:
     """Runs in a Ray task: the lasso of the models' margins on examples [a, b) themselves over
     the masks (fit.* settings); writes w_ii of each as a verified file."""
     import time
@@ -116,7 +123,8 @@ def self_weight_chunk(index, positions: np.ndarray, ledger_root: str, a: int, b:
     with repeats_summarised():
         res = fit_lasso(packed, own, lasso_config(fit_cfg), n=n)
     diag = res.weights[np.arange(b - a), np.arange(a, b)]
-    _write_vector(store, rel, diag, {"method": "self_weight", "examples": [a, b], "models": len(positions)})
+    _write_vector(store, rel, diag, {"method": "self_weight", "examples": [a, b], "models": len(positions)},
+                  config_hash)
     return {"examples": b - a, "seconds": time.perf_counter() - t0}
 
 
@@ -150,7 +158,7 @@ def self_influence(task_cfg: dict, method: str, params: dict, n_ckpt: int, threa
                             f"values; check baselines.params.{method}")
     seconds = time.perf_counter() - t0
     _write_vector(store, rel, diag, {"method": method, "params": params, "checkpoints": n_ckpt,
-                                     "checkpoint_digests": seen, "seconds": seconds})
+                                     "checkpoint_digests": seen, "seconds": seconds}, config_hash)
     return {"seconds": seconds}
 
 
@@ -185,7 +193,7 @@ def ray_scores(ctx, methods: list[str], models: int) -> dict[str, np.ndarray]:
             items.append(Item(f"self_weight-{a}", (rel, b - a, None,
                                                    lambda a=a, b=b, rel=rel: remote.remote(
                                                        index, pos, plan.ledger.root, a, b, n, fit_cfg, rel,
-                                                       plan.handle))))
+                                                       plan.handle, plan.identity.config_hash))))
     others = [m for m in methods if m not in LEDGER_METHODS]
     if others:
         n_ckpt = int(bcfg["checkpoints"])
@@ -206,7 +214,7 @@ def ray_scores(ctx, methods: list[str], models: int) -> dict[str, np.ndarray]:
     got: dict[str, np.ndarray] = {}          # rel -> its verified vector, read once
 
     def vector(rel: str, size: int, digests) -> np.ndarray | None:
-        if rel not in got and (v := _read_vector(store, rel, size, digests)) is not None:
+        if rel not in got and (v := _read_vector(store, rel, size, digests, plan.identity.config_hash)) is not None:
             got[rel] = v
         return got.get(rel)
 
